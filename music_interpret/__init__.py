@@ -1,0 +1,7 @@
+"""Music Interpret: interpretability of symbolic-music transformers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+"""``python -m music_interpret``."""
+
+from .cli import main
+
+raise SystemExit(main())

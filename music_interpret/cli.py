@@ -1,0 +1,168 @@
+"""Command line: ``python -m music_interpret {run,validate,plugins,registry}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, UserError
+
+EXIT_OK, EXIT_USER, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def _err(message: str) -> None:
+    for line in str(message).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn user errors into one-line messages and a non-zero exit code."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ConfigError as exc:
+            _err(str(exc))
+            return EXIT_USER
+        except UserError as exc:
+            if os.environ.get("MUSIC_INTERPRET_DEBUG"):
+                traceback.print_exc()
+            _err(str(exc))
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted: no output was published for the unfinished stage", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return wrapper
+
+
+# -- commands -------------------------------------------------------------------------------
+
+@guarded
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_registry
+
+    registry = get_registry()
+    rows = [info.as_dict() for info in registry.infos]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = [["KIND", "NAME", "DISTRIBUTION", "STATUS", "DESCRIPTION"]]
+        for r in rows:
+            status = r["status"] if r["status"] == "loaded" else f"failed: {r['error']}"
+            table.append([r["kind"], r["name"], f"{r['distribution']} {r['version']}", status,
+                          r["description"]])
+        _print_table(table)
+    return EXIT_OK
+
+
+@guarded
+def cmd_registry(args: argparse.Namespace) -> int:
+    from .catalogue import load_catalogue
+    from .plugins import get_registry
+
+    entries = load_catalogue(args.path)
+    registry = get_registry()
+    for entry in entries:
+        entry["installed"] = registry.find(entry["kind"], entry["name"]) is not None
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        table = [["KIND", "NAME", "DISTRIBUTION", "INSTALLED", "DESCRIPTION"]]
+        for e in entries:
+            table.append([e["kind"], e["name"], e["distribution"], "yes" if e["installed"] else "no",
+                          e["description"]])
+        _print_table(table)
+    return EXIT_OK
+
+
+@guarded
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_pipeline
+    from .plugins import get_registry
+
+    pipeline = load_pipeline(Path(args.pipeline), get_registry(), args.set)
+    stages = ", ".join(pipeline.header.stages)
+    print(f"{args.pipeline}: valid (run {pipeline.header.run!r}; stages: {stages}; "
+          f"output: {pipeline.run_dir})")
+    return EXIT_OK
+
+
+@guarded
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_pipeline
+    from .engine import Engine
+    from .plugins import get_registry
+
+    registry = get_registry()
+    pipeline = load_pipeline(Path(args.pipeline), registry, args.set)
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    manifest = Engine(pipeline, registry).run(only=only, force=args.force)
+    done = [n for n, e in manifest["stages"].items() if e.get("status") == "done"]
+    skipped = [n for n, e in manifest["stages"].items() if e.get("status") == "skipped"]
+    print(f"run {pipeline.header.run!r} complete: {len(done)} stage(s) run, {len(skipped)} skipped; "
+          f"manifest: {pipeline.run_dir / 'manifest.json'}")
+    return EXIT_OK
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=False)] + [str(r[-1])]
+        print("  ".join(cells).rstrip())
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m music_interpret",
+        description="Interpretability of symbolic-music transformers: extract activations, "
+        "train sparse autoencoders, analyse what the model learned about music.",
+    )
+    parser.add_argument("--version", action="version", version=f"music-interpret {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the stages of a pipeline.yaml",
+                       description="Run the stages of PIPELINE in order. A stage whose output is "
+                       "complete for the same config and inputs is skipped; --force redoes it.")
+    p.add_argument("pipeline", metavar="PIPELINE.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (typed like YAML: 1e-3, true, [0, 1]); repeatable")
+    p.add_argument("--stages", metavar="A,B", help="run only these stages (comma separated)")
+    p.add_argument("--force", action="store_true", help="redo stages even when their output is up to date")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a pipeline.yaml without running anything",
+                       description="Check PIPELINE: unknown keys, types, plugin names and configs, "
+                       "input paths. Prints one line per problem; exit status 2 if any.")
+    p.add_argument("pipeline", metavar="PIPELINE.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value before checking; repeatable")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list installed plugins",
+                       description="List every plugin found through the 'music_interpret' entry "
+                       "points, with its kind, distribution and load status.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("registry", help="show the committed catalogue of known plugins",
+                       description="Show registry/plugins.yaml: known plugins and whether each "
+                       "is installed here.")
+    p.add_argument("--path", type=Path, default=None, help="catalogue file (default: the repository's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_registry)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

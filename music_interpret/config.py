@@ -1,0 +1,442 @@
+"""``pipeline.yaml``: strict, typed loading into dataclasses.
+
+Every problem is collected as one line naming its YAML path
+(``train.learner.l1_coeff: expected a number, got 'abc'``) so that ``validate``
+can show them all at once. Field metadata understood here:
+
+- ``{"input": True}``: a path that must exist;
+- ``{"plugin": KIND}``: a plugin reference, written as a name or as a mapping
+  ``{name: ..., <options of the plugin's Config>}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+if typing.TYPE_CHECKING:
+    from .plugins import PluginRegistry
+
+STANDARD_STAGES = ("extract", "preprocess", "train", "analyze", "report")
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a syntax error is a one-line UserError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {_kind(data)}")
+    return data
+
+
+def parse_scalar(text: str) -> Any:
+    """Type a ``--set`` value the way YAML types a scalar (``1e-3`` -> 0.001, ``[1, 2]`` -> list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.path=value`` to the raw mapping ``data`` in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None or isinstance(child, str):
+            # a plugin given by name becomes {name: ...} so that options can be set
+            child = {} if child is None else {"name": child}
+            node[part] = child
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise UserError(f"--set {assignment!r}: {where} is not a mapping")
+        node = child
+    node[parts[-1]] = parse_scalar(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
+@dataclass
+class PluginRef:
+    """A plugin chosen in the YAML, with its validated ``Config`` instance."""
+
+    kind: str
+    name: str
+    config: Any
+
+    def build(self, registry: PluginRegistry) -> Any:
+        """Instantiate the plugin."""
+        return registry.get(self.kind, self.name)(self.config)
+
+
+class Converter:
+    """Converts raw YAML values to typed values, collecting one line per problem."""
+
+    def __init__(self, registry: PluginRegistry | None, base_dir: Path) -> None:
+        self.registry = registry
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, where: str, message: str) -> None:
+        self.errors.append(f"{where}: {message}" if where else message)
+
+    # -- dataclasses -------------------------------------------------------
+    def build(self, cls: type, raw: Any, where: str) -> Any:
+        """Instantiate dataclass ``cls`` from mapping ``raw`` (None if it failed)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.error(where, f"expected a mapping, got {_kind(raw)}")
+            return None
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for key in raw:
+            if key not in fields:
+                self.error(_join(where, str(key)), "unknown key" + _suggest(str(key), fields))
+        values: dict[str, Any] = {}
+        ok = True
+        for name, f in fields.items():
+            sub = _join(where, name)
+            if name not in raw:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    self.error(sub, "required key is missing")
+                    ok = False
+                elif f.metadata.get("plugin") and isinstance(f.default, str):
+                    ref = self.plugin_ref(f.default, f.metadata["plugin"], sub)
+                    ok = ok and ref is not None
+                    values[name] = ref
+                elif isinstance(f.default, Path):
+                    values[name] = self._path(f.default)
+                    if f.metadata.get("input"):
+                        self._check_input(values[name], sub)
+                continue
+            before = len(self.errors)
+            value = self.convert(raw[name], hints[name], sub, f.metadata)
+            if len(self.errors) == before:
+                values[name] = value
+            else:
+                ok = False
+        if not ok:
+            return None
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:  # __post_init__ checks of a plugin config
+            self.error(where, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
+
+    # -- single values -----------------------------------------------------
+    def convert(self, value: Any, tp: Any, where: str, meta: Any = None) -> Any:
+        """Convert ``value`` to type ``tp``; on a problem record it and return None."""
+        meta = meta or {}
+        if meta.get("plugin"):
+            return self.plugin_ref(value, meta["plugin"], where)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if tp is Any:
+            return value
+        if origin is typing.Annotated:
+            return self.convert(value, args[0], where, meta)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            options = [a for a in args if a is not type(None)]
+            if len(options) == 1:
+                return self.convert(value, options[0], where, meta)
+            for option in options:
+                trial = Converter(self.registry, self.base_dir)
+                result = trial.convert(value, option, where, meta)
+                if not trial.errors:
+                    return result
+            self.error(where, f"expected {' or '.join(_type_name(o) for o in options)}, got {_kind(value)}")
+            return None
+        if origin is Literal:
+            if value in args:
+                return value
+            self.error(where, f"expected one of {', '.join(map(repr, args))}, got {_kind(value)}"
+                       + _suggest(str(value), [str(a) for a in args]))
+            return None
+        if origin in (list, tuple) or tp in (list, tuple):
+            if not isinstance(value, list):
+                self.error(where, f"expected a list, got {_kind(value)}")
+                return None
+            item = args[0] if args else Any
+            items = [self.convert(v, item, f"{where}[{i}]", meta) for i, v in enumerate(value)]
+            return tuple(items) if (origin or tp) is tuple else items
+        if origin is dict or tp is dict:
+            if not isinstance(value, dict):
+                self.error(where, f"expected a mapping, got {_kind(value)}")
+                return None
+            item = args[1] if len(args) == 2 else Any
+            return {str(k): self.convert(v, item, _join(where, str(k)), meta) for k, v in value.items()}
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, where)
+        return self._scalar(value, tp, where, meta)
+
+    def _scalar(self, value: Any, tp: Any, where: str, meta: Any) -> Any:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            self.error(where, f"expected true or false, got {_kind(value)}")
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            self.error(where, f"expected an integer, got {_kind(value)}")
+        elif tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+                return float(value)
+            self.error(where, f"expected a number, got {_kind(value)}")
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            self.error(where, f"expected a string, got {_kind(value)}")
+        elif tp is Path:
+            if not isinstance(value, str) or not value:
+                self.error(where, f"expected a path, got {_kind(value)}")
+                return None
+            path = self._path(value)
+            if meta.get("input"):
+                self._check_input(path, where)
+            return path
+        else:
+            if isinstance(value, tp):
+                return value
+            self.error(where, f"expected {_type_name(tp)}, got {_kind(value)}")
+        return None
+
+    def _path(self, value: Any) -> Path:
+        path = Path(str(value)).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def _check_input(self, path: Path, where: str) -> None:
+        if not path.exists():
+            self.error(where, f"no such file or directory: {path}")
+
+    # -- plugins -----------------------------------------------------------
+    def plugin_ref(self, value: Any, kind: str, where: str) -> PluginRef | None:
+        """``name`` or ``{name: ..., option: ...}`` -> PluginRef with a validated config."""
+        if isinstance(value, str):
+            name, options = value, {}
+        elif isinstance(value, dict):
+            if "name" not in value:
+                self.error(_join(where, "name"), f"required key is missing (which {kind.replace('_', ' ')})")
+                return None
+            name, options = value["name"], {k: v for k, v in value.items() if k != "name"}
+            if not isinstance(name, str):
+                self.error(_join(where, "name"), f"expected a plugin name, got {_kind(name)}")
+                return None
+        else:
+            self.error(where, f"expected a plugin name or a mapping with 'name', got {_kind(value)}")
+            return None
+        if self.registry is None:
+            return PluginRef(kind, name, options)
+        from .plugins import unknown_plugin_message
+
+        cls = self.registry.find(kind, name)
+        if cls is None:
+            self.error(where if isinstance(value, str) else _join(where, "name"),
+                       unknown_plugin_message(self.registry, kind, name))
+            return None
+        config = self.build(cls.Config, options, where)
+        return None if config is None else PluginRef(kind, name, config)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             Path: "a path", list: "a list", dict: "a mapping"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin in names:
+        return names[origin]
+    return getattr(tp, "__name__", str(tp))
+
+
+# -- the pipeline schema ---------------------------------------------------------------------
+
+@dataclass
+class ModelSection:
+    """Which trained model to analyse."""
+
+    path: Path = field(metadata={"input": True})
+    adapter: PluginRef = field(default="mmt", metadata={"plugin": "model_adapter"})  # type: ignore[assignment]
+
+
+@dataclass
+class DataSection:
+    """Which note dataset to run the model on."""
+
+    path: Path = field(metadata={"input": True})
+    split: Literal["all", "train", "valid", "test"] = "all"
+
+
+@dataclass
+class PipelineHeader:
+    """Top-level keys of ``pipeline.yaml`` other than the stage sections."""
+
+    run: str = "default"
+    output_dir: Path = Path("reports")
+    stages: list[str] = field(default_factory=lambda: list(STANDARD_STAGES))
+    seed: int = 0
+    device: str = "auto"
+    model: ModelSection | None = None
+    data: DataSection | None = None
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: header, one config per stage, and where it came from."""
+
+    header: PipelineHeader
+    stage_configs: dict[str, Any]
+    source: Path | None
+    raw: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.header.output_dir / self.header.run
+
+
+def parse_pipeline(
+    raw: dict[str, Any],
+    registry: PluginRegistry,
+    base_dir: Path,
+    source: Path | None = None,
+) -> Pipeline:
+    """Validate a raw mapping; raises ConfigError listing every problem."""
+    conv = Converter(registry, base_dir)
+    stage_names = set(registry.names("stage"))
+    header_fields = [f.name for f in dataclasses.fields(PipelineHeader)]
+    header_raw = {k: v for k, v in raw.items() if k in header_fields}
+    unavailable: set[str] = set()
+    for key in raw:
+        if key in header_fields or key in stage_names:
+            continue
+        if key in STANDARD_STAGES:
+            unavailable.add(key)
+            conv.error(key, _unavailable(key))
+        else:
+            conv.error(str(key), "unknown key" + _suggest(str(key), [*header_fields, *stage_names]))
+    header = conv.build(PipelineHeader, header_raw, "")
+    stages = raw.get("stages", list(STANDARD_STAGES))
+    if header is not None:
+        if not _RUN_NAME_RE.match(header.run):
+            conv.error("run", f"{header.run!r} is not a valid run name (letters, digits, '_', '-', '.')")
+        for i, name in enumerate(header.stages):
+            if name in stage_names:
+                if header.stages.index(name) != i:
+                    conv.error(f"stages[{i}]", f"stage {name!r} is listed twice")
+            elif name in unavailable:
+                continue
+            elif name in STANDARD_STAGES:
+                unavailable.add(name)
+                conv.error(f"stages[{i}]", _unavailable(name))
+            else:
+                conv.error(f"stages[{i}]", f"unknown stage {name!r}"
+                           + _suggest(name, stage_names | set(STANDARD_STAGES)))
+        stages = header.stages
+    configs: dict[str, Any] = {}
+    for name in sorted(stage_names):
+        if name not in raw and name not in stages:
+            continue
+        cls = registry.find("stage", name)
+        configs[name] = conv.build(cls.Config, raw.get(name), name)
+        if header is not None and name in stages:
+            for needed in getattr(cls, "requires", ()):
+                if getattr(header, needed, None) is None and needed not in conv_errors_keys(conv):
+                    conv.error(needed, f"required by stage {name!r} but missing")
+    if conv.errors:
+        raise ConfigError(_unique(conv.errors))
+    assert header is not None
+    header.output_dir = header.output_dir.resolve()
+    return Pipeline(header, configs, source, raw)
+
+
+def conv_errors_keys(conv: Converter) -> set[str]:
+    """Top-level keys that already have an error (to avoid repeating them)."""
+    return {e.split(":", 1)[0].split(".", 1)[0] for e in conv.errors}
+
+
+def _unavailable(stage: str) -> str:
+    return (f"stage {stage!r} is not available in this installation: no installed plugin provides it "
+            "(`python -m music_interpret plugins` lists what is installed)")
+
+
+def _unique(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+def load_pipeline(
+    path: Path,
+    registry: PluginRegistry,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Pipeline:
+    """Read, override and validate ``pipeline.yaml``; paths resolve against its folder."""
+    path = Path(path)
+    raw = load_yaml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_pipeline(raw, registry, path.resolve().parent, source=path.resolve())

@@ -1,0 +1,123 @@
+"""Base classes of the plugin kinds (contract).
+
+Every plugin class carries a unique ``name`` (what ``pipeline.yaml`` refers to),
+a one-line ``description`` and a ``Config`` dataclass that the engine fills
+strictly from YAML. The engine instantiates a plugin as ``cls(config)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # heavy imports stay out of start-up
+    import numpy as np
+    import torch
+
+    from .engine import StageContext
+
+KINDS = ("model_adapter", "activation_store", "dictionary_learner", "analyzer", "stage")
+
+
+@dataclass
+class EmptyConfig:
+    """Config of a plugin that takes no options."""
+
+
+class Plugin:
+    """Common part of every plugin class."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyConfig
+
+    def __init__(self, config: Any | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+
+@dataclass
+class Batch:
+    """A padded batch of model inputs.
+
+    ``codes`` is (B, T, F) int64, ``mask`` (B, T) bool (True on real tokens);
+    ``song`` gives each row's index into the dataset's song table and
+    ``offset`` the position of the row's first token inside that song's code
+    sequence (non-zero for the later windows of a long song).
+    """
+
+    codes: torch.Tensor
+    mask: torch.Tensor
+    song: Sequence[int] = field(default_factory=list)
+    offset: Sequence[int] = field(default_factory=list)
+
+
+class ModelAdapter(Plugin, ABC):
+    """Wraps a trained model: loading, data, hook points, patching, token metadata."""
+
+    kind = "model_adapter"
+
+    @abstractmethod
+    def load(self, model_dir: Path, device: str = "cpu") -> None:
+        """Load the model found in ``model_dir`` onto ``device``."""
+
+    @abstractmethod
+    def hook_points(self) -> list[str]:
+        """Names of every hook point the loaded model offers."""
+
+    @abstractmethod
+    def run_with_hooks(self, batch: Batch, hook_points: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One no-grad forward pass returning the activation (B, T, D) at each hook point."""
+
+    @abstractmethod
+    def run_with_patch(
+        self,
+        batch: Batch,
+        hook_point: str,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Forward with ``fn`` replacing the activation at ``hook_point``; per-field next-token losses."""
+
+    @abstractmethod
+    def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
+        """Per-token musical metadata (event_type, beat, position, pitch, ...) for (T, F) codes."""
+
+
+class ActivationStore(Plugin, ABC):
+    """Writes and reads extracted activations with per-token coordinates."""
+
+    kind = "activation_store"
+
+
+class DictionaryLearner(Plugin, ABC):
+    """Learns a sparse dictionary (e.g. a sparse autoencoder) from stored activations."""
+
+    kind = "dictionary_learner"
+
+
+class Analyzer(Plugin, ABC):
+    """Relates learned features to musical attributes and writes analysis outputs."""
+
+    kind = "analyzer"
+
+
+class Stage(Plugin, ABC):
+    """One step of ``pipeline.yaml``; its ``Config`` is the YAML section of the same name.
+
+    The engine gives the stage an empty or partially filled ``ctx.work_dir``; the
+    stage writes everything there and the engine publishes it as ``ctx.out_dir``
+    only after :meth:`run` returned, so an interrupted stage never looks complete.
+    """
+
+    kind = "stage"
+
+    def inputs(self, ctx: StageContext) -> list[Path]:
+        """Files whose content decides the stage's result (hashed into its fingerprint)."""
+        return []
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> dict[str, Any] | None:
+        """Do the work, writing into ``ctx.work_dir``; return a small summary for the manifest."""

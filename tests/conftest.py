@@ -1,0 +1,50 @@
+"""Shared test helpers: fake installed distributions that declare entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
+                      version: str = "1.0.0") -> Path:
+    """Install a distribution into ``site`` the way pip lays one out (dist-info + modules)."""
+    site.mkdir(parents=True, exist_ok=True)
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = ["[music_interpret]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    (info / "RECORD").write_text("")
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(source)
+    return site
+
+
+def run_cli(*args: str, site: Path | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m music_interpret ARGS`` in a subprocess, with ``site`` on PYTHONPATH."""
+    full_env = dict(os.environ)
+    full_env.pop("MUSIC_INTERPRET_DISABLE_PLUGIN_AUTOLOAD", None)
+    if site is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "music_interpret", *args], capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
