@@ -381,23 +381,22 @@ def parse_pipeline(
         else:
             conv.error(str(key), "unknown key" + _suggest(str(key), [*header_fields, *stage_names]))
     header = conv.build(PipelineHeader, header_raw, "")
+    if header is not None and not _RUN_NAME_RE.match(header.run):
+        conv.error("run", f"{header.run!r} is not a valid run name (letters, digits, '_', '-', '.')")
     stages = raw.get("stages", list(STANDARD_STAGES))
-    if header is not None:
-        if not _RUN_NAME_RE.match(header.run):
-            conv.error("run", f"{header.run!r} is not a valid run name (letters, digits, '_', '-', '.')")
-        for i, name in enumerate(header.stages):
-            if name in stage_names:
-                if header.stages.index(name) != i:
-                    conv.error(f"stages[{i}]", f"stage {name!r} is listed twice")
-            elif name in unavailable:
-                continue
-            elif name in STANDARD_STAGES:
-                unavailable.add(name)
-                conv.error(f"stages[{i}]", _unavailable(name))
-            else:
-                conv.error(f"stages[{i}]", f"unknown stage {name!r}"
-                           + _suggest(name, stage_names | set(STANDARD_STAGES)))
-        stages = header.stages
+    stages = [s for s in stages if isinstance(s, str)] if isinstance(stages, list) else []
+    for i, name in enumerate(stages):
+        if name in stage_names:
+            if stages.index(name) != i:
+                conv.error(f"stages[{i}]", f"stage {name!r} is listed twice")
+        elif name in unavailable:
+            continue
+        elif name in STANDARD_STAGES:
+            unavailable.add(name)
+            conv.error(f"stages[{i}]", _unavailable(name))
+        else:
+            conv.error(f"stages[{i}]", f"unknown stage {name!r}"
+                       + _suggest(name, stage_names | set(STANDARD_STAGES)))
     configs: dict[str, Any] = {}
     for name in sorted(stage_names):
         if name not in raw and name not in stages:
@@ -406,7 +405,7 @@ def parse_pipeline(
         configs[name] = conv.build(cls.Config, raw.get(name), name)
         if header is not None and name in stages:
             for needed in getattr(cls, "requires", ()):
-                if getattr(header, needed, None) is None and needed not in conv_errors_keys(conv):
+                if getattr(header, needed, None) is None and needed not in _error_keys(conv):
                     conv.error(needed, f"required by stage {name!r} but missing")
     if conv.errors:
         raise ConfigError(_unique(conv.errors))
@@ -415,7 +414,7 @@ def parse_pipeline(
     return Pipeline(header, configs, source, raw)
 
 
-def conv_errors_keys(conv: Converter) -> set[str]:
+def _error_keys(conv: Converter) -> set[str]:
     """Top-level keys that already have an error (to avoid repeating them)."""
     return {e.split(":", 1)[0].split(".", 1)[0] for e in conv.errors}
 

@@ -113,6 +113,8 @@ class Stage(Plugin, ABC):
     """
 
     kind = "stage"
+    #: top-level sections of ``pipeline.yaml`` the stage needs (``"model"``, ``"data"``)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def inputs(self, ctx: StageContext) -> list[Path]:
         """Files whose content decides the stage's result (hashed into its fingerprint)."""

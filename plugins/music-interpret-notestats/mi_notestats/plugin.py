@@ -1,0 +1,12 @@
+"""Entry-point module: registers the ``note_stats`` stage."""
+
+from __future__ import annotations
+
+from music_interpret.hookspecs import hookimpl
+
+
+@hookimpl
+def mi_stages() -> list[type]:
+    from .stage import NoteStats
+
+    return [NoteStats]
