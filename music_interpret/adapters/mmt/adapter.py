@@ -1,0 +1,228 @@
+"""``mmt`` model adapter: loading, hook points, patching and token metadata for MMT.
+
+torch and numpy are imported inside the methods, so importing this module (and reading
+``MMTAdapter.name``/``description``/``Config``) stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import UserError
+from ...interfaces import Batch, ModelAdapter
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .model import MMTModel
+
+
+@dataclass
+class MMTAdapterConfig:
+    """Options of the ``mmt`` adapter.
+
+    ``dtype``: torch floating dtype the model runs in (``float32``, ``float64``, ...).
+    ``max_seq_len``: longest sequence accepted (default: ``max_seq_len`` of
+    ``train-args.json``; it may not exceed it for models with absolute positions).
+    """
+
+    dtype: str = "float32"
+    max_seq_len: int | None = None
+
+
+class MMTAdapter(ModelAdapter):
+    """Multitrack Music Transformer (MMT) checkpoints, reimplemented in plain torch."""
+
+    name = "mmt"
+    description = "Multitrack Music Transformer (Dong et al. 2023) checkpoints from MMT's train.py"
+    Config = MMTAdapterConfig
+
+    def __init__(self, config: MMTAdapterConfig | None = None) -> None:
+        super().__init__(config)
+        self._model: MMTModel | None = None
+        self._train_args: dict[str, Any] = {}
+        self._sha256 = ""
+        self._device = "cpu"
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self, model_dir: Path, device: str = "cpu") -> None:
+        """Load ``<model_dir>/train-args.json`` and ``checkpoints/best_model.pt``."""
+        from .loading import CHECKPOINT, load_mmt, sha256_file
+
+        model, args = load_mmt(model_dir, device=device, dtype=self.config.dtype)
+        limit = self.config.max_seq_len
+        if limit is not None:
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
+                raise UserError(f"mmt adapter: max_seq_len={limit!r} must be an integer >= 2")
+            if model.cfg.use_abs_pos and limit > model.cfg.max_seq_len:
+                raise UserError(
+                    f"mmt adapter: max_seq_len={limit} exceeds the {model.cfg.max_seq_len} "
+                    f"learned positions of {Path(model_dir) / 'train-args.json'}"
+                )
+        self._model, self._train_args, self._device = model, args, device
+        self._sha256 = sha256_file(Path(model_dir) / CHECKPOINT)
+
+    @property
+    def model(self) -> MMTModel:
+        """The loaded :class:`MMTModel` (eval mode)."""
+        if self._model is None:
+            raise RuntimeError("MMTAdapter: call load() first")
+        return self._model
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return self.model.cfg.dim
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer layers."""
+        return self.model.cfg.layers
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence (in codes) a forward pass accepts."""
+        return self.config.max_seq_len or self.model.cfg.max_seq_len
+
+    @property
+    def max_beat(self) -> int:
+        """Beats ``0..max_beat-1`` are representable (beat vocabulary ``max_beat + 1``)."""
+        return self.model.cfg.n_tokens[1] - 1
+
+    @property
+    def train_args(self) -> dict[str, Any]:
+        """A copy of ``train-args.json``."""
+        return dict(self._train_args)
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        """SHA-256 of ``checkpoints/best_model.pt``."""
+        self.model  # noqa: B018 - raises if not loaded
+        return self._sha256
+
+    # -- data --------------------------------------------------------------------------
+
+    def encode(self, notes: np.ndarray, max_seq_len: int | None = None) -> np.ndarray:
+        """Codes (T, 6) for notes (N, 5) as MMT's dataset makes them (no augmentation).
+
+        Notes at beats >= ``max_beat`` are dropped when the song is longer; with
+        ``max_seq_len`` the codes are cut to that length, keeping the end-of-song code.
+        """
+        from .representation import encode_song
+
+        return encode_song(notes, max_beat=self.max_beat, max_seq_len=max_seq_len)
+
+    def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
+        """Per-token metadata, see :func:`representation.token_metadata`."""
+        from .representation import token_metadata
+
+        return token_metadata(codes)
+
+    # -- forward passes ----------------------------------------------------------------
+
+    def hook_points(self) -> list[str]:
+        """``resid_pre.L``, ``resid_mid.L``, ``resid_post.L`` for each layer, ``final_norm``."""
+        from .model import hook_point_names
+
+        return hook_point_names(self.n_layers)
+
+    def _check_hook(self, names: Sequence[str]) -> None:
+        known = self.hook_points()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(
+                f"mmt adapter: unknown hook point(s) {', '.join(map(str, unknown))}; "
+                f"available: {', '.join(known)}"
+            )
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import torch
+
+        codes = torch.as_tensor(batch.codes, device=self._device)
+        n_tokens = self.model.cfg.n_tokens
+        if codes.ndim != 3 or codes.shape[-1] != len(n_tokens) or codes.is_floating_point():
+            raise UserError(
+                f"mmt adapter: batch codes must be integer (B, T, 6), got "
+                f"{codes.dtype} {tuple(codes.shape)}"
+            )
+        if codes.shape[1] > self.max_seq_len:
+            raise UserError(
+                f"mmt adapter: sequence length {codes.shape[1]} exceeds "
+                f"max_seq_len={self.max_seq_len}"
+            )
+        codes = codes.long()
+        limit = torch.tensor(n_tokens, device=codes.device)
+        bad = (codes < 0) | (codes >= limit)
+        if bool(bad.any()):
+            b, t, f = (int(i) for i in bad.nonzero()[0])
+            from .model import FIELDS
+
+            raise UserError(
+                f"mmt adapter: code {int(codes[b, t, f])} of field {FIELDS[f]} "
+                f"(row {b}, position {t}) is outside 0..{n_tokens[f] - 1}"
+            )
+        mask = batch.mask
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=self._device).bool()
+            if tuple(mask.shape) != tuple(codes.shape[:2]):
+                raise UserError(
+                    f"mmt adapter: mask shape {tuple(mask.shape)} does not match "
+                    f"codes {tuple(codes.shape[:2])}"
+                )
+        return codes, mask
+
+    def run_with_hooks(self, batch: Batch, hook_points: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One no-grad forward; returns {hook point: activation (B, T, d_model)}.
+
+        The pass stops after the last requested hook point.
+        """
+        import torch
+
+        self._check_hook(hook_points)
+        codes, mask = self._inputs(batch)
+        with torch.no_grad():
+            _, acts = self.model.net.run(codes, mask, capture=hook_points, logits=False)
+        return acts
+
+    def run_with_patch(
+        self,
+        batch: Batch,
+        hook_point: str,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """No-grad forward with ``fn(activation)`` replacing the activation at ``hook_point``.
+
+        Returns the next-token cross-entropy of each field (keys ``type``, ``beat``,
+        ``position``, ``pitch``, ``duration``, ``instrument``) and their sum ``total``,
+        as float32 scalars. The mean runs over real targets only (``mask[:, 1:]``).
+        This differs from MMT's training loss, which runs on ``codes[:, :-1]`` and
+        averages over every target position, padding included (class 0).
+        """
+        import torch
+
+        from .model import field_losses
+
+        self._check_hook([hook_point])
+        codes, mask = self._inputs(batch)
+        if codes.shape[1] < 2:
+            raise UserError("mmt adapter: run_with_patch needs sequences of at least 2 codes")
+
+        def checked(x: torch.Tensor) -> torch.Tensor:
+            out = fn(x)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(
+                    f"mmt adapter: patch at {hook_point} returned {shape}, "
+                    f"expected a tensor of shape {tuple(x.shape)}"
+                )
+            return out.to(x.dtype)
+
+        with torch.no_grad():
+            logits, _ = self.model.net.run(codes, mask, patch=(hook_point, checked))
+            assert logits is not None
+            return field_losses(logits, codes, mask)
