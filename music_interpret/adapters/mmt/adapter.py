@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from .model import MMTModel
+    from .windows import SongTokens, Window
 
 
 @dataclass
@@ -116,6 +117,34 @@ class MMTAdapter(ModelAdapter):
         from .representation import encode_song
 
         return encode_song(notes, max_beat=self.max_beat, max_seq_len=max_seq_len)
+
+    def windows(self, notes: np.ndarray, stride: int | None = None) -> tuple[SongTokens, list[Window]]:
+        """The whole song as tokens, and model windows covering every token once.
+
+        See :mod:`music_interpret.adapters.mmt.windows` for the window layout, the
+        stride (half a window of notes by default) and how ``seq_pos`` is defined.
+        """
+        from .windows import song_windows, tokenize_song
+
+        song = tokenize_song(notes)
+        return song, song_windows(song, self.max_seq_len, self.max_beat, stride)
+
+    def check_encoding(self, encoding: Mapping[str, Any], source: str | Path) -> None:
+        """Refuse a dataset whose ``encoding.json`` disagrees with the checkpoint's vocabularies."""
+        from .model import FIELDS
+
+        n_tokens = encoding.get("n_tokens") if isinstance(encoding, Mapping) else None
+        if not isinstance(n_tokens, list) or len(n_tokens) != len(FIELDS):
+            raise UserError(f"{source}: 'n_tokens' must be a list of {len(FIELDS)} sizes")
+        model = list(self.model.cfg.n_tokens)
+        for i, field in enumerate(FIELDS):
+            if i == 1:  # MMT replaces the beat vocabulary with max_beat + 1
+                continue
+            if n_tokens[i] != model[i]:
+                raise UserError(
+                    f"{source}: {field} vocabulary {n_tokens[i]} does not match the checkpoint's "
+                    f"{model[i]} (n_tokens {n_tokens} vs model {model})"
+                )
 
     def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
         """Per-token metadata, see :func:`representation.token_metadata`."""
