@@ -125,6 +125,7 @@ class StageContext:
     work_dir: Path
     upstream: dict[str, Path] = field(default_factory=dict)
     force: bool = False
+    fingerprint: str = ""
 
     @property
     def run_dir(self) -> Path:
@@ -274,6 +275,7 @@ class Engine:
         previous: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             previous = json.loads(self.manifest_path.read_text()).get("stages", {})
+        previous = {k: v for k, v in previous.items() if k in header.stages}
         return {
             "run": header.run,
             "pipeline": str(self.pipeline.source) if self.pipeline.source else None,
@@ -313,6 +315,7 @@ class Engine:
             "global_inputs": manifest["inputs"],
             "upstream": {k: v for k, v in upstream_fp.items() if k != name},
         })
+        ctx.fingerprint = fp
         entry: dict[str, Any] = {"output": str(out_dir), "fingerprint": fp, "inputs": inputs}
         manifest["stages"][name] = entry
         marker = read_marker(out_dir)

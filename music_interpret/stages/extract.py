@@ -1,0 +1,250 @@
+"""The ``extract`` stage: run the model over the dataset and store activations.
+
+Songs are grouped into shards of about ``shard_tokens`` stored tokens. Inside a
+shard, the songs' windows are sorted by length and run in batches (little
+padding); the activations of the tokens each window owns are scattered back into
+song order and the shard is written in one go. Memory therefore holds one shard at
+a time, whatever the dataset size. After a crash the store's manifest lists the
+complete shards; the next run with the same configuration continues after the
+last of them, and because batches never cross a shard boundary the result is
+bitwise the one an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from ..config import Pipeline, PluginRef
+from ..errors import UserError
+from ..interfaces import Batch, Stage
+
+HOOK_RE = re.compile(r"^(resid_pre|resid_mid|resid_post)\.\d+$|^final_norm$")
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``extract``.
+
+    ``hooks`` and ``layers`` (shorthand for ``resid_post.L``) together name the hook
+    points; with neither, every ``resid_post.L`` of the model is extracted.
+    """
+
+    hooks: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    events: Literal["all", "notes"] = "all"
+    batch_size: int = 8
+    stride: int | None = None
+    max_songs: int | None = None
+    output: Path | None = None
+    store: PluginRef = field(default="netcdf", metadata={"plugin": "activation_store"})  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        bad = [h for h in self.hooks if not HOOK_RE.match(h)]
+        if bad:
+            raise ValueError(f"hooks: {', '.join(map(repr, bad))} is not a hook point name "
+                             "(resid_pre.L, resid_mid.L, resid_post.L, final_norm)")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError("layers: layer numbers start at 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_songs is not None and self.max_songs < 1:
+            raise ValueError(f"max_songs must be positive, got {self.max_songs}")
+
+    def hook_points(self, available: list[str]) -> list[str]:
+        """Requested hook points in model order, checked against ``available``."""
+        wanted = list(self.hooks) + [f"resid_post.{layer}" for layer in self.layers]
+        if not wanted:
+            wanted = [h for h in available if h.startswith("resid_post.")]
+        missing = [h for h in wanted if h not in available]
+        if missing:
+            raise UserError(f"extract: hook point(s) {', '.join(missing)} do not exist in this model "
+                            f"(available: {', '.join(available)})")
+        return [h for h in available if h in set(wanted)]
+
+
+@dataclass
+class _ShardPlan:
+    songs: list[int]
+    windows: list[tuple[int, int, Any]]  # (song, window index, Window)
+    coords: dict[str, np.ndarray]
+    offsets: list[np.ndarray]  # per window: destination rows of its kept tokens
+    keep: list[np.ndarray]  # per window: input positions kept
+    n_tokens: int
+
+
+class ExtractStage(Stage):
+    """Run the model over the note dataset and store activations with musical coordinates."""
+
+    name = "extract"
+    description = "Extract hook-point activations of every token into an activation store."
+    Config = ExtractConfig
+    requires: ClassVar[tuple[str, ...]] = ("model", "data")
+
+    @staticmethod
+    def output_dir(pipeline: Pipeline, config: ExtractConfig) -> Path:
+        if config.output is not None:
+            return config.output
+        base = pipeline.source.parent if pipeline.source else Path.cwd()
+        return base / "data" / "activations" / pipeline.header.run
+
+    def run(self, ctx: Any) -> dict[str, Any]:
+        from ..adapters.mmt.dataset import open_dataset
+        from ..adapters.mmt.representation import INSTRUMENT_NAMES
+
+        header = ctx.pipeline.header
+        cfg: ExtractConfig = self.config
+        adapter = header.model.adapter.build(ctx.registry)
+        adapter.load(header.model.path, device=ctx.device)
+        dataset = open_dataset(header.data.path, header.data.split)
+        encoding = dataset.load_encoding()
+        if encoding is not None:
+            adapter.check_encoding(encoding, dataset.encoding_path)
+        hooks = cfg.hook_points(adapter.hook_points())
+        names = list(dataset.names)[: cfg.max_songs]
+        sources = [_source(dataset, n) for n in names]
+        store = cfg.store.build(ctx.registry)
+        attrs = {
+            "source": f"{header.model.adapter.name} adapter; checkpoint {header.model.path} "
+                      f"sha256 {adapter.checkpoint_sha256}",
+            "history": f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+                       f"music_interpret extract ({' '.join(sys.argv)})",
+            "music_interpret_version": _version(),
+            "model_config": adapter.train_args,
+            "model_sha256": adapter.checkpoint_sha256,
+            "dataset": str(dataset.notes_dir),
+            "split": dataset.split or "all",
+            "events": cfg.events,
+            "pipeline_config": json.dumps(_jsonable(ctx.pipeline.raw)),
+            "instrument_names": list(INSTRUMENT_NAMES),
+            "fingerprint": ctx.fingerprint,
+        }
+        writer = store.create(ctx.work_dir, hooks=hooks, d_model=adapter.d_model, songs=names,
+                              sources=sources, attrs=attrs, resume=True)
+        start = writer.next_song
+        if start:
+            print(f"extract: resuming after {writer.n_shards} complete shard(s), at song {start}/{len(names)}",
+                  file=sys.stderr)
+        t0 = time.perf_counter()
+        stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
+        bar = ctx.progress(total=len(names), initial=start, unit="song", desc="extract")
+        song = start
+        while song < len(names):
+            plan = self._plan_shard(adapter, dataset, names, song, store.config.shard_tokens, stats)
+            acts = self._run_shard(adapter, plan, hooks, stats)
+            writer.write_shard(acts, plan.coords, plan.songs[0], plan.songs[-1] + 1)
+            song = plan.songs[-1] + 1
+            stats["tokens"] += plan.n_tokens
+            bar.update(len(plan.songs))
+            bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
+        bar.close()
+        if not writer.manifest["shards"]:
+            raise UserError(f"extract: no tokens selected from {dataset.notes_dir} (events={cfg.events})")
+        seconds = time.perf_counter() - t0
+        summary = {
+            "store": str(ctx.out_dir), "songs": len(names), "hooks": hooks, "d_model": adapter.d_model,
+            "shards": writer.n_shards, "tokens": int(sum(s["tokens"] for s in writer.manifest["shards"])),
+            "tokens_this_run": stats["tokens"], "windows_this_run": stats["windows"],
+            "dropped_notes": stats["dropped_notes"], "seconds": round(seconds, 2),
+            "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
+        }
+        writer.finish(summary)
+        return summary
+
+    def _plan_shard(self, adapter: Any, dataset: Any, names: list[str], first: int,
+                    shard_tokens: int, stats: dict[str, Any]) -> _ShardPlan:
+        """Windows and coordinates of the songs of one shard (no forward pass yet)."""
+        notes_only = self.config.events == "notes"
+        songs, windows, offsets, keeps, parts = [], [], [], [], []
+        total = 0
+        song = first
+        while song < len(names) and (total < shard_tokens or not songs):
+            tokens, wins = adapter.windows(dataset.read(names[song]), self.config.stride)
+            stats["dropped_notes"] += tokens.dropped
+            meta = adapter.token_metadata(tokens.codes)
+            program = meta["program"].copy()
+            is_note = tokens.note >= 0
+            program[is_note] = tokens.notes[tokens.note[is_note], 4]
+            # destination row of every song token (before the event filter)
+            chosen = (meta["event_type"] == 3) if notes_only else np.ones(len(tokens.codes), bool)
+            dest = np.full(len(tokens.codes), -1, np.int64)
+            dest[chosen] = total + np.arange(int(chosen.sum()))
+            seq_pos = np.zeros(len(tokens.codes), np.int64)
+            window_of = np.zeros(len(tokens.codes), np.int64)
+            for w_index, win in enumerate(wins):
+                rows = np.flatnonzero(win.owned & chosen[win.token])
+                seq_pos[win.token[rows]] = rows
+                window_of[win.token[rows]] = w_index
+                if len(rows):
+                    windows.append((song, w_index, win))
+                    offsets.append(dest[win.token[rows]])
+                    keeps.append(rows)
+            sel = np.flatnonzero(chosen)
+            parts.append({
+                "song": np.full(len(sel), song), "seq_pos": seq_pos[sel], "song_token": sel,
+                "window": window_of[sel], "event_type": meta["event_type"][sel],
+                "beat": meta["beat"][sel], "position": meta["position"][sel],
+                "pitch": meta["pitch"][sel], "duration": meta["duration"][sel],
+                "instrument": meta["instrument"][sel], "program": program[sel],
+            })
+            total += len(sel)
+            songs.append(song)
+            song += 1
+        coords = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return _ShardPlan(songs, windows, coords, offsets, keeps, total)
+
+    def _run_shard(self, adapter: Any, plan: _ShardPlan, hooks: list[str],
+                   stats: dict[str, Any]) -> np.ndarray:
+        """Forward passes over the shard's windows, longest first; activations in song order."""
+        import torch
+
+        out = np.empty((plan.n_tokens, len(hooks), adapter.d_model), np.float32)
+        order = sorted(range(len(plan.windows)), key=lambda i: -len(plan.windows[i][2].codes))
+        bs = self.config.batch_size
+        for b in range(0, len(order), bs):
+            idx = order[b : b + bs]
+            wins = [plan.windows[i][2] for i in idx]
+            t = max(len(w.codes) for w in wins)
+            codes = np.zeros((len(wins), t, 6), np.int64)
+            mask = np.zeros((len(wins), t), bool)
+            for j, w in enumerate(wins):
+                codes[j, : len(w.codes)] = w.codes
+                mask[j, : len(w.codes)] = True
+            t0 = time.perf_counter()
+            acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), hooks)
+            stacked = torch.stack([acts[h] for h in hooks], dim=2)  # (B, T, H, D)
+            rows_b = np.concatenate([np.full(len(plan.keep[i]), j) for j, i in enumerate(idx)])
+            rows_t = np.concatenate([plan.keep[i] for i in idx])
+            picked = stacked[torch.from_numpy(rows_b), torch.from_numpy(rows_t)]
+            out[np.concatenate([plan.offsets[i] for i in idx])] = picked.float().cpu().numpy()
+            stats["forward_seconds"] += time.perf_counter() - t0
+            stats["windows"] += len(idx)
+        return out
+
+
+def _source(dataset: Any, name: str) -> str:
+    sources = dataset.sources if isinstance(dataset.sources, dict) else {}
+    info = sources.get("songs", sources).get(name)
+    if isinstance(info, dict):
+        return str(info.get("corpus_path") or info.get("source") or json.dumps(info, sort_keys=True))
+    return str(dataset.path(name))
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _jsonable(value: Any) -> Any:
+    from ..engine import to_jsonable
+
+    return to_jsonable(value)

@@ -1,0 +1,12 @@
+"""Entry-point module of the built-in pipeline stages."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def mi_stages() -> list[type]:
+    from .extract import ExtractStage
+
+    return [ExtractStage]
