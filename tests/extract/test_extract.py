@@ -1,0 +1,119 @@
+"""The extract stage: coordinates, activations, event filter, the seed command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import music_interpret as mi
+from music_interpret.adapters.mmt.adapter import MMTAdapter
+from music_interpret.adapters.mmt.representation import encode_song
+from music_interpret.interfaces import Batch
+from tests.conftest import run_cli
+from tests.extract.conftest import write_pipeline
+
+
+def test_coordinates_match_the_source_notes(tmp_path, fix):
+    pipeline = write_pipeline(tmp_path, extract="layers: [1]\nhooks: [resid_mid.0]\nstore: {name: netcdf, shard_tokens: 4000}")
+    result = run_cli("run", str(pipeline))
+    assert result.returncode == 0, result.stderr
+    ds = mi.open_activations(tmp_path / "acts" / "x")
+    assert list(ds.hook.values) == ["resid_mid.0", "resid_post.1"]
+    assert ds.attrs["n_shards"] > 1 and ds.activations.dtype == np.float32
+    notes_dir = fix / "data" / "quartets" / "processed" / "notes"
+    names = list(ds.song_name.values)
+    assert names == (fix / "data" / "quartets" / "processed" / "names.txt").read_text().split()
+    for i, name in enumerate(names):
+        notes = np.load(notes_dir / f"{name}.npy")
+        song = ds.where(ds.song == i, drop=True)
+        et = song.event_type.values
+        n_inst = len(np.unique(notes[:, 4]))
+        # start-of-song, instruments, start-of-notes, notes, end-of-song: every token once
+        assert len(et) == len(notes) + n_inst + 3
+        assert et[0] == 0 and (et[1 : 1 + n_inst] == 1).all() and et[1 + n_inst] == 2 and et[-1] == 4
+        assert (song.song_token.values == np.arange(len(et))).all()
+        nt = song.where(song.event_type == 3, drop=True)
+        for col, key in enumerate(["beat", "position", "pitch"]):
+            assert (nt[key].values == notes[:, col]).all(), (name, key)
+        assert (nt.program.values == notes[:, 4]).all()
+        assert (nt.instrument.values > 0).all() and (song.seq_pos.values < 1024).all()
+        non_notes = song.where(song.event_type != 3, drop=True)
+        assert (non_notes.pitch.values == -1).all() and (non_notes.beat.values == -1).all()
+    assert set(np.unique(ds.instrument.where(ds.event_type == 1, drop=True).values)) == {25, 26, 27}
+    assert ds.event_type.attrs["flag_meanings"].split()[3] == "note"
+    assert "sha256" in ds.attrs["source"] and json.loads(ds.attrs["model_config"])["dim"] == 64
+
+
+def test_activations_equal_a_direct_forward(tmp_path, fix):
+    pipeline = write_pipeline(tmp_path, model="rpe-tiny", data="bach",
+                              extract="hooks: [resid_pre.0, resid_post.2, final_norm]\nmax_songs: 5\nbatch_size: 3")
+    assert run_cli("run", str(pipeline)).returncode == 0
+    ds = mi.open_activations(tmp_path / "acts" / "x", lazy=False)
+    adapter = MMTAdapter()
+    adapter.load(fix / "models" / "bach" / "rpe-tiny")
+    for i, name in enumerate(ds.song_name.values):
+        codes = encode_song(np.load(fix / "data" / "bach" / "processed" / "notes" / f"{name}.npy"), 256, 1024)
+        acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes[None]), torch.ones(1, len(codes), dtype=torch.bool)),
+                                      ["resid_pre.0", "resid_post.2", "final_norm"])
+        stored = ds.activations.where(ds.song == i, drop=True)
+        assert stored.sizes["token"] == len(codes)
+        for h, hook in enumerate(["resid_pre.0", "resid_post.2", "final_norm"]):
+            np.testing.assert_allclose(stored.values[:, h], acts[hook][0].numpy(), atol=1e-5, rtol=0)
+
+
+def test_notes_only(tmp_path, fix):
+    pipeline = write_pipeline(tmp_path, data="bach", extract="layers: [0]\nevents: notes\nmax_songs: 4")
+    assert run_cli("run", str(pipeline)).returncode == 0
+    ds = mi.open_activations(tmp_path / "acts" / "x")
+    assert set(np.unique(ds.event_type.values)) == {3}
+    names = list(ds.song_name.values)
+    total = sum(len(np.load(fix / "data" / "bach" / "processed" / "notes" / f"{n}.npy")) for n in names)
+    assert ds.sizes["token"] == total
+
+
+def test_unknown_hook_point_is_one_line(tmp_path):
+    pipeline = write_pipeline(tmp_path, extract="layers: [7]")
+    result = run_cli("run", str(pipeline))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: extract: hook point(s) resid_post.7 do not exist in this model (available: "
+        "resid_pre.0, resid_mid.0, resid_post.0, resid_pre.1, resid_mid.1, resid_post.1, final_norm)")
+    bad = write_pipeline(tmp_path, extract="hooks: [resid_post]", run="y")
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 2 and "extract: hooks: 'resid_post' is not a hook point name" in result.stderr
+
+
+def test_seed_command_prints_the_store_and_skips_when_done(tmp_path, fix):
+    root = tmp_path / "proj"
+    (root / "data" / "base").mkdir(parents=True)
+    (root / "models" / "bach").mkdir(parents=True)
+    (root / "data" / "base" / "bach_notes").symlink_to(fix / "data" / "bach" / "processed")
+    (root / "models" / "bach" / "tiny").symlink_to(fix / "models" / "bach" / "ape-tiny")
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "music_interpret.activation_extraction", "bach", "tiny",
+           "--layers", "0", "1", "--root", str(root), "--max-songs", "3"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    store = root / "data" / "activations" / "bach" / "tiny"
+    assert first.stdout.strip() == str(store)
+    assert (store / "store.json").exists() and (root / "reports" / "bach_tiny" / "manifest.json").exists()
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert "skipped" in second.stderr and second.stdout.strip() == str(store)
+    missing = subprocess.run([*cmd[:4], "nomodel", "--root", str(root)], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: model.path: no such file or directory: {root / 'models' / 'bach' / 'nomodel'}"
+
+
+def test_store_reads_back_through_open_mfdataset_parallel(tmp_path):
+    pipeline = write_pipeline(tmp_path, extract="layers: [0]\nstore: {name: netcdf, shard_tokens: 2000}")
+    assert run_cli("run", str(pipeline)).returncode == 0
+    lazy = mi.open_activations(tmp_path / "acts" / "x", parallel=True)
+    eager = mi.open_activations(tmp_path / "acts" / "x", lazy=False)
+    assert lazy.attrs["n_shards"] == 4  # one shard per ~2000 tokens, songs never split
+    assert float(abs(lazy.activations - eager.activations).max().compute()) == 0.0
+    assert float(lazy.activations.mean().compute()) == pytest.approx(float(eager.activations.mean()), rel=1e-5)
