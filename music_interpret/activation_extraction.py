@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("all", "train", "valid", "test"), default="all")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--shard-tokens", type=int, default=262_144, help="tokens per shard file")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="size of a shard file in MiB")
     p.add_argument("--max-songs", type=int, default=None, help="only the first N songs")
     return p
 
@@ -33,7 +33,7 @@ def run(argv: list[str] | None = None) -> int:
     out = store_path(ns)
     extract: dict[str, Any] = {
         "layers": ns.layers, "hooks": ns.hooks, "events": ns.events, "batch_size": ns.batch_size,
-        "output": str(out), "store": {"name": "netcdf", "shard_tokens": ns.shard_tokens},
+        "output": str(out), "store": {"name": "netcdf", "shard_mb": ns.shard_mb},
     }
     if ns.max_songs is not None:
         extract["max_songs"] = ns.max_songs

@@ -91,6 +91,20 @@ class ActivationStore(Plugin, ABC):
 
     kind = "activation_store"
 
+    @abstractmethod
+    def create(self, path: Path, *, hooks: Sequence[str], d_model: int, songs: Sequence[str],
+               sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True) -> Any:
+        """Start (or resume) a store; the writer offers ``next_song``, ``n_shards``,
+        ``write_shard(acts, coords, song_start, song_stop)`` and ``finish(summary)``."""
+
+    @abstractmethod
+    def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
+        """How many tokens a shard should hold."""
+
+    @abstractmethod
+    def open(self, path: Path, hooks: Sequence[str] | None = None) -> Any:
+        """The whole store as one ``xarray.Dataset``."""
+
 
 class DictionaryLearner(Plugin, ABC):
     """Learns a sparse dictionary (e.g. a sparse autoencoder) from stored activations."""

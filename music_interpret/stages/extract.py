@@ -133,12 +133,13 @@ class ExtractStage(Stage):
         if start:
             print(f"extract: resuming after {writer.n_shards} complete shard(s), at song {start}/{len(names)}",
                   file=sys.stderr)
+        shard_tokens = store.tokens_per_shard(len(hooks), adapter.d_model)
         t0 = time.perf_counter()
         stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
         bar = ctx.progress(total=len(names), initial=start, unit="song", desc="extract")
         song = start
         while song < len(names):
-            plan = self._plan_shard(adapter, dataset, names, song, store.config.shard_tokens, stats)
+            plan = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats)
             acts = self._run_shard(adapter, plan, hooks, stats)
             writer.write_shard(acts, plan.coords, plan.songs[0], plan.songs[-1] + 1)
             song = plan.songs[-1] + 1

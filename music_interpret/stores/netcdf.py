@@ -68,13 +68,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class NetCDFStoreConfig:
     """Options of the ``netcdf`` store."""
 
-    shard_tokens: int = 262_144
+    shard_mb: float = 256.0
+    shard_tokens: int | None = None
     chunk_tokens: int = 4096
     compression_level: int = 4
 
     def __post_init__(self) -> None:
-        if self.shard_tokens < 1 or self.chunk_tokens < 1:
-            raise ValueError("shard_tokens and chunk_tokens must be positive")
+        if self.shard_mb <= 0 or self.chunk_tokens < 1:
+            raise ValueError("shard_mb and chunk_tokens must be positive")
+        if self.shard_tokens is not None and self.shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be positive, got {self.shard_tokens}")
+
+    def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
+        """``shard_tokens``, or as many tokens as fit in ``shard_mb`` of float32 activations."""
+        if self.shard_tokens is not None:
+            return self.shard_tokens
+        return max(1, int(self.shard_mb * 2**20 / (4 * n_hooks * d_model)))
         if not 0 <= self.compression_level <= 9:
             raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
 
@@ -91,6 +100,14 @@ class NetCDFStore(ActivationStore):
         """Start (or resume) writing a store in ``path``."""
         return StoreWriter.open(Path(path), self.config, list(hooks), int(d_model), list(songs),
                                 list(sources), dict(attrs), resume)
+
+    def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
+        return self.config.tokens_per_shard(n_hooks, d_model)
+
+    def open(self, path: Path, hooks: Sequence[str] | None = None) -> Any:
+        from ..activations import open_activations
+
+        return open_activations(path, list(hooks) if hooks is not None else None)
 
 
 @dataclass
