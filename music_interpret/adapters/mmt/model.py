@@ -115,6 +115,28 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        self._qkv_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    def qkv_weight(self) -> torch.Tensor:
+        """``to_q|to_k|to_v`` weights stacked (3 inner, dim), for one fused projection.
+
+        Without autograd the stacked copy is cached, keyed on the three weights' storage
+        addresses, version counters, dtypes and devices, so ``load_state_dict``, ``.to()``
+        and in-place updates invalidate it. The key holds detached aliases of the weights,
+        which keeps their storage (and so its address) from being reused while cached.
+        With autograd the stack is rebuilt on every call.
+        """
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return torch.cat(ws)
+        try:
+            stamp = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        except RuntimeError:  # inference tensors carry no version counter
+            return torch.cat(ws)
+        if self._qkv_cache is None or self._qkv_cache[0][0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # a normal, reusable tensor
+                self._qkv_cache = ((stamp, *(w.detach() for w in ws)), torch.cat(ws))
+        return self._qkv_cache[1]
 
     def forward(
         self,
@@ -123,15 +145,10 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        weight = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
-        qkv = F.linear(x, weight).view(b, t, 3, self.heads, DIM_HEAD).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.qkv_weight()).view(b, t, 3, self.heads, DIM_HEAD)
         if rotary is not None:  # x-transformers 0.25.9 rotates q, k and v
-            cos, sin = rotary
-            r = cos.shape[-1]
-            part = qkv[..., :r]
-            half = torch.cat((-part[..., r // 2 :], part[..., : r // 2]), dim=-1)
-            qkv = torch.cat((part * cos + half * sin, qkv[..., r:]), dim=-1)
-        q, k, v = qkv.unbind(0)
+            qkv = _apply_rotary(qkv, *rotary)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         p = self.dropout if self.training else 0.0
         if masking.attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -141,6 +158,27 @@ class Attention(nn.Module):
             q = q * masking.query.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=masking.attn_mask, dropout_p=p)
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _apply_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``r`` channels of every head of ``qkv`` (B, T, 3, H, D).
+
+    x-transformers: ``t * cos + rotate_half(t) * sin`` with ``rotate_half`` pairing channel
+    j with j + r/2, i.e. ``y1 = x1 cos - x2 sin``, ``y2 = x2 cos + x1 sin``. ``cos``/``sin``
+    (T, r) repeat their first half, so the half tables suffice. Without autograd ``qkv``
+    (a fresh projection output) is updated in place, with the same roundings.
+    """
+    r = cos.shape[-1]
+    h = r // 2
+    c = cos[:, None, None, :h]
+    s = sin[:, None, None, :h]
+    x1, x2 = qkv[..., :h], qkv[..., h:r]
+    if torch.is_grad_enabled():
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, qkv[..., r:]), dim=-1)
+    x1_sin = x1 * s
+    x1.mul_(c).sub_(x2 * s)
+    x2.mul_(c).add_(x1_sin)
+    return qkv
 
 
 class FeedForward(nn.Module):
@@ -161,10 +199,25 @@ class FeedForward(nn.Module):
 
 
 class Residual(nn.Module):
-    """Residual add (parameter-free, kept for the module layout)."""
+    """Residual add (parameter-free, kept for the module layout).
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return x + residual
+    With ``inplace`` the branch output ``x`` is overwritten with the sum; callers pass
+    it only when ``x`` is a fresh tensor nobody else holds (see :func:`_owns_outputs`).
+    """
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, inplace: bool = False
+    ) -> torch.Tensor:
+        return x.add_(residual) if inplace else x + residual
+
+
+def _owns_outputs(module: nn.Module) -> bool:
+    """True if ``module``'s outputs are fresh tensors we may overwrite: autograd is off
+    and no forward hook (global, or on ``module`` or a submodule) could keep or replace
+    them."""
+    if torch.is_grad_enabled() or nn.modules.module._global_forward_hooks:
+        return False
+    return not any(m._forward_hooks for m in module.modules())
 
 
 def _block(norm_dim: int, fn: nn.Module) -> nn.ModuleList:
@@ -255,11 +308,11 @@ class MusicTransformerWrapper(nn.Module):
             x = hook(f"resid_pre.{L}", x)
             if step >= last:
                 return None, acts
-            x = a_res(attn(a_norm(x), masking, rotary), x)
+            x = a_res(attn(a_norm(x), masking, rotary), x, _owns_outputs(attn))
             x = hook(f"resid_mid.{L}", x)
             if step + 1 >= last:
                 return None, acts
-            x = f_res(ff(f_norm(x)), x)
+            x = f_res(ff(f_norm(x)), x, _owns_outputs(ff))
             x = hook(f"resid_post.{L}", x)
             if step + 2 >= last:
                 return None, acts

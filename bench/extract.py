@@ -1,0 +1,154 @@
+"""Extraction benchmark: the whole ``extract`` stage against a bare forward pass.
+
+1. Throughput: tokens/s of the stage (reading notes, windows, forward passes,
+   writing netCDF shards) against bare forward passes of the same model over the
+   same batches with nothing else (no I/O). Goal: the stage reaches >= 0.85 of it.
+2. Peak memory: peak RSS of the stage run in a fresh process on 1x and 4x the
+   songs. Goal: flat (shards bound the memory, not the dataset).
+
+    python -m bench extract [--songs 60] [--model models/bach/demo] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.mmt_forward import machine as machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "extract.json"
+HOOKS = ["resid_post.1", "resid_post.3"]
+
+
+def _pipeline(tmp: Path, model: Path, songs: int, run: str, shard_mb: float) -> Path:
+    path = tmp / f"{run}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        run: {run}
+        output_dir: {tmp / 'reports'}
+        device: cpu
+        stages: [extract]
+        model: {{path: {model}}}
+        data: {{path: {ROOT / 'data' / 'base' / 'bach_notes'}}}
+        extract:
+          hooks: {json.dumps(HOOKS)}
+          batch_size: 8
+          max_songs: {songs}
+          output: {tmp / 'acts' / run}
+          store: {{name: netcdf, shard_mb: {shard_mb}}}
+    """))
+    return path
+
+
+def stage_throughput(tmp: Path, model: Path, songs: int, run: str) -> tuple[float, int]:
+    """(seconds, tokens) of one in-process run of the extract stage."""
+    from music_interpret.config import load_pipeline
+    from music_interpret.engine import Engine
+    from music_interpret.plugins import get_registry
+
+    registry = get_registry()
+    pipeline = load_pipeline(_pipeline(tmp, model, songs, run, 256.0), registry)
+    t0 = time.perf_counter()
+    manifest = Engine(pipeline, registry, log=lambda _m: None).run(force=True)
+    seconds = time.perf_counter() - t0
+    return seconds, int(manifest["stages"]["extract"]["summary"]["tokens"])
+
+
+def bare_forward(model: Path, songs: int) -> tuple[float, int]:
+    """(seconds, tokens) of forward passes alone over the stage's batches (prepared beforehand)."""
+    import torch
+
+    from music_interpret.adapters.mmt.adapter import MMTAdapter
+    from music_interpret.adapters.mmt.dataset import open_dataset
+
+    adapter = MMTAdapter()
+    adapter.load(model)
+    dataset = open_dataset(ROOT / "data" / "base" / "bach_notes")
+    windows = []
+    for name in list(dataset.names)[:songs]:
+        windows += adapter.windows(dataset.read(name))[1]
+    windows.sort(key=lambda w: -len(w.codes))
+    batches = []
+    for b in range(0, len(windows), 8):
+        group = windows[b : b + 8]
+        t = max(len(w.codes) for w in group)
+        codes = torch.zeros(len(group), t, 6, dtype=torch.long)
+        mask = torch.zeros(len(group), t, dtype=torch.bool)
+        for j, w in enumerate(group):
+            codes[j, : len(w.codes)] = torch.from_numpy(w.codes)
+            mask[j, : len(w.codes)] = True
+        batches.append((codes, mask))
+    tokens = int(sum(int(w.owned.sum()) for w in windows))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for codes, mask in batches:
+            adapter.model.net.run(codes, mask, capture=HOOKS, logits=False)
+    return time.perf_counter() - t0, tokens
+
+
+def peak_rss_mb(tmp: Path, model: Path, songs: int, run: str) -> float:
+    """Peak RSS (MiB) of a fresh process running the stage on ``songs`` songs."""
+    pipeline = _pipeline(tmp, model, songs, run, 8.0)
+    cmd = [sys.executable, "-m", "music_interpret", "run", str(pipeline), "--force"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(cmd, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(before, after) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench extract", description=__doc__)
+    p.add_argument("--songs", type=int, default=60)
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "bach" / "demo")
+    p.add_argument("--repeats", type=int, default=3)
+    ns, _ = p.parse_known_args(argv)
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as d:
+        tmp = Path(d)
+        stage = [stage_throughput(tmp, ns.model, ns.songs, f"s{i}") for i in range(ns.repeats)]
+        bare = [bare_forward(ns.model, ns.songs) for _ in range(ns.repeats)]
+        s_sec = float(np.median([s for s, _ in stage]))
+        b_sec = float(np.median([s for s, _ in bare]))
+        tokens = stage[0][1]
+        assert tokens == bare[0][1], "stage and bare forward must see the same tokens"
+        # memory: separate processes, smallest first (ru_maxrss of children is a running max)
+        rss_1x = peak_rss_mb(tmp, ns.model, ns.songs, "m1")
+        rss_4x = peak_rss_mb(tmp, ns.model, 4 * ns.songs, "m4")
+    result = {
+        "benchmark": "extract",
+        "machine": machine_info(),
+        "torch_threads": torch.get_num_threads(),
+        "model": str(ns.model.relative_to(ROOT) if ns.model.is_relative_to(ROOT) else ns.model),
+        "hooks": HOOKS,
+        "songs": ns.songs,
+        "tokens": tokens,
+        "stage_tokens_per_s": tokens / s_sec,
+        "bare_forward_tokens_per_s": tokens / b_sec,
+        "ratio": b_sec / s_sec,
+        "goal_ratio": 0.85,
+        "peak_rss_mb": {"1x": rss_1x, "4x": rss_4x},
+        "peak_rss_note": "separate fresh processes, shard_mb 8; 4x = four times the songs",
+    }
+    print(f"{'':32}{'tokens/s':>12}")
+    print(f"{'bare forward (no I/O)':32}{result['bare_forward_tokens_per_s']:>12.0f}")
+    print(f"{'extract stage (end to end)':32}{result['stage_tokens_per_s']:>12.0f}")
+    print(f"stage / bare = {result['ratio']:.3f} (goal >= 0.85)")
+    print(f"peak RSS: {rss_1x:.0f} MiB at {ns.songs} songs, {rss_4x:.0f} MiB at {4 * ns.songs} songs")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

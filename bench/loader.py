@@ -1,0 +1,282 @@
+"""Training-loader throughput: ``ActivationLoader`` vs the seed project's per-token Dataset.
+
+Builds a synthetic store (default 2,097,152 tokens x 512 dims, fp32, one hook point,
+shards of 262,144 tokens: about 4 GiB) with the netCDF store writer, and the same data
+as ``.npy`` shards (another 4 GiB), in a temporary folder that is deleted afterwards
+(``--dir`` chooses where; free space is checked first). Then it times shuffled batches
+of 4096 tokens:
+
+* ``ours``: :class:`music_interpret.loader.ActivationLoader` (block shuffling, contiguous
+  reads, background prefetch), one whole epoch; optionally also with ``unit_mean_norm``
+  normalisation applied on the fly (statistics from :func:`compute_stats`, timed too);
+* ``seed``: the older seed project's approach, a map-style ``torch.utils.data.Dataset``
+  returning ONE token per ``__getitem__`` from memory-mapped ``.npy`` shards, batched by
+  ``DataLoader(shuffle=True, batch_size=4096)`` (``num_workers=0``). It is slow, so only
+  ``--seed-batches`` batches are timed (after one warm-up batch) and tokens/s extrapolated.
+
+Both read from a warm page cache (the data were just written), so the comparison is of
+the loading path, not of the disk. Run: ``python -m bench loader [--quick]``; results go
+to ``bench/results/loader.json``. Exit status 1 when ours is less than 20x faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "loader.json"
+HOOK = "resid_post.0"
+MIN_SPEEDUP = 20.0  # issue requirement: ours vs the seed loader, shuffled fp32 batches
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, memory, OS, load and date."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1) if mem else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build(folder: Path, n_tokens: int, d_model: int, shard_tokens: int, seed: int) -> dict[str, Any]:
+    """Write the netCDF store and the .npy shards (same data: dim 0 = token index)."""
+    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore, NetCDFStoreConfig
+
+    store, npy = folder / "store", folder / "npy"
+    npy.mkdir(parents=True)
+    sizes = [min(shard_tokens, n_tokens - s) for s in range(0, n_tokens, shard_tokens)]
+    songs = [f"song{i}" for i in range(len(sizes))]
+    writer = NetCDFStore(NetCDFStoreConfig(shard_tokens=shard_tokens)).create(
+        store, hooks=[HOOK], d_model=d_model, songs=songs, sources=songs,
+        attrs={"fingerprint": "bench"}, resume=False)
+    rng = np.random.default_rng(seed)
+    t0, start = time.perf_counter(), 0
+    for k, n in enumerate(sizes):
+        acts = rng.standard_normal((n, 1, d_model), dtype=np.float32)
+        acts[:, 0, 0] = np.arange(start, start + n)
+        coords = {name: np.zeros(n, np.int64) for name in TOKEN_COORDS}
+        coords["song"][:] = k
+        coords["event_type"][:] = 3
+        writer.write_shard(acts, coords, k, k + 1)
+        np.save(npy / f"shard-{k:05d}.npy", acts[:, 0])
+        start += n
+        print(f"  wrote shard {k + 1}/{len(sizes)}", end="\r", flush=True)
+    writer.finish()
+    seconds = time.perf_counter() - t0
+    print(f"  wrote {n_tokens:,} tokens x {d_model} twice in {seconds:.1f}s" + " " * 10)
+    return {"store": store, "npy": sorted(npy.glob("*.npy")), "build_s": seconds}
+
+
+class SeedTokenDataset(Dataset):
+    """The seed project's approach: one token per ``__getitem__`` from memory-mapped .npy."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.arrays = [np.load(f, mmap_mode="r") for f in files]
+        self.starts = list(np.cumsum([0] + [len(a) for a in self.arrays[:-1]]))
+        self.n = sum(len(a) for a in self.arrays)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        k = bisect.bisect_right(self.starts, index) - 1
+        return torch.from_numpy(np.array(self.arrays[k][index - self.starts[k]]))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_seed(files: list[Path], batch: int, n_batches: int, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    loader = DataLoader(SeedTokenDataset(files), batch_size=batch, shuffle=True, num_workers=0)
+    it = iter(loader)
+    first = next(it)  # warm-up (sampler set-up, first page faults)
+    assert first.shape == (batch, first.shape[1])
+    t0 = time.perf_counter()
+    rows = sum(len(next(it)) for _ in range(n_batches))
+    seconds = time.perf_counter() - t0
+    return {"approach": "seed", "normalization": "none", "batches": n_batches, "tokens": rows,
+            "seconds": seconds, "tok_s": rows / seconds, "extrapolated": True}
+
+
+def time_ours(store: Path, batch: int, normalization: str, stats: Any, prefetch: int,
+              seed: int, block_tokens: int, buffer_blocks: int) -> dict[str, Any]:
+    from music_interpret.loader import ActivationLoader
+
+    loader = ActivationLoader(store, HOOK, batch, seed=seed, normalization=normalization,
+                              stats=stats, prefetch=prefetch, block_tokens=block_tokens,
+                              buffer_blocks=buffer_blocks)
+    seen = np.zeros(loader.n_tokens, bool)
+    t0 = time.perf_counter()
+    rows = 0
+    first_batch_s = None
+    for b in loader:
+        rows += len(b)
+        if first_batch_s is None:
+            first_batch_s = time.perf_counter() - t0
+        if normalization == "none":
+            seen[b[:, 0].numpy().astype(np.int64)] = True
+    seconds = time.perf_counter() - t0
+    if normalization == "none" and not seen.all():
+        raise SystemExit("ours: an epoch did not deliver every token")
+    return {"approach": "ours", "normalization": normalization, "batches": len(loader),
+            "tokens": rows, "seconds": seconds, "tok_s": rows / seconds,
+            "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": prefetch,
+            "block_tokens": block_tokens, "buffer_blocks": buffer_blocks}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the data, time both loaders, clean up; returns the results."""
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    need = 2 * args.tokens * args.d_model * 4 * 1.05 + 2**28
+    free = shutil.disk_usage(base).free
+    print(f"disk: {free / 2**30:.1f} GiB free in {base}, need {need / 2**30:.1f} GiB")
+    if free < need:
+        raise SystemExit(f"not enough free space in {base} (use --dir or --tokens)")
+    folder = Path(tempfile.mkdtemp(prefix="mi-bench-loader-", dir=base))
+    results: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "tokens": args.tokens,
+                               "d_model": args.d_model, "batch": args.batch,
+                               "data_gib": args.tokens * args.d_model * 4 / 2**30, "rows": []}
+    try:
+        data = build(folder, args.tokens, args.d_model, args.shard_tokens, args.seed)
+        results["build_s"] = data["build_s"]
+        rows = results["rows"]
+        kw = dict(prefetch=args.prefetch, seed=args.seed, block_tokens=args.block_tokens,
+                  buffer_blocks=args.buffer_blocks)
+        rows.append(time_ours(data["store"], args.batch, "none", None, **kw))
+        print(_fmt_row(rows[-1]), flush=True)
+        rows.append(time_seed(data["npy"], args.batch, args.seed_batches, args.seed))
+        print(_fmt_row(rows[-1]), flush=True)
+        if not args.skip_normalized:
+            from music_interpret.preprocess import compute_stats
+
+            t0 = time.perf_counter()
+            stats = compute_stats(data["store"], scratch_dir=folder)
+            results["compute_stats_s"] = time.perf_counter() - t0
+            results["compute_stats_tok_s"] = args.tokens / results["compute_stats_s"]
+            print(f"compute_stats: {results['compute_stats_s']:.1f}s "
+                  f"({results['compute_stats_tok_s']:,.0f} tok/s)", flush=True)
+            rows.append(time_ours(data["store"], args.batch, "unit_mean_norm", stats, **kw))
+            print(_fmt_row(rows[-1]), flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    seed_tok_s = next(r["tok_s"] for r in results["rows"] if r["approach"] == "seed")
+    for r in results["rows"]:
+        r["speedup_vs_seed"] = r["tok_s"] / seed_tok_s
+    plain = results["rows"][0]["speedup_vs_seed"]
+    results["failures"] = ([] if plain >= MIN_SPEEDUP else
+                           [f"ours is {plain:.1f}x faster than the seed loader, goal {MIN_SPEEDUP:.0f}x"])
+    return results
+
+
+HEADER = ("| loader | normalization | batches timed | tokens/s | speedup vs seed |\n"
+          "|---|---|---:|---:|---:|")
+
+
+def _fmt_row(r: dict[str, Any]) -> str:
+    name = "ActivationLoader (ours)" if r["approach"] == "ours" else "seed Dataset + DataLoader"
+    timed = f"{r['batches']}" + (" (extrapolated)" if r["extrapolated"] else " (1 epoch)")
+    speed = f"{r['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in r else "-"
+    return f"| {name} | {r['normalization']} | {timed} | {r['tok_s']:,.0f} | {speed} |"
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown table of the rows, with the machine line."""
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, "
+        f"{results['threads']} torch threads, torch {results['torch']}, {m['date']}",
+        f"Data: {results['tokens']:,} tokens x {results['d_model']} fp32 "
+        f"({results['data_gib']:.1f} GiB), batches of {results['batch']}, shuffled, warm page cache",
+        "",
+        HEADER,
+    ]
+    lines += [_fmt_row(r) for r in results["rows"]]
+    if "compute_stats_s" in results:
+        lines.append(f"\ncompute_stats (preprocess statistics, 1 hook): "
+                     f"{results['compute_stats_s']:.1f}s, {results['compute_stats_tok_s']:,.0f} tok/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line options."""
+    p = argparse.ArgumentParser(prog="python -m bench loader", description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=2_097_152)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--shard-tokens", type=int, default=262_144)
+    p.add_argument("--block-tokens", type=int, default=65_536)
+    p.add_argument("--buffer-blocks", type=int, default=4)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--seed-batches", type=int, default=8, help="timed batches of the seed loader")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--dir", help="where the temporary data go (default: the system temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data")
+    p.add_argument("--skip-normalized", action="store_true", help="skip the unit_mean_norm row")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 262,144 tokens, 2 seed batches, no result file")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.seed_batches, args.shard_tokens = 262_144, 2, 65_536
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 when below the speed-up goal)."""
+    args = parse_args(argv)
+    results = run(args)
+    print()
+    print(table(results))
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    for failure in results["failures"]:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
