@@ -128,12 +128,26 @@ def test_ctrl_c_publishes_nothing(tmp_path, pipeline, site):
     assert manifest["stages"]["count"]["status"] == "interrupted"
 
 
-def test_unavailable_stage_is_said_clearly(tmp_path, site):
-    path = tmp_path / "p.yaml"
-    path.write_text("stages: [count, extract]\n")
-    result = run_cli("run", str(path), site=site)
-    assert result.returncode == 2
-    assert "stage 'extract' is not available in this installation" in result.stderr
+def test_unavailable_stage_is_said_clearly(tmp_path):
+    """A standard stage no installed plugin provides: validate and run both say so, nothing runs."""
+    from music_interpret.config import parse_pipeline
+    from music_interpret.engine import Engine
+    from music_interpret.errors import ConfigError, StageUnavailable
+    from music_interpret.plugins import PluginRegistry
+
+    registry = PluginRegistry()
+    registry._classes.pop(("stage", "extract"))  # as if no plugin provided it
+    raw = {"output_dir": str(tmp_path / "reports"), "stages": ["note_stats", "extract"],
+           "data": {"path": str(tmp_path)}}
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline(raw, registry, tmp_path)
+    assert info.value.problems == [
+        "stages[1]: stage 'extract' is not available in this installation: no installed plugin "
+        "provides it (`python -m music_interpret plugins` lists what is installed)"]
+    pipeline = parse_pipeline({**raw, "stages": ["note_stats"]}, registry, tmp_path)
+    pipeline.header.stages.append("extract")
+    with pytest.raises(StageUnavailable, match="stage 'extract' is not available"):
+        Engine(pipeline, registry).run()
     assert not (tmp_path / "reports").exists()
 
 
