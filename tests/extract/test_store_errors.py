@@ -81,3 +81,20 @@ def test_incomplete_store(copy):
 def test_hook_not_extracted(store):
     with pytest.raises(UserError, match=r"hook point 'resid_post.1' was not extracted \(extracted: resid_post.0\)"):
         mi.open_activations(store, hooks=["resid_post.1"])
+
+
+def test_d_model_disagrees(copy, tmp_path):
+    import numpy as np
+
+    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore
+
+    manifest = json.loads((copy / "store.json").read_text())
+    writer = NetCDFStore().create(tmp_path / "narrow", hooks=manifest["hooks"], d_model=8,
+                                  songs=manifest["songs"], sources=manifest["song_sources"], attrs={})
+    n = manifest["shards"][0]["tokens"]
+    shard = writer.write_shard(np.zeros((n, 1, 8), np.float32),
+                               {k: np.zeros(n, np.int64) for k in TOKEN_COORDS}, 0, 1)
+    with netCDF4.Dataset(shard, "a") as nc:
+        nc.setncattr("store_id", manifest["store_id"])
+    shutil.copy(shard, copy / "shard-00000.nc")
+    expect(copy, r"shard-00000.nc: d_model 8 disagrees with the store's 64")
