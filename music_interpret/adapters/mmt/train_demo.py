@@ -106,10 +106,13 @@ def train_args(ns: argparse.Namespace, dataset: NoteDataset) -> dict[str, Any]:
         except ValueError:
             return str(p)
 
-    root = dataset.root
+    def names(split: str) -> str:
+        found = [d / f"{split}-names.txt" for d in (dataset.notes_dir, dataset.root)]
+        return rel(next((f for f in found if f.exists()), found[-1]))
+
     return {
         "dataset": dataset.notes_dir.parent.name.removesuffix("_notes") or "demo",
-        "train_names": rel(root / "train-names.txt"), "valid_names": rel(root / "valid-names.txt"),
+        "train_names": names("train"), "valid_names": names("valid"),
         "in_dir": rel(dataset.notes_dir), "out_dir": rel(ns.out), "batch_size": ns.batch_size,
         "use_csv": False, "aug": ns.aug, "max_seq_len": ns.max_seq_len, "max_beat": ns.max_beat,
         "dim": ns.dim, "layers": ns.layers, "heads": ns.heads, "dropout": ns.dropout,

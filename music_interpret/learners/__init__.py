@@ -1,0 +1,1 @@
+"""Dictionary learners (sparse autoencoders): models, training loop, metrics and file formats."""

@@ -1,0 +1,131 @@
+"""``relu_l1``: the ReLU sparse autoencoder with an L1 penalty.
+
+Preset ``default`` (current practice, after Anthropic's 2024 updates): decoder rows
+initialised as random directions of norm 0.1 with the encoder tied to them,
+``b_dec`` at the geometric median of a sample, inputs scaled so their mean L2 norm
+is sqrt(d_in) (folded back into the saved weights), loss = squared error summed
+over dimensions + ``l1_coeff`` * sum_i f_i ||W_dec[i]||, ``l1_coeff`` warmed up
+linearly over the first 5% of steps, lr decayed linearly over the last 20%, gradient
+norm clipped at 1.
+
+Preset ``seed`` (the seed project's plain recipe): encoder N(0, 0.01), encoder bias
+-1, ``b_dec`` zero and not subtracted from the input, no input scaling, loss =
+mean squared error + ``l1_coeff`` * sum_i |f_i| (mean over tokens), decoder rows
+renormalised to unit norm after each step, no warm-ups, constant lr, no clipping.
+
+Every recipe option left out (``None``) takes the preset's value; options given
+explicitly override the preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "lr": 5e-5, "l1_coeff": 5.0, "b_dec_init": "geometric_median", "input_scaling": "sample",
+        "decoder_norm": "weighted", "remove_parallel_grad": True, "apply_b_dec_to_input": True,
+        "init": "tied", "enc_bias_init": 0.0, "l1_warmup_fraction": 0.05, "lr_warmup_steps": 0,
+        "lr_decay": "linear", "grad_clip": 1.0, "loss_mse": "sum",
+    },
+    "seed": {
+        "lr": 1e-3, "l1_coeff": 1e-3, "b_dec_init": "zeros", "input_scaling": "none",
+        "decoder_norm": "unit", "remove_parallel_grad": False, "apply_b_dec_to_input": False,
+        "init": "normal", "enc_bias_init": -1.0, "l1_warmup_fraction": 0.0, "lr_warmup_steps": 0,
+        "lr_decay": "constant", "grad_clip": 0.0, "loss_mse": "mean",
+    },
+}
+
+
+@dataclass
+class ReluL1Config(RecipeConfig):
+    """Options of ``relu_l1`` (``None``: the preset's value)."""
+
+    preset: Literal["default", "seed"] = "default"
+    l1_coeff: float | None = None
+    l1_warmup_steps: int | None = None
+    l1_warmup_fraction: float | None = None
+    decoder_norm: Literal["weighted", "unit"] | None = None
+    remove_parallel_grad: bool | None = None
+    apply_b_dec_to_input: bool | None = None
+    init: Literal["tied", "normal"] | None = None
+    dec_init_norm: float = 0.1
+    enc_bias_init: float | None = None
+    loss_mse: Literal["sum", "mean"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: {self.preset!r} is not a preset ({', '.join(PRESETS)})")
+        self._check_common()
+        self.fill(PRESETS[self.preset])
+        if self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
+        if self.l1_warmup_steps is not None and self.l1_warmup_steps < 0:
+            raise ValueError(f"l1_warmup_steps must be >= 0, got {self.l1_warmup_steps}")
+        if not 0 <= self.l1_warmup_fraction <= 1:
+            raise ValueError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction}")
+        if not self.dec_init_norm > 0:
+            raise ValueError(f"dec_init_norm must be positive, got {self.dec_init_norm}")
+
+
+class ReluL1Learner(Learner):
+    """ReLU sparse autoencoder trained with an (optionally decoder-norm-weighted) L1 penalty."""
+
+    name = "relu_l1"
+    description = "ReLU sparse autoencoder with an L1 penalty (presets: default = current practice, seed)."
+    Config = ReluL1Config
+    architecture = "standard"
+
+    def build(self, d_in: int, generator: torch.Generator) -> Dictionary:
+        c: ReluL1Config = self.config
+        model = Dictionary(d_in, c.size(d_in), apply_b_dec_to_input=c.apply_b_dec_to_input)
+        if c.init == "tied":
+            tied_init(model, generator, c.dec_init_norm)
+        else:
+            with torch.no_grad():
+                model.W_enc.copy_(torch.randn(model.W_enc.shape, generator=generator) * 0.01)
+                model.W_dec.copy_(torch.randn(model.W_dec.shape, generator=generator))
+        with torch.no_grad():
+            model.b_enc.fill_(c.enc_bias_init)
+        if c.decoder_norm == "unit":
+            model.normalize_decoder()
+        return model
+
+    def l1_warmup(self, total: int) -> int:
+        c: ReluL1Config = self.config
+        if c.l1_warmup_steps is not None:
+            return c.l1_warmup_steps
+        return int(round(c.l1_warmup_fraction * total))
+
+    def l1_coeff_at(self, step: int, total: int) -> float:
+        warmup = self.l1_warmup(total)
+        factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return self.config.l1_coeff * factor
+
+    def loss(self, model: Dictionary, x: torch.Tensor, step: int, total: int,
+             dead: torch.Tensor) -> dict[str, torch.Tensor]:
+        c: ReluL1Config = self.config
+        _, f, recon = model.run(x)
+        err = (recon.float() - x.float()).pow(2)
+        mse = err.mean()
+        recon_loss = err.sum(-1).mean() if c.loss_mse == "sum" else mse
+        if c.decoder_norm == "weighted":
+            l1 = (f.float() * model.W_dec.norm(dim=1)).sum(-1).mean()
+        else:
+            l1 = f.float().abs().sum(-1).mean()
+        loss = recon_loss + self.l1_coeff_at(step, total) * l1
+        return {"loss": loss, "mse": mse, "l1": l1, "aux": torch.zeros_like(mse), "codes": f,
+                "recon": recon}
+
+    def before_step(self, model: Dictionary) -> None:
+        if self.config.decoder_norm == "unit" and self.config.remove_parallel_grad:
+            model.remove_parallel_grad()
+
+    def after_step(self, model: Dictionary) -> None:
+        if self.config.decoder_norm == "unit":
+            model.normalize_decoder()

@@ -1,0 +1,273 @@
+"""One training loop for every learner: streaming batches, logging, evaluation, checkpoints.
+
+* Batches come from an endless :class:`~music_interpret.loader.ActivationLoader` (already
+  normalised as configured) and are multiplied by the learner's input scale.
+* Metrics are accumulated on the device and read back only every ``log_every`` steps
+  (no per-step ``.item()``); TensorBoard tags: ``train/{loss,mse,fvu,l0,l1,aux}``,
+  ``sparsity/{dead_fraction,dense_fraction,log10_density}``, ``opt/{lr,l1_coeff,grad_norm}``,
+  ``eval/*``, and ``add_hparams`` at the end.
+* A checkpoint (weights, optimiser, RNG states, loader position, firing tracker, step)
+  is written every ``checkpoint_every`` steps to a temporary name and renamed. Running
+  again with the same checkpoint path continues from it; on CPU with a fixed seed the
+  final weights equal those of an uninterrupted run.
+* A non-finite loss is noticed at the next log or checkpoint step (the first bad step
+  is recorded on the device); training stops with a :class:`UserError` naming that
+  step. Checkpoints are only written after checking the loss, so the one on disk is
+  the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from . import metrics as M
+from .dictionary import Dictionary, Learner
+
+SCALARS = ("loss", "mse", "fvu", "l0", "l1", "aux", "grad_norm")
+
+
+@dataclass
+class TrainSettings:
+    """How long and how observably to train (the learner's config holds the recipe)."""
+
+    steps: int
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    eval_every: int | None = None
+    dead_window_tokens: int = 1_000_000
+    dense_threshold: float = 0.1
+    device: str = "cpu"
+    seed: int = 0
+    name: str = ""  # shown in messages (the hook point)
+
+
+@dataclass
+class TrainResult:
+    """The trained dictionary in training space, and how to get back to raw space."""
+
+    model: Dictionary
+    input_scale: float
+    steps: int
+    tokens: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains ``learner`` on ``loader`` (endless, with ``state_dict``) under ``settings``.
+
+    ``init_sample()`` returns normalised training tokens for the input scale and the
+    ``b_dec`` initialisation; ``eval_batches()`` yields normalised held-out batches;
+    ``norm_scale`` is the loader normaliser's per-dimension scale (for the raw-space FVU);
+    ``stats_scale`` the input scale the preprocess statistics imply.
+    """
+
+    def __init__(self, learner: Learner, loader: Any, settings: TrainSettings, *,
+                 checkpoint: Path, tb_dir: Path | None, init_sample: Callable[[], torch.Tensor],
+                 eval_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+                 norm_scale: torch.Tensor | None = None, stats_scale: float | None = None,
+                 progress: Callable[..., Any] | None = None) -> None:
+        self.learner, self.loader, self.s = learner, loader, settings
+        self.checkpoint, self.tb_dir = Path(checkpoint), tb_dir
+        self.init_sample, self.eval_batches = init_sample, eval_batches
+        self.norm_scale, self.stats_scale, self.progress = norm_scale, stats_scale, progress
+        self.device = torch.device(settings.device)
+        self.last_checkpoint_step = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _input_scale(self, sample: torch.Tensor) -> float:
+        how, d = self.learner.config.input_scaling, sample.shape[1]
+        if how == "none":
+            return 1.0
+        if how == "stats" and self.stats_scale is not None:
+            return float(self.stats_scale)
+        mean_norm = float(sample.double().norm(dim=1).mean())
+        return math.sqrt(d) / mean_norm if mean_norm > 0 else 1.0
+
+    def _fresh(self, model: Dictionary) -> float:
+        sample = self.init_sample().to(self.device).float()
+        scale = self._input_scale(sample)
+        self.learner.init_b_dec(model, sample * scale)
+        return scale
+
+    def _save(self, step: int, model: Dictionary, opt: torch.optim.Optimizer, scale: float,
+              tracker: M.FiringTracker) -> None:
+        state = {
+            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "input_scale": scale, "since_fired": tracker.since_fired,
+            "loader": dict(self.loader.state_dict()), "learner": self.learner.name,
+            "learner_config": repr(self.learner.config), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.checkpoint)
+        self.last_checkpoint_step = step
+
+    def _load(self) -> dict[str, Any] | None:
+        if not self.checkpoint.exists():
+            return None
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        if state.get("learner") != self.learner.name or state.get("learner_config") != repr(self.learner.config):
+            return None  # another recipe: start afresh
+        return state
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        s, learner, cfg = self.s, self.learner, self.learner.config
+        torch.manual_seed(s.seed)
+        model = learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        tracker = M.FiringTracker(model.d_sae, self.device)
+        state = self._load()
+        if state is None:
+            start, scale = 0, self._fresh(model)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            tracker.since_fired.copy_(state["since_fired"])
+            self.loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng_cpu"].cpu())
+            if state["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([t.cpu() for t in state["rng_cuda"]])
+            start, scale = int(state["step"]), float(state["input_scale"])
+            self.last_checkpoint_step = start
+            print(f"train {s.name}: resuming from the checkpoint at step {start}/{s.steps}",
+                  file=sys.stderr, flush=True)
+        writer = self._writer(start)
+        compiled = bool(cfg.compile and self.device.type == "cuda")
+        if compiled:
+            model.run = torch.compile(model.run)  # type: ignore[method-assign]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=bool(cfg.bf16 and self.device.type == "cuda"))
+        dead_window = getattr(cfg, "dead_tokens", s.dead_window_tokens)
+        clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
+        acc = torch.zeros(len(SCALARS), device=self.device)
+        bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        n_acc, tokens = 0, 0
+        bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
+        batches = iter(self.loader)
+        try:
+            for step in range(start, s.steps):
+                x = next(batches).to(self.device, non_blocking=True).float() * scale
+                for group in opt.param_groups:
+                    group["lr"] = learner.lr_at(step, s.steps)
+                with autocast:
+                    out = learner.loss(model, x, step, s.steps, tracker.dead(dead_window))
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                learner.before_step(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                learner.after_step(model)
+                with torch.no_grad():
+                    codes = out["codes"].detach()
+                    tracker.update(codes)
+                    acc += torch.stack([out["loss"].detach().float(), out["mse"].detach(),
+                                        M.fvu(x, out["recon"].detach()), M.l0(codes),
+                                        out["l1"].detach(), out["aux"].detach().float(),
+                                        grad_norm.float()])
+                    bad = torch.where((bad < 0) & ~torch.isfinite(out["loss"].detach()),
+                                      torch.full_like(bad, step + 1), bad)
+                n_acc, tokens, done = n_acc + 1, tokens + x.shape[0], step + 1
+                if bar is not None:
+                    bar.update(1)
+                if done % s.log_every == 0 or done == s.steps:
+                    values = (acc / n_acc).tolist()
+                    self._check(bad)
+                    self._log(writer, done, values, tracker, dead_window, step)
+                    if bar is not None:
+                        bar.set_postfix(mse=f"{values[1]:.4g}", l0=f"{values[3]:.1f}")
+                    acc.zero_()
+                    n_acc = 0
+                if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                    self._eval(model, scale, writer, done)
+                if done % s.checkpoint_every == 0 and done < s.steps:
+                    self._check(bad)
+                    self._save(done, model, opt, scale, tracker)
+            self._check(bad)
+        finally:
+            if bar is not None:
+                bar.close()
+            close = getattr(self.loader, "close", None)
+            if close is not None:
+                close()
+        if compiled:
+            del model.run  # back to the plain method
+        metrics = self._eval(model, scale, writer, s.steps) if self.eval_batches else {}
+        if writer is not None:
+            self._hparams(writer, metrics)
+            writer.close()
+        return TrainResult(model, scale, s.steps, tokens, metrics)
+
+    def _check(self, bad: torch.Tensor) -> None:
+        first = int(bad)
+        if first >= 0:
+            where = (f"last good checkpoint: step {self.last_checkpoint_step} ({self.checkpoint})"
+                     if self.last_checkpoint_step else "no checkpoint was written before it")
+            raise UserError(f"training {self.s.name or 'dictionary'}: the loss is NaN/Inf at step "
+                            f"{first}; {where}; lower the learning rate or check the activations")
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _writer(self, start: int) -> Any:
+        if self.tb_dir is None:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.tb_dir), purge_step=start if start else None)
+
+    def _log(self, writer: Any, done: int, values: list[float], tracker: M.FiringTracker,
+             dead_window: int, step: int) -> None:
+        dens = tracker.reset_counts()
+        if writer is None:
+            return
+        for name, value in zip(SCALARS, values, strict=True):
+            tag = f"opt/{name}" if name == "grad_norm" else f"train/{name}"
+            writer.add_scalar(tag, value, done)
+        writer.add_scalar("sparsity/dead_fraction", float(tracker.dead(dead_window).float().mean()), done)
+        writer.add_scalar("sparsity/dense_fraction", float(M.dense_fraction(dens, self.s.dense_threshold)), done)
+        writer.add_histogram("sparsity/log10_density", M.log10_density(dens).cpu(), done)
+        writer.add_scalar("opt/lr", self.learner.lr_at(step, self.s.steps), done)
+        writer.add_scalar("opt/l1_coeff", self.learner.l1_coeff_at(step, self.s.steps), done)
+
+    @torch.no_grad()
+    def _eval(self, model: Dictionary, scale: float, writer: Any, done: int) -> dict[str, Any]:
+        if self.eval_batches is None:
+            return {}
+        acc = M.EvalAccumulator(model.d_in, model.d_sae, self.device)
+        raw = (self.norm_scale.to(self.device, torch.float64) * scale
+               if self.norm_scale is not None else None)
+        for x in self.eval_batches():
+            x = x.to(self.device).float() * scale
+            _, f, recon = model.run(x)
+            acc.update(x, recon, f, raw)
+        if acc.n == 0:
+            return {}
+        result = acc.result(self.s.dense_threshold)
+        if writer is not None:
+            for key in ("fvu", "fvu_raw", "mse", "l0", "l1", "dead_fraction", "dense_fraction"):
+                if isinstance(result.get(key), float):
+                    writer.add_scalar(f"eval/{key}", result[key], done)
+        return {"step": done, **result}
+
+    def _hparams(self, writer: Any, metrics: dict[str, Any]) -> None:
+        hp: dict[str, Any] = {"learner": self.learner.name, "steps": self.s.steps}
+        for key, value in vars(self.learner.config).items():
+            hp[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        final = {f"hparam/{k}": v for k, v in metrics.items()
+                 if k in ("fvu", "l0", "dead_fraction", "dense_fraction") and isinstance(v, float)}
+        writer.add_hparams(hp, final or {"hparam/steps": float(self.s.steps)}, run_name=".")

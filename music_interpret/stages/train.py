@@ -1,0 +1,294 @@
+"""The ``train`` stage: one sparse dictionary per hook point of an activation store.
+
+Reads the store written by ``extract`` (or ``train.store``), normalised on the fly as
+the ``preprocess`` stage describes (``normalization: auto``: the mode in
+``<store>/stats/normalization.json`` when present, else none). Songs are split by a
+seeded hash of their names (:mod:`music_interpret.learners.holdout`): the held-out
+songs (``holdout_fraction``, default 10%) are never trained on and give the final
+evaluation. Output (published as ``reports/<run>/train/``)::
+
+    dictionaries/<hook>/weights.safetensors, config.json, metrics.json
+    tensorboard/<hook>/events.out.tfevents.*
+
+Checkpoints live in ``checkpoints/<hook>/`` while a hook trains; after a crash the
+engine hands the partial folder back and training continues from them. A hook whose
+``config.json`` exists is complete and is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import PluginRef
+from ..errors import UserError
+from ..interfaces import Stage
+
+NORMALIZATION_FILE = "normalization.json"
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``train`` (the recipe itself is the learner's config)."""
+
+    learner: PluginRef = field(default="relu_l1", metadata={"plugin": "dictionary_learner"})  # type: ignore[assignment]
+    store: Path | None = field(default=None, metadata={"input": True})
+    hooks: list[str] = field(default_factory=list)
+    normalization: Literal["auto", "none", "standardize", "unit_mean_norm"] = "auto"
+    stats: Path | None = field(default=None, metadata={"input": True})
+    steps: int | None = None
+    max_tokens: int | None = None
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    eval_every: int | None = None
+    eval_tokens: int = 1_000_000
+    holdout_fraction: float = 0.1
+    filters: dict[str, Any] = field(default_factory=dict)
+    dead_window_tokens: int = 1_000_000
+    dense_threshold: float = 0.1
+    block_tokens: int = 65_536
+    buffer_blocks: int = 4
+    device: str | None = None
+    keep_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "max_tokens", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("log_every", "checkpoint_every", "eval_tokens", "dead_window_tokens",
+                     "block_tokens", "buffer_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not 0 < self.dense_threshold <= 1:
+            raise ValueError(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
+
+
+class TrainStage(Stage):
+    """Train one sparse dictionary per hook point on the stored activations."""
+
+    name = "train"
+    description = "Train one sparse dictionary (relu_l1, topk, ...) per hook point on the activation store."
+    Config = TrainConfig
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def _store(self, ctx: Any) -> Path:
+        if self.config.store is not None:
+            return Path(self.config.store)
+        if "extract" in ctx.upstream:
+            return ctx.output_of("extract")
+        raise UserError("train.store: no activation store (set train.store, or run the extract "
+                        "stage in this pipeline)")
+
+    def _stats_dir(self, store: Path) -> Path:
+        stats = self.config.stats
+        if stats is None:
+            return store / "stats"
+        return stats if stats.is_dir() else stats.parent
+
+    def inputs(self, ctx: Any) -> list[Path]:
+        store = self.config.store or ctx.upstream.get("extract")
+        if store is None:
+            return []
+        store = Path(store)
+        files = [store / "store.json"]
+        if self.config.normalization != "none" or self.config.stats is not None:
+            stats_dir = self._stats_dir(store)
+            files += [stats_dir / "stats.nc", stats_dir / NORMALIZATION_FILE]
+        return files
+
+    def _mode(self, stats_dir: Path) -> str:
+        mode = self.config.normalization
+        if mode != "auto":
+            return mode
+        try:
+            return str(json.loads((stats_dir / NORMALIZATION_FILE).read_text())["mode"])
+        except FileNotFoundError:
+            return "none"
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"{stats_dir / NORMALIZATION_FILE}: unreadable normalisation file") from None
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self, ctx: Any) -> dict[str, Any]:
+        import torch
+
+        from ..stores.netcdf import check_store
+
+        cfg: TrainConfig = self.config
+        store = self._store(ctx)
+        info = check_store(store)
+        hooks = list(cfg.hooks) or info.hooks
+        unknown = [h for h in hooks if h not in info.hooks]
+        if unknown:
+            raise UserError(f"train.hooks: {', '.join(unknown)} not in the store {info.path} "
+                            f"(extracted: {', '.join(info.hooks)})")
+        device = cfg.device or ctx.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"train.device: {device!r} requested but CUDA is not available")
+        learner = cfg.learner.build(ctx.registry)
+        seed = learner.config.seed if learner.config.seed is not None else ctx.seed
+        summary: dict[str, Any] = {"store": str(info.path), "learner": learner.name, "hooks": {}}
+        for hook in hooks:
+            summary["hooks"][hook] = self._train_hook(ctx, info, hook, learner, device, seed)
+        return summary
+
+    def _train_hook(self, ctx: Any, info: Any, hook: str, learner: Any, device: str,
+                    seed: int) -> dict[str, Any]:
+        from ..learners.io import CONFIG, METRICS, save_dictionary
+
+        out_dir = ctx.work_dir / "dictionaries" / hook
+        if (out_dir / CONFIG).exists():  # finished before an interruption
+            return _summary(json.loads((out_dir / METRICS).read_text()))
+        job = _HookJob(self.config, info, hook, learner, device, seed, self._stats_dir(info.path))
+        job.mode = self._mode(job.stats_dir)
+        ckpt = ctx.work_dir / "checkpoints" / hook / "checkpoint.pt"
+        result = job.train(ckpt, ctx.work_dir / "tensorboard" / hook,
+                           lambda **kw: ctx.progress(desc=f"train {hook}", **kw))
+        raw = result.model.folded(job.shift, job.scale * result.input_scale)
+        config = job.describe(result, ctx)
+        metrics = {"holdout": result.metrics, "steps": result.steps, "tokens": result.tokens}
+        save_dictionary(out_dir, raw, config, metrics)
+        if not self.config.keep_checkpoints:
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
+        return _summary(metrics)
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    held = metrics.get("holdout") or {}
+    return {"steps": metrics.get("steps"), **{k: held[k] for k in ("fvu", "l0", "dead_fraction")
+                                              if k in held}}
+
+
+class _HookJob:
+    """Loaders, normalisation and trainer for one hook point."""
+
+    def __init__(self, cfg: TrainConfig, info: Any, hook: str, learner: Any, device: str,
+                 seed: int, stats_dir: Path) -> None:
+        self.cfg, self.info, self.hook, self.learner = cfg, info, hook, learner
+        self.device, self.seed, self.stats_dir = device, seed, stats_dir
+        self.mode = "none"
+        from ..learners.holdout import holdout_songs
+
+        held = set(holdout_songs(info.songs, cfg.holdout_fraction, seed))
+        wanted = cfg.filters.get("song")
+        wanted = None if wanted is None else set([wanted] if isinstance(wanted, int) else wanted)
+        keep = [i for i in range(len(info.songs)) if wanted is None or i in wanted]
+        self.train_songs = [i for i in keep if i not in held]
+        self.held_songs = [i for i in keep if i in held]
+        if not self.train_songs:
+            raise UserError(f"train: no training songs left in {info.path} after the hold-out split "
+                            f"and filters")
+
+    def loader(self, songs: list[int], batch_size: int, **kw: Any) -> Any:
+        from ..loader import ActivationLoader
+
+        stats = self.stats_dir / "stats.nc" if self.mode != "none" else None
+        return ActivationLoader(self.info.path, self.hook, batch_size, normalization=self.mode,
+                                stats=stats, filters={**self.cfg.filters, "song": songs},
+                                block_tokens=self.cfg.block_tokens, buffer_blocks=self.cfg.buffer_blocks,
+                                **kw)
+
+    def _stats_scale(self) -> float | None:
+        """Input scale implied by the statistics (for ``input_scaling: stats``)."""
+        if self.mode in ("unit_mean_norm", "standardize"):
+            return 1.0  # both give E||x||^2 ~ d_model already
+        try:
+            from ..preprocess import load_stats
+
+            stats = load_stats(self.stats_dir / "stats.nc")
+            mean_norm = float(stats["mean_norm"].sel(hook=self.hook))
+        except (UserError, KeyError):
+            return None
+        return math.sqrt(self.info.d_model) / mean_norm if mean_norm > 0 else None
+
+    def train(self, ckpt: Path, tb_dir: Path, progress: Any) -> Any:
+        import torch
+
+        from ..learners.trainer import Trainer, TrainSettings
+
+        cfg, lc = self.cfg, self.learner.config
+        probe = self.loader(self.train_songs, lc.batch_size, prefetch=0)
+        self.n_train = probe.n_tokens
+        self.batch_size = min(lc.batch_size, probe.n_tokens)
+        norm = probe.normalizer
+        self.shift = torch.as_tensor(norm.shift, dtype=torch.float32)
+        self.scale = torch.as_tensor(norm.scale, dtype=torch.float32)
+        self.normalizer = norm.describe()
+        if cfg.steps is not None:
+            steps = cfg.steps
+        elif cfg.max_tokens is not None:
+            steps = math.ceil(cfg.max_tokens / self.batch_size)
+        else:
+            steps = max(1, self.n_train // self.batch_size)  # one epoch
+        loader = self.loader(self.train_songs, self.batch_size, seed=self.seed, drop_last=True,
+                             epochs=None, device=self.device)
+        settings = TrainSettings(steps=steps, log_every=cfg.log_every,
+                                 checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                                 dead_window_tokens=cfg.dead_window_tokens,
+                                 dense_threshold=cfg.dense_threshold, device=self.device,
+                                 seed=self.seed, name=self.hook)
+        trainer = Trainer(self.learner, loader, settings, checkpoint=ckpt, tb_dir=tb_dir,
+                          init_sample=self._sample, eval_batches=self._eval_batches,
+                          norm_scale=torch.as_tensor(norm.scale), stats_scale=self._stats_scale(),
+                          progress=progress)
+        return trainer.run()
+
+    def _sample(self) -> Any:
+        n = min(self.learner.config.init_sample_tokens, self.n_train)
+        loader = self.loader(self.train_songs, n, seed=self.seed + 1, prefetch=0)
+        return next(iter(loader))
+
+    def _eval_batches(self) -> Any:
+        if not self.held_songs:
+            return
+        try:
+            loader = self.loader(self.held_songs, 4096, shuffle=False, prefetch=1)
+        except UserError:  # the held-out songs have no selected tokens
+            return
+        seen = 0
+        try:
+            for x in loader:
+                yield x[: self.cfg.eval_tokens - seen]
+                seen += len(x)
+                if seen >= self.cfg.eval_tokens:
+                    break
+        finally:
+            loader.close()
+
+    def describe(self, result: Any, ctx: Any) -> dict[str, Any]:
+        """The ``config.json`` fields beyond the architecture."""
+        from .. import __version__
+        from ..engine import to_jsonable
+
+        m = self.info.manifest
+        attrs = m.get("attrs", {})
+        manifest_sha = hashlib.sha256((self.info.path / "store.json").read_bytes()).hexdigest()
+        model_cfg = attrs.get("model_config") or {}
+        return {
+            "hook_point": self.hook,
+            "learner": {"name": self.learner.name, "config": to_jsonable(self.learner.config)},
+            "normalization": {"loader": self.normalizer, "input_scale": result.input_scale,
+                              "folded": True, "stats_dir": str(self.stats_dir) if self.mode != "none" else None},
+            "training": {"steps": result.steps, "tokens": result.tokens, "batch_size": self.batch_size,
+                         "seed": self.seed, "device": self.device, "filters": to_jsonable(self.cfg.filters),
+                         "holdout_fraction": self.cfg.holdout_fraction,
+                         "holdout_songs": [self.info.songs[i] for i in self.held_songs],
+                         "train_songs": len(self.train_songs), "train_tokens": self.n_train,
+                         "stage_config": to_jsonable(self.cfg), "fingerprint": ctx.fingerprint},
+            "data": {"store_path": str(self.info.path), "store_id": m["store_id"],
+                     "store_manifest_sha256": manifest_sha, "n_tokens": self.info.n_tokens,
+                     "dataset": attrs.get("dataset"), "split": attrs.get("split"),
+                     "events": attrs.get("events")},
+            "model": {"name": "mmt", "sha256": attrs.get("model_sha256"), "source": attrs.get("source"),
+                      "context_size": model_cfg.get("max_seq_len") if isinstance(model_cfg, dict) else None},
+            "music_interpret_version": __version__,
+        }

@@ -1,0 +1,1 @@
+"""Tests of the dictionary learners, the trainer, their files and the train stage."""
