@@ -7,16 +7,21 @@ as ``.npy`` shards (another 4 GiB), in a temporary folder that is deleted afterw
 of 4096 tokens:
 
 * ``ours``: :class:`music_interpret.loader.ActivationLoader` (block shuffling, contiguous
-  reads, background prefetch), one whole epoch; optionally also with ``unit_mean_norm``
-  normalisation applied on the fly (statistics from :func:`compute_stats`, timed too);
+  reads, reading and batching in two background threads), ``--epochs`` whole epochs
+  timed separately: the first includes allocating the loader's read buffers, later ones
+  reuse them (the steady state a training run sees; the speed-up goal is checked on
+  it). Also with ``unit_mean_norm`` normalisation applied on the fly (statistics from
+  :func:`compute_stats`, whose time is reported too) unless ``--skip-normalized``;
 * ``seed``: the older seed project's approach, a map-style ``torch.utils.data.Dataset``
   returning ONE token per ``__getitem__`` from memory-mapped ``.npy`` shards, batched by
   ``DataLoader(shuffle=True, batch_size=4096)`` (``num_workers=0``). It is slow, so only
   ``--seed-batches`` batches are timed (after one warm-up batch) and tokens/s extrapolated.
 
 Both read from a warm page cache (the data were just written), so the comparison is of
-the loading path, not of the disk. Run: ``python -m bench loader [--quick]``; results go
-to ``bench/results/loader.json``. Exit status 1 when ours is less than 20x faster.
+the loading path, not of the disk. The table gives each row's CPU use (process CPU time
+/ wall time): on a shared machine, other processes' load shows there. Run:
+``python -m bench loader [--quick]``; results go to ``bench/results/loader.json``. Exit
+status 1 when ours (steady state) is less than 20x faster.
 """
 
 from __future__ import annotations
@@ -126,37 +131,43 @@ def time_seed(files: list[Path], batch: int, n_batches: int, seed: int) -> dict[
     it = iter(loader)
     first = next(it)  # warm-up (sampler set-up, first page faults)
     assert first.shape == (batch, first.shape[1])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = sum(len(next(it)) for _ in range(n_batches))
     seconds = time.perf_counter() - t0
     return {"approach": "seed", "normalization": "none", "batches": n_batches, "tokens": rows,
-            "seconds": seconds, "tok_s": rows / seconds, "extrapolated": True}
+            "seconds": seconds, "tok_s": rows / seconds, "extrapolated": True,
+            "cpu_percent": 100 * (time.process_time() - c0) / seconds}
 
 
-def time_ours(store: Path, batch: int, normalization: str, stats: Any, prefetch: int,
-              seed: int, block_tokens: int, buffer_blocks: int) -> dict[str, Any]:
+def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: int, prefetch: int,
+              seed: int, block_tokens: int, buffer_blocks: int) -> list[dict[str, Any]]:
+    """One row per epoch: the first allocates the read buffers, later ones reuse them."""
     from music_interpret.loader import ActivationLoader
 
     loader = ActivationLoader(store, HOOK, batch, seed=seed, normalization=normalization,
                               stats=stats, prefetch=prefetch, block_tokens=block_tokens,
                               buffer_blocks=buffer_blocks)
-    seen = np.zeros(loader.n_tokens, bool)
-    t0 = time.perf_counter()
-    rows = 0
-    first_batch_s = None
-    for b in loader:
-        rows += len(b)
-        if first_batch_s is None:
-            first_batch_s = time.perf_counter() - t0
-        if normalization == "none":
-            seen[b[:, 0].numpy().astype(np.int64)] = True
-    seconds = time.perf_counter() - t0
-    if normalization == "none" and not seen.all():
-        raise SystemExit("ours: an epoch did not deliver every token")
-    return {"approach": "ours", "normalization": normalization, "batches": len(loader),
-            "tokens": rows, "seconds": seconds, "tok_s": rows / seconds,
-            "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": prefetch,
-            "block_tokens": block_tokens, "buffer_blocks": buffer_blocks}
+    rows = []
+    for epoch in range(epochs):
+        seen = np.zeros(loader.n_tokens, bool)
+        t0, c0 = time.perf_counter(), time.process_time()
+        n, first_batch_s = 0, None
+        for b in loader:
+            n += len(b)
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - t0
+            if normalization == "none":
+                seen[b[:, 0].numpy().astype(np.int64)] = True
+        seconds = time.perf_counter() - t0
+        if normalization == "none" and not seen.all():
+            raise SystemExit("ours: an epoch did not deliver every token")
+        rows.append({"approach": "ours", "normalization": normalization, "epoch": epoch,
+                     "batches": len(loader), "tokens": n, "seconds": seconds, "tok_s": n / seconds,
+                     "cpu_percent": 100 * (time.process_time() - c0) / seconds,
+                     "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": prefetch,
+                     "block_tokens": block_tokens, "buffer_blocks": buffer_blocks})
+    loader.close()
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,12 +189,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = build(folder, args.tokens, args.d_model, args.shard_tokens, args.seed)
         results["build_s"] = data["build_s"]
         rows = results["rows"]
-        kw = dict(prefetch=args.prefetch, seed=args.seed, block_tokens=args.block_tokens,
-                  buffer_blocks=args.buffer_blocks)
-        rows.append(time_ours(data["store"], args.batch, "none", None, **kw))
-        print(_fmt_row(rows[-1]), flush=True)
+        kw = dict(epochs=args.epochs, prefetch=args.prefetch, seed=args.seed,
+                  block_tokens=args.block_tokens, buffer_blocks=args.buffer_blocks)
         rows.append(time_seed(data["npy"], args.batch, args.seed_batches, args.seed))
         print(_fmt_row(rows[-1]), flush=True)
+        for row in time_ours(data["store"], args.batch, "none", None, **kw):
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
         if not args.skip_normalized:
             from music_interpret.preprocess import compute_stats
 
@@ -193,8 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["compute_stats_tok_s"] = args.tokens / results["compute_stats_s"]
             print(f"compute_stats: {results['compute_stats_s']:.1f}s "
                   f"({results['compute_stats_tok_s']:,.0f} tok/s)", flush=True)
-            rows.append(time_ours(data["store"], args.batch, "unit_mean_norm", stats, **kw))
-            print(_fmt_row(rows[-1]), flush=True)
+            for row in time_ours(data["store"], args.batch, "unit_mean_norm", stats, **kw):
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
     finally:
         if args.keep:
             print(f"kept {folder}")
@@ -203,21 +216,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seed_tok_s = next(r["tok_s"] for r in results["rows"] if r["approach"] == "seed")
     for r in results["rows"]:
         r["speedup_vs_seed"] = r["tok_s"] / seed_tok_s
-    plain = results["rows"][0]["speedup_vs_seed"]
-    results["failures"] = ([] if plain >= MIN_SPEEDUP else
-                           [f"ours is {plain:.1f}x faster than the seed loader, goal {MIN_SPEEDUP:.0f}x"])
+    ours = [r for r in results["rows"] if r["approach"] == "ours" and r["normalization"] == "none"]
+    steady = ours[-1]  # the last epoch timed: read buffers already allocated
+    results["speedup"] = steady["speedup_vs_seed"]
+    results["speedup_first_epoch"] = ours[0]["speedup_vs_seed"]
+    results["failures"] = ([] if steady["speedup_vs_seed"] >= MIN_SPEEDUP else
+                           [f"ours is {steady['speedup_vs_seed']:.1f}x faster than the seed loader, "
+                            f"goal {MIN_SPEEDUP:.0f}x"])
     return results
 
 
-HEADER = ("| loader | normalization | batches timed | tokens/s | speedup vs seed |\n"
-          "|---|---|---:|---:|---:|")
+HEADER = ("| loader | normalization | batches timed | tokens/s | CPU % | speedup vs seed |\n"
+          "|---|---|---|---:|---:|---:|")
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
-    name = "ActivationLoader (ours)" if r["approach"] == "ours" else "seed Dataset + DataLoader"
-    timed = f"{r['batches']}" + (" (extrapolated)" if r["extrapolated"] else " (1 epoch)")
+    if r["approach"] == "ours":
+        name = "ActivationLoader (ours)"
+        timed = f"{r['batches']} (epoch {r['epoch'] + 1}{', allocates buffers' if r['epoch'] == 0 else ''})"
+    else:
+        name, timed = "seed Dataset + DataLoader", f"{r['batches']} (extrapolated)"
+    cpu = f"{r['cpu_percent']:.0f}"
     speed = f"{r['speedup_vs_seed']:.1f}x" if "speedup_vs_seed" in r else "-"
-    return f"| {name} | {r['normalization']} | {timed} | {r['tok_s']:,.0f} | {speed} |"
+    return f"| {name} | {r['normalization']} | {timed} | {r['tok_s']:,.0f} | {cpu} | {speed} |"
 
 
 def table(results: dict[str, Any]) -> str:
@@ -225,7 +246,8 @@ def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, "
-        f"{results['threads']} torch threads, torch {results['torch']}, {m['date']}",
+        f"{results['threads']} torch threads, torch {results['torch']}, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'] or [])}, {m['date']}",
         f"Data: {results['tokens']:,} tokens x {results['d_model']} fp32 "
         f"({results['data_gib']:.1f} GiB), batches of {results['batch']}, shuffled, warm page cache",
         "",
@@ -248,7 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-tokens", type=int, default=65_536)
     p.add_argument("--buffer-blocks", type=int, default=4)
     p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--seed-batches", type=int, default=8, help="timed batches of the seed loader")
+    p.add_argument("--seed-batches", type=int, default=16, help="timed batches of the seed loader")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs of ours (the first allocates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--dir", help="where the temporary data go (default: the system temp folder)")

@@ -150,10 +150,11 @@ class Converter:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     self.error(sub, "required key is missing")
                     ok = False
-                elif f.metadata.get("plugin") and isinstance(f.default, str):
-                    ref = self.plugin_ref(f.default, f.metadata["plugin"], sub)
-                    ok = ok and ref is not None
-                    values[name] = ref
+                elif f.metadata.get("plugin"):  # a default given by name(s) is resolved too
+                    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                    before = len(self.errors)
+                    values[name] = self.convert(default, hints[name], sub, f.metadata)
+                    ok = ok and len(self.errors) == before
                 elif isinstance(f.default, Path):
                     values[name] = self._path(f.default)
                     if f.metadata.get("input"):
@@ -177,10 +178,17 @@ class Converter:
     def convert(self, value: Any, tp: Any, where: str, meta: Any = None) -> Any:
         """Convert ``value`` to type ``tp``; on a problem record it and return None."""
         meta = meta or {}
-        if meta.get("plugin"):
-            return self.plugin_ref(value, meta["plugin"], where)
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
+        if meta.get("plugin"):
+            if origin is list:
+                if not isinstance(value, list):
+                    self.error(where, f"expected a list of plugins, got {_kind(value)}")
+                    return None
+                return [self.plugin_ref(v, meta["plugin"], f"{where}[{i}]") for i, v in enumerate(value)]
+            if value is None and type(None) in args:
+                return None
+            return self.plugin_ref(value, meta["plugin"], where)
         if tp is Any:
             return value
         if origin is typing.Annotated:

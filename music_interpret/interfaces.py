@@ -117,6 +117,14 @@ class Analyzer(Plugin, ABC):
 
     kind = "analyzer"
 
+    @abstractmethod
+    def analyze(self, ctx: Any) -> dict[str, Any]:
+        """Analyse ``ctx.dictionaries`` against ``ctx.store``; write only into ``ctx.out_dir``.
+
+        ``ctx`` is an :class:`music_interpret.analyzers.context.AnalysisContext`.
+        Returns a small summary for the run manifest.
+        """
+
 
 class Stage(Plugin, ABC):
     """One step of ``pipeline.yaml``; its ``Config`` is the YAML section of the same name.

@@ -8,5 +8,7 @@ from ..hookspecs import hookimpl
 @hookimpl
 def mi_stages() -> list[type]:
     from .extract import ExtractStage
+    from .preprocess import PreprocessStage
+    from .train import TrainStage
 
-    return [ExtractStage]
+    return [ExtractStage, PreprocessStage, TrainStage]

@@ -104,6 +104,13 @@ def test_seed_command_prints_the_store_and_skips_when_done(tmp_path, fix):
     assert (store / "store.json").exists() and (root / "reports" / "bach_tiny" / "manifest.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert "skipped" in second.stderr and second.stdout.strip() == str(store)
+    prep = subprocess.run([sys.executable, "-m", "music_interpret.preprocess", "bach", "tiny",
+                           "--layers", "0", "1", "--root", str(root)], capture_output=True, text=True)
+    assert prep.returncode == 0, prep.stderr
+    assert prep.stdout.strip() == str(store / "stats") and (store / "stats" / "stats.nc").exists()
+    bad = subprocess.run([sys.executable, "-m", "music_interpret.preprocess", "bach", "tiny",
+                          "--layers", "3", "--root", str(root)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "hook point 'resid_post.3' was not extracted" in bad.stderr
     missing = subprocess.run([*cmd[:4], "nomodel", "--root", str(root)], capture_output=True, text=True)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: model.path: no such file or directory: {root / 'models' / 'bach' / 'nomodel'}"

@@ -1,0 +1,248 @@
+"""The training loader: coverage, shuffling, filters, normalisation, resume, errors."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from music_interpret.errors import UserError
+from music_interpret.loader import ActivationLoader
+from music_interpret.preprocess import Normalizer, compute_stats, write_stats
+
+from . import HOOKS, make_store, synthetic
+
+D = 16
+SHARDS = (1500, 2200, 777)
+N = sum(SHARDS)
+SMALL = {"block_tokens": 300, "buffer_blocks": 3}  # many blocks and buffers on little data
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return synthetic(N, D, seed=3)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, data: np.ndarray) -> tuple[Path, dict]:
+    return make_store(tmp_path_factory.mktemp("ld") / "store", data, SHARDS)
+
+
+@pytest.fixture(scope="module")
+def stats_path(store: tuple[Path, dict]) -> Path:
+    return write_stats(compute_stats(store[0]), store[0] / "stats" / "stats.nc")
+
+
+def markers(batches: list[torch.Tensor]) -> np.ndarray:
+    """Token index of every delivered row (dimension 0 of the synthetic data)."""
+    return torch.cat(batches)[:, 0].numpy().astype(np.int64)
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ActivationLoader-prefetch"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_every_token_once_per_epoch(store: tuple[Path, dict], prefetch: int) -> None:
+    loader = ActivationLoader(store[0], HOOKS[1], 256, seed=1, prefetch=prefetch, **SMALL)
+    assert loader.n_tokens == N and loader.d_model == D and len(loader) == -(-N // 256)
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    assert all(b.shape == (256, D) and b.dtype == torch.float32 for b in batches[:-1])
+    assert batches[-1].shape == (N % 256, D)
+    seen = markers(batches)
+    assert np.array_equal(np.sort(seen), np.arange(N))
+    assert not np.array_equal(seen, np.arange(N))  # shuffled
+    # tokens of one batch come from several blocks, not one contiguous range
+    assert np.ptp(markers(batches[:1])) > 300
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
+
+
+def test_rows_are_the_stored_activations(store: tuple[Path, dict], data: np.ndarray) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 500, **SMALL)
+    rows = torch.cat(list(loader)).numpy()
+    np.testing.assert_array_equal(rows, data[rows[:, 0].astype(int), 0])
+
+
+def test_no_shuffle_is_store_order(store: tuple[Path, dict], data: np.ndarray) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 1000, shuffle=False, **SMALL)
+    np.testing.assert_array_equal(torch.cat(list(loader)).numpy(), data[:, 0])
+
+
+def test_seeds_and_epochs(store: tuple[Path, dict]) -> None:
+    def run(seed: int, **kw: object) -> list[np.ndarray]:
+        return [b[:, 0].numpy().copy() for b in ActivationLoader(store[0], HOOKS[0], 512, seed=seed,
+                                                                 **SMALL, **kw)]
+
+    a, b, c = run(7), run(7, prefetch=0), run(8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+    two = ActivationLoader(store[0], HOOKS[0], 512, seed=7, epochs=2, **SMALL)
+    both = [b[:, 0].numpy().copy() for b in two]
+    assert len(both) == 2 * len(two)
+    first, second = np.concatenate(both[: len(two)]), np.concatenate(both[len(two):])
+    assert np.array_equal(first, np.concatenate(a))
+    assert np.array_equal(np.sort(second), np.arange(N)) and not np.array_equal(first, second)
+    # iterating the same loader again continues with the next epoch
+    again = ActivationLoader(store[0], HOOKS[0], 512, seed=7, **SMALL)
+    list(again)
+    assert np.array_equal(np.concatenate([b[:, 0].numpy() for b in again]), second)
+
+
+def test_endless(store: tuple[Path, dict]) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 1000, epochs=None, **SMALL)
+    it = iter(loader)
+    got = [next(it) for _ in range(2 * len(loader) + 1)]
+    del it
+    assert len(got) == 2 * len(loader) + 1
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["position"] == 1
+
+
+def test_drop_last(store: tuple[Path, dict]) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 1000, drop_last=True, **SMALL)
+    batches = list(loader)
+    assert len(batches) == len(loader) == N // 1000
+    assert all(len(b) == 1000 for b in batches)
+    assert len(np.unique(markers(batches))) == 1000 * (N // 1000)
+    with pytest.raises(UserError, match="fewer than batch_size"):
+        ActivationLoader(store[0], HOOKS[0], N + 1, drop_last=True)
+
+
+@pytest.mark.parametrize(("filters", "select"), [
+    ({"event_type": 3}, lambda c: c["event_type"] == 3),
+    ({"event_type": "start-of-song"}, lambda c: c["event_type"] == 0),
+    ({"instrument": [2, 5]}, lambda c: np.isin(c["instrument"], [2, 5])),
+    ({"event_type": ["note", "instrument"], "instrument": 1},
+     lambda c: np.isin(c["event_type"], [3, 1]) & (c["instrument"] == 1)),
+])
+def test_filters(store: tuple[Path, dict], filters: dict, select) -> None:
+    expected = np.flatnonzero(select(store[1]))
+    loader = ActivationLoader(store[0], HOOKS[1], 128, filters=filters, **SMALL)
+    assert loader.n_tokens == len(expected) and len(loader) == -(-len(expected) // 128)
+    seen = markers(list(loader))
+    assert np.array_equal(np.sort(seen), expected)
+
+
+def test_normalisation_applied(store: tuple[Path, dict], stats_path: Path, data: np.ndarray) -> None:
+    for mode in ("standardize", "unit_mean_norm"):
+        loader = ActivationLoader(store[0], HOOKS[1], 700, shuffle=False, normalization=mode,
+                                  stats=stats_path.parent, **SMALL)
+        got = torch.cat(list(loader)).numpy()
+        norm = Normalizer.from_stats(stats_path, HOOKS[1], mode)
+        np.testing.assert_array_equal(got, norm.apply(data[:, 1]))
+        assert loader.normalizer.mode == mode
+    y = got.astype(np.float64)
+    assert abs(np.linalg.norm(y, axis=1).mean() - np.sqrt(D)) < 1e-4
+
+
+def test_dtype(store: tuple[Path, dict]) -> None:
+    batch = next(iter(ActivationLoader(store[0], HOOKS[0], 64, dtype=torch.bfloat16)))
+    assert batch.dtype == torch.bfloat16 and batch.shape == (64, D)
+
+
+@pytest.mark.parametrize("stop", [0, 1, 4, 9, 12, 13, 16])
+def test_resume_mid_epoch(store: tuple[Path, dict], stop: int) -> None:
+    kw = dict(seed=5, filters={"event_type": [1, 3]}, **SMALL)
+    reference = [b.numpy().copy() for b in ActivationLoader(store[0], HOOKS[0], 300, epochs=2, **kw)]
+    first = ActivationLoader(store[0], HOOKS[0], 300, epochs=2, **kw)
+    assert len(reference) == 2 * len(first) == 26
+    it = iter(first)
+    for _ in range(stop):
+        next(it)
+    state = first.state_dict()
+    del it
+    assert (state["epoch"], state["position"]) == divmod(stop, len(first))
+    resumed = ActivationLoader(store[0], HOOKS[0], 300, epochs=2 - state["epoch"], **kw)
+    resumed.load_state_dict(state)
+    tail = [b.numpy() for b in resumed]
+    assert len(tail) == len(reference) - stop
+    for got, want in zip(tail, reference[stop:], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_state_dict_checks(store: tuple[Path, dict]) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 300, **SMALL)
+    with pytest.raises(ValueError, match="batch_size"):
+        loader.load_state_dict({**loader.state_dict(), "batch_size": 299})
+    loader.load_state_dict({"epoch": 3, "position": len(loader)})
+    assert loader.state_dict()["epoch"] == 4 and loader.state_dict()["position"] == 0
+
+
+def test_errors(store: tuple[Path, dict], stats_path: Path, tmp_path: Path) -> None:
+    path = store[0]
+    with pytest.raises(UserError, match=r"hook point 'resid_post.9' was not extracted"):
+        ActivationLoader(path, "resid_post.9")
+    with pytest.raises(UserError, match=r"filters .*'event_type': 3.*'instrument': 99.* select no"):
+        ActivationLoader(path, HOOKS[0], filters={"event_type": 3, "instrument": 99})
+    with pytest.raises(UserError, match=r"unknown coordinate\(s\) 'velocity' \(known: song, "):
+        ActivationLoader(path, HOOKS[0], filters={"velocity": 3})
+    with pytest.raises(UserError, match="'chord' is not an event type"):
+        ActivationLoader(path, HOOKS[0], filters={"event_type": "chord"})
+    with pytest.raises(UserError, match="'standardize' needs statistics"):
+        ActivationLoader(path, HOOKS[0], normalization="standardize")
+    with pytest.raises(UserError, match="not a mode"):
+        ActivationLoader(path, HOOKS[0], normalization="l2", stats=stats_path)
+    other, _ = make_store(tmp_path / "other", synthetic(200, D), [200])
+    foreign = write_stats(compute_stats(other), tmp_path / "foreign.nc")
+    with pytest.raises(UserError, match=r"foreign.nc: statistics belong to store .* not to "):
+        ActivationLoader(path, HOOKS[0], normalization="standardize", stats=foreign)
+    with pytest.raises(UserError, match="not an activation store"):
+        ActivationLoader(tmp_path, HOOKS[0])
+
+
+def _wait_no_threads(before: int) -> bool:
+    for _ in range(100):
+        gc.collect()
+        if len(prefetch_threads()) <= before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_prefetch_thread_terminates(store: tuple[Path, dict]) -> None:
+    before = len(prefetch_threads())
+    loader = ActivationLoader(store[0], HOOKS[0], 64, prefetch=2, **SMALL)
+    list(loader)  # exhausted
+    assert _wait_no_threads(before)
+    for batch in loader:  # abandoned after one batch
+        assert len(batch) == 64
+        break
+    assert _wait_no_threads(before)
+    it = iter(loader)
+    next(it)
+    assert len(prefetch_threads()) > before  # reader and batcher threads
+    loader.close()  # explicit stop while the consumer still holds the iterator
+    assert _wait_no_threads(before)
+    del it
+
+
+def test_producer_error_reaches_consumer(store: tuple[Path, dict], monkeypatch) -> None:
+    loader = ActivationLoader(store[0], HOOKS[0], 64, prefetch=2, **SMALL)
+
+    def broken(*args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("music_interpret.preprocess.BlockReader.pieces", broken)
+    before = len(prefetch_threads())
+    with pytest.raises(OSError, match="disk gone"):
+        list(loader)
+    assert _wait_no_threads(before)
+
+
+def test_reads_in_pieces(store: tuple[Path, dict], stats_path: Path, data: np.ndarray,
+                         monkeypatch) -> None:
+    """Blocks spanning several chunk-aligned read pieces, with filters and normalisation."""
+    monkeypatch.setattr("music_interpret.preprocess.BlockReader.PIECE_BYTES", 1)  # 1 chunk
+    mask = np.isin(store[1]["event_type"], [0, 3])
+    loader = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, filters={"event_type": [0, 3]},
+                              normalization="standardize", stats=stats_path, block_tokens=700)
+    got = torch.cat(list(loader)).numpy()
+    norm = Normalizer.from_stats(stats_path, HOOKS[1], "standardize")
+    np.testing.assert_allclose(got, norm.apply(data[mask, 1]), rtol=1e-6, atol=1e-6)
+    plain = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, block_tokens=700)
+    np.testing.assert_array_equal(torch.cat(list(plain)).numpy(), data[:, 1])
