@@ -7,8 +7,9 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def mi_stages() -> list[type]:
+    from .analyze import AnalyzeStage
     from .extract import ExtractStage
     from .preprocess import PreprocessStage
     from .train import TrainStage
 
-    return [ExtractStage, PreprocessStage, TrainStage]
+    return [ExtractStage, PreprocessStage, TrainStage, AnalyzeStage]

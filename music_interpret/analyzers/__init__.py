@@ -1,0 +1,1 @@
+"""Analyzers: what the learned features mean musically."""

@@ -1,0 +1,84 @@
+"""The ``analyze`` stage: run the configured analyzers on the trained dictionaries.
+
+Each analyzer writes into its own folder, ``reports/<run>/analyze/<analyzer>/``, and
+returns a summary that lands in the run manifest. The store comes from the
+``extract`` stage (or ``analyze.store``), the dictionaries from the ``train`` stage
+(or ``analyze.dictionaries``, a folder holding ``<hook>/config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import PluginRef
+from ..errors import UserError
+from ..interfaces import Stage
+
+DEFAULT_ANALYZERS = ["feature_token", "probe", "top_examples"]
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of ``analyze`` (each analyzer's own options go in its entry of ``analyzers``)."""
+
+    analyzers: list[PluginRef] = field(default_factory=lambda: list(DEFAULT_ANALYZERS),
+                                       metadata={"plugin": "analyzer"})
+    hooks: list[str] = field(default_factory=list)
+    store: Path | None = field(default=None, metadata={"input": True})
+    dictionaries: Path | None = field(default=None, metadata={"input": True})
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        names = [ref.name if isinstance(ref, PluginRef) else ref for ref in self.analyzers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"analyzers: each analyzer may appear once, got {names}")
+
+
+class AnalyzeStage(Stage):
+    """Relate the learned features to musical attributes."""
+
+    name = "analyze"
+    description = "Run analyzers (feature-token association, probes, top examples) on the dictionaries."
+    Config = AnalyzeConfig
+    requires: ClassVar[tuple[str, ...]] = ("model", "data")
+
+    def inputs(self, ctx: Any) -> list[Path]:
+        return [p for p in (self.config.store, self.config.dictionaries) if p is not None]
+
+    def run(self, ctx: Any) -> dict[str, Any]:
+        from ..analyzers.context import AnalysisContext
+
+        cfg: AnalyzeConfig = self.config
+        store = cfg.store or ctx.output_of("extract")
+        train_dir = None
+        if cfg.dictionaries is not None:
+            dict_root = cfg.dictionaries
+        else:
+            train_dir = ctx.output_of("train")
+            dict_root = train_dir / "dictionaries"
+        found = {p.parent.name: p.parent for p in sorted(dict_root.glob("*/config.json"))}
+        if not found:
+            raise UserError(f"{dict_root}: no trained dictionaries (expected <hook>/config.json)")
+        hooks = cfg.hooks or list(found)
+        missing = [h for h in hooks if h not in found]
+        if missing:
+            raise UserError(f"analyze.hooks: no dictionary for {', '.join(missing)} in {dict_root} "
+                            f"(trained: {', '.join(found)})")
+        header = ctx.pipeline.header
+        summary: dict[str, Any] = {}
+        for ref in cfg.analyzers:
+            analyzer = ref.build(ctx.registry)
+            out = ctx.work_dir / ref.name
+            out.mkdir(parents=True, exist_ok=True)
+            actx = AnalysisContext(
+                store_path=Path(store), dictionaries={h: found[h] for h in hooks}, out_dir=out,
+                model_dir=header.model.path, data_dir=header.data.path, data_split=header.data.split,
+                device=ctx.device, seed=ctx.seed, max_tokens=cfg.max_tokens, train_dir=train_dir,
+                progress_factory=lambda it=None, **kw: ctx.progress(it, **kw),
+            )
+            summary[ref.name] = analyzer.analyze(actx)
+        return summary
