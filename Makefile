@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,dask]"
 	$(foreach d,$(PLUGIN_DIRS),$(BIN)/python -m pip install --quiet --disable-pip-version-check -e "$(d)" &&) true
+	@# headless Chromium for the HTML report's browser test (Debian package; skipped elsewhere)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	      || echo "note: could not install chromium; the report browser test will be skipped"; \
+	  else echo "note: chromium not found; the report browser test will be skipped"; fi; }
 	touch $(STAMP)
 
 test: $(STAMP)
