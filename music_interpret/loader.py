@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import UserError
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
-from .stores.netcdf import EVENT_TYPES, TOKEN_COORDS, check_store, read_coords
+from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
     import torch
@@ -47,16 +47,8 @@ FilterValue = int | str | Sequence[int | str]
 
 
 def _io_lock() -> Any:
-    """The lock xarray takes around netCDF4/HDF5 calls (a private lock without xarray)."""
-    try:
-        from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
-
-        return NETCDF4_PYTHON_LOCK
-    except (ImportError, AttributeError):  # pragma: no cover - xarray is a dependency
-        return _FALLBACK_LOCK
-
-
-_FALLBACK_LOCK = threading.Lock()
+    """The package-wide netCDF lock (shared with xarray's reads)."""
+    return NC_LOCK
 
 
 @dataclass(frozen=True)

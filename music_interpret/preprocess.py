@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .errors import UserError
-from .stores.netcdf import EVENT_TYPES, StoreInfo, check_store, read_coords
+from .stores.netcdf import EVENT_TYPES, NC_LOCK, StoreInfo, check_store, read_coords
 
 if TYPE_CHECKING:
     import torch
@@ -67,14 +67,13 @@ class BlockReader:
 
     def __init__(self, shards: Sequence[Path], hook_index: int, d_model: int,
                  chunk_tokens: int = 4096, *, lock: Any = None, max_open: int = 4) -> None:
-        import threading
 
         self.shards = list(shards)
         self.hook_index = hook_index
         self.d_model = d_model
         per_piece = max(1, self.PIECE_BYTES // max(1, chunk_tokens * d_model * 4))
         self.piece = chunk_tokens * per_piece
-        self.lock = lock if lock is not None else threading.Lock()
+        self.lock = lock if lock is not None else NC_LOCK
         self.max_open = max_open
         self._open: dict[int, Any] = {}  # shard index -> (Dataset, activations variable)
 

@@ -14,6 +14,12 @@
   is recorded on the device); training stops with a :class:`UserError` naming that
   step. Checkpoints are only written after checking the loss, so the one on disk is
   the last good one.
+* ``downstream`` (optional): a callable ``(model, input_scale) -> dict`` run at the end
+  (and every ``downstream_every`` steps), e.g. the spliced-model losses of
+  :mod:`~music_interpret.learners.downstream`; its result is ``TrainResult.downstream``
+  and its scalars go to TensorBoard as ``downstream/*``.
+* Data-parallel under ``torchrun`` (:mod:`~music_interpret.learners.distributed`):
+  each rank trains on its share of every global batch through DDP; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from . import distributed as D
 from . import metrics as M
 from .dictionary import Dictionary, Learner
 
@@ -59,6 +66,27 @@ class TrainResult:
     steps: int
     tokens: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    downstream: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Member:
+    """One dictionary being trained: its model, optimiser and running statistics."""
+
+    model: Dictionary
+    opt: torch.optim.Optimizer
+    tracker: M.FiringTracker
+    scale: float = 1.0
+    writer: Any = None
+    loss: Any = None  # learner.loss, or the DDP-wrapped loss module
+    autocast: Any = None
+    compiled: bool = False
+    clip: float = math.inf
+    dead_window: int = 0
+    acc: Any = None
+    bad: Any = None
+    n_acc: int = 0
+    tokens: int = 0
 
 
 class Trainer:
@@ -67,20 +95,25 @@ class Trainer:
     ``init_sample()`` returns normalised training tokens for the input scale and the
     ``b_dec`` initialisation; ``eval_batches()`` yields normalised held-out batches;
     ``norm_scale`` is the loader normaliser's per-dimension scale (for the raw-space FVU);
-    ``stats_scale`` the input scale the preprocess statistics imply.
+    ``stats_scale`` the input scale the preprocess statistics imply; ``downstream(model,
+    input_scale)`` evaluates the training-space model downstream (see the module doc).
     """
 
     def __init__(self, learner: Learner, loader: Any, settings: TrainSettings, *,
                  checkpoint: Path, tb_dir: Path | None, init_sample: Callable[[], torch.Tensor],
                  eval_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
                  norm_scale: torch.Tensor | None = None, stats_scale: float | None = None,
-                 progress: Callable[..., Any] | None = None) -> None:
+                 progress: Callable[..., Any] | None = None,
+                 downstream: Callable[[Dictionary, float], dict[str, Any]] | None = None,
+                 downstream_every: int | None = None) -> None:
         self.learner, self.loader, self.s = learner, loader, settings
         self.checkpoint, self.tb_dir = Path(checkpoint), tb_dir
         self.init_sample, self.eval_batches = init_sample, eval_batches
         self.norm_scale, self.stats_scale, self.progress = norm_scale, stats_scale, progress
+        self.downstream, self.downstream_every = downstream, downstream_every
         self.device = torch.device(settings.device)
         self.last_checkpoint_step = 0
+        self.dist = D.DistInfo()
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -93,19 +126,57 @@ class Trainer:
         mean_norm = float(sample.double().norm(dim=1).mean())
         return math.sqrt(d) / mean_norm if mean_norm > 0 else 1.0
 
-    def _fresh(self, model: Dictionary) -> float:
-        sample = self.init_sample().to(self.device).float()
+    def _fresh(self, model: Dictionary, sample: torch.Tensor | None = None) -> float:
+        if sample is None:
+            sample = self.init_sample().to(self.device).float()
         scale = self._input_scale(sample)
         self.learner.init_b_dec(model, sample * scale)
         return scale
 
-    def _save(self, step: int, model: Dictionary, opt: torch.optim.Optimizer, scale: float,
-              tracker: M.FiringTracker) -> None:
+    def _build(self) -> _Member:
+        """A fresh model (seeded), its optimiser and firing tracker."""
+        s, cfg = self.s, self.learner.config
+        model = self.learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        return _Member(model, opt, M.FiringTracker(model.d_sae, self.device))
+
+    def _member_state(self, m: _Member) -> dict[str, Any]:
+        return {"model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+                "input_scale": m.scale, "since_fired": m.tracker.since_fired}
+
+    def _restore(self, m: _Member, state: dict[str, Any]) -> None:
+        m.model.load_state_dict(state["model"])
+        m.opt.load_state_dict(state["optimizer"])
+        m.tracker.since_fired.copy_(state["since_fired"])
+        m.scale = float(state["input_scale"])
+
+    def _prepare(self, m: _Member, start: int) -> None:
+        """Writer, compilation, autocast, DDP wrapper and accumulators of a member."""
+        cfg = self.learner.config
+        m.writer = self._writer(start) if self.dist.main else None
+        m.compiled = bool(cfg.compile and self.device.type == "cuda")
+        if m.compiled:
+            m.model.run = torch.compile(m.model.run)  # type: ignore[method-assign]
+        m.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=bool(cfg.bf16 and self.device.type == "cuda"))
+        m.dead_window = getattr(cfg, "dead_tokens", self.s.dead_window_tokens)
+        m.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
+        m.loss = (D.wrap(m.model, self.learner, self.device) if self.dist.enabled
+                  else lambda x, step, total, dead: self.learner.loss(m.model, x, step, total, dead))
+        m.acc = torch.zeros(len(SCALARS), device=self.device)
+        m.bad = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def _config_key(self) -> str:
+        return repr(self.learner.config)
+
+    def _save(self, step: int, payload: dict[str, Any]) -> None:
+        self.last_checkpoint_step = step
+        if not self.dist.main:
+            return
         state = {
-            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "input_scale": scale, "since_fired": tracker.since_fired,
-            "loader": dict(self.loader.state_dict()), "learner": self.learner.name,
-            "learner_config": repr(self.learner.config), "rng_cpu": torch.get_rng_state(),
+            "step": step, **payload, "loader": dict(self.loader.state_dict()),
+            "learner": self.learner.name, "learner_config": self._config_key(),
+            "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -114,107 +185,129 @@ class Trainer:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.checkpoint)
-        self.last_checkpoint_step = step
 
     def _load(self) -> dict[str, Any] | None:
         if not self.checkpoint.exists():
             return None
         state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        if state.get("learner") != self.learner.name or state.get("learner_config") != repr(self.learner.config):
+        if state.get("learner") != self.learner.name or state.get("learner_config") != self._config_key():
             return None  # another recipe: start afresh
         return state
+
+    def _resume_common(self, state: dict[str, Any]) -> int:
+        """Loader position and RNG states of a checkpoint; returns its step."""
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["rng_cuda"]])
+        start = int(state["step"])
+        self.last_checkpoint_step = start
+        print(f"train {self.s.name}: resuming from the checkpoint at step {start}/{self.s.steps}",
+              file=sys.stderr, flush=True)
+        return start
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        s, learner, cfg = self.s, self.learner, self.learner.config
+        s = self.s
+        self.dist = D.info()
         torch.manual_seed(s.seed)
-        model = learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-        tracker = M.FiringTracker(model.d_sae, self.device)
+        m = self._build()
         state = self._load()
         if state is None:
-            start, scale = 0, self._fresh(model)
+            start = 0
+            m.scale = self._fresh(m.model)
         else:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            tracker.since_fired.copy_(state["since_fired"])
-            self.loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng_cpu"].cpu())
-            if state["rng_cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([t.cpu() for t in state["rng_cuda"]])
-            start, scale = int(state["step"]), float(state["input_scale"])
-            self.last_checkpoint_step = start
-            print(f"train {s.name}: resuming from the checkpoint at step {start}/{s.steps}",
-                  file=sys.stderr, flush=True)
-        writer = self._writer(start)
-        compiled = bool(cfg.compile and self.device.type == "cuda")
-        if compiled:
-            model.run = torch.compile(model.run)  # type: ignore[method-assign]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=bool(cfg.bf16 and self.device.type == "cuda"))
-        dead_window = getattr(cfg, "dead_tokens", s.dead_window_tokens)
-        clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
-        acc = torch.zeros(len(SCALARS), device=self.device)
-        bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        n_acc, tokens = 0, 0
+            self._restore(m, state)
+            start = self._resume_common(state)
+        self._prepare(m, start)
         bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
         batches = iter(self.loader)
         try:
             for step in range(start, s.steps):
-                x = next(batches).to(self.device, non_blocking=True).float() * scale
-                for group in opt.param_groups:
-                    group["lr"] = learner.lr_at(step, s.steps)
-                with autocast:
-                    out = learner.loss(model, x, step, s.steps, tracker.dead(dead_window))
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                learner.before_step(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                opt.step()
-                learner.after_step(model)
-                with torch.no_grad():
-                    codes = out["codes"].detach()
-                    tracker.update(codes)
-                    acc += torch.stack([out["loss"].detach().float(), out["mse"].detach(),
-                                        M.fvu(x, out["recon"].detach()), M.l0(codes),
-                                        out["l1"].detach(), out["aux"].detach().float(),
-                                        grad_norm.float()])
-                    bad = torch.where((bad < 0) & ~torch.isfinite(out["loss"].detach()),
-                                      torch.full_like(bad, step + 1), bad)
-                n_acc, tokens, done = n_acc + 1, tokens + x.shape[0], step + 1
+                x = next(batches).to(self.device, non_blocking=True).float()
+                self._step(m, x, step)
+                done = step + 1
                 if bar is not None:
                     bar.update(1)
-                if done % s.log_every == 0 or done == s.steps:
-                    values = (acc / n_acc).tolist()
-                    self._check(bad)
-                    self._log(writer, done, values, tracker, dead_window, step)
-                    if bar is not None:
-                        bar.set_postfix(mse=f"{values[1]:.4g}", l0=f"{values[3]:.1f}")
-                    acc.zero_()
-                    n_acc = 0
-                if s.eval_every and done % s.eval_every == 0 and done < s.steps:
-                    self._eval(model, scale, writer, done)
+                self._after_step(m, done, step, bar)
                 if done % s.checkpoint_every == 0 and done < s.steps:
-                    self._check(bad)
-                    self._save(done, model, opt, scale, tracker)
-            self._check(bad)
+                    self._check(m.bad)
+                    self._save(done, self._member_state(m))
+            self._check(m.bad)
         finally:
             if bar is not None:
                 bar.close()
             close = getattr(self.loader, "close", None)
             if close is not None:
                 close()
-        if compiled:
-            del model.run  # back to the plain method
-        metrics = self._eval(model, scale, writer, s.steps) if self.eval_batches else {}
-        if writer is not None:
-            self._hparams(writer, metrics)
-            writer.close()
-        return TrainResult(model, scale, s.steps, tokens, metrics)
+        return self._finish(m)
+
+    def _step(self, m: _Member, batch: torch.Tensor, step: int) -> None:
+        """One optimiser step of member ``m`` on (this rank's share of) a global batch."""
+        s, learner = self.s, self.learner
+        x = D.shard(batch, self.dist) * m.scale
+        for group in m.opt.param_groups:
+            group["lr"] = learner.lr_at(step, s.steps)
+        with m.autocast:
+            out = m.loss(x, step, s.steps, m.tracker.dead(m.dead_window))
+        m.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        learner.before_step(m.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(m.model.parameters(), m.clip)
+        m.opt.step()
+        learner.after_step(m.model)
+        with torch.no_grad():
+            codes = out["codes"].detach()
+            self._track(m.tracker, codes)
+            m.acc += torch.stack([out["loss"].detach().float(), out["mse"].detach(),
+                                  M.fvu(x, out["recon"].detach()), M.l0(codes),
+                                  out["l1"].detach(), out["aux"].detach().float(),
+                                  grad_norm.float()])
+            m.bad = torch.where((m.bad < 0) & ~torch.isfinite(out["loss"].detach()),
+                                torch.full_like(m.bad, step + 1), m.bad)
+        m.n_acc, m.tokens = m.n_acc + 1, m.tokens + batch.shape[0]
+
+    def _track(self, tracker: M.FiringTracker, codes: torch.Tensor) -> None:
+        """Update the firing tracker (with the firing counts of all ranks when distributed)."""
+        if not self.dist.enabled:
+            tracker.update(codes)
+            return
+        fired = D.all_reduce_((codes != 0).sum(0).float())
+        n = codes.shape[0] * self.dist.world
+        tracker.counts += fired
+        tracker.tokens += n
+        tracker.since_fired += n
+        tracker.since_fired.masked_fill_(fired > 0, 0)
+
+    def _after_step(self, m: _Member, done: int, step: int, bar: Any = None) -> None:
+        """Logging, evaluation and downstream evaluation due after step ``done``."""
+        s = self.s
+        if done % s.log_every == 0 or done == s.steps:
+            values = (D.all_reduce_(m.acc, "mean") / m.n_acc).tolist()
+            self._check(m.bad)
+            self._log(m.writer, done, values, m.tracker, m.dead_window, step)
+            if bar is not None:
+                bar.set_postfix(mse=f"{values[1]:.4g}", l0=f"{values[3]:.1f}")
+            m.acc.zero_()
+            m.n_acc = 0
+        if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            self._eval(m.model, m.scale, m.writer, done)
+        if self.downstream_every and done % self.downstream_every == 0 and done < s.steps:
+            self._downstream(m, done)
+
+    def _finish(self, m: _Member) -> TrainResult:
+        if m.compiled:
+            del m.model.run  # back to the plain method
+        metrics = self._eval(m.model, m.scale, m.writer, self.s.steps) if self.eval_batches else {}
+        downstream = self._downstream(m, self.s.steps)
+        if m.writer is not None:
+            self._hparams(m.writer, metrics, downstream)
+            m.writer.close()
+        return TrainResult(m.model, m.scale, self.s.steps, m.tokens, metrics, downstream)
 
     def _check(self, bad: torch.Tensor) -> None:
-        first = int(bad)
+        first = int(D.all_reduce_(bad.clone(), "max"))
         if first >= 0:
             where = (f"last good checkpoint: step {self.last_checkpoint_step} ({self.checkpoint})"
                      if self.last_checkpoint_step else "no checkpoint was written before it")
@@ -246,7 +339,7 @@ class Trainer:
 
     @torch.no_grad()
     def _eval(self, model: Dictionary, scale: float, writer: Any, done: int) -> dict[str, Any]:
-        if self.eval_batches is None:
+        if self.eval_batches is None or not self.dist.main:
             return {}
         acc = M.EvalAccumulator(model.d_in, model.d_sae, self.device)
         raw = (self.norm_scale.to(self.device, torch.float64) * scale
@@ -264,10 +357,26 @@ class Trainer:
                     writer.add_scalar(f"eval/{key}", result[key], done)
         return {"step": done, **result}
 
-    def _hparams(self, writer: Any, metrics: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def _downstream(self, m: _Member, done: int) -> dict[str, Any]:
+        if self.downstream is None or not self.dist.main:
+            return {}
+        from .downstream import scalars
+
+        result = self.downstream(m.model, m.scale)
+        if result and m.writer is not None:
+            for key, value in scalars(result).items():
+                m.writer.add_scalar(f"downstream/{key}", value, done)
+        return {"step": done, **result} if result else {}
+
+    def _hparams(self, writer: Any, metrics: dict[str, Any],
+                 downstream: dict[str, Any] | None = None) -> None:
         hp: dict[str, Any] = {"learner": self.learner.name, "steps": self.s.steps}
         for key, value in vars(self.learner.config).items():
             hp[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
         final = {f"hparam/{k}": v for k, v in metrics.items()
                  if k in ("fvu", "l0", "dead_fraction", "dense_fraction") and isinstance(v, float)}
+        total = (downstream or {}).get("recovered", {}).get("total")
+        if isinstance(total, float):
+            final["hparam/total_recovered"] = total
         writer.add_hparams(hp, final or {"hparam/steps": float(self.s.steps)}, run_name=".")

@@ -10,6 +10,7 @@ def mi_stages() -> list[type]:
     from .analyze import AnalyzeStage
     from .extract import ExtractStage
     from .preprocess import PreprocessStage
+    from .report import ReportStage
     from .train import TrainStage
 
-    return [ExtractStage, PreprocessStage, TrainStage, AnalyzeStage]
+    return [ExtractStage, PreprocessStage, TrainStage, AnalyzeStage, ReportStage]

@@ -10,9 +10,25 @@ evaluation. Output (published as ``reports/<run>/train/``)::
     dictionaries/<hook>/weights.safetensors, config.json, metrics.json
     tensorboard/<hook>/events.out.tfevents.*
 
+With ``sweep: {l1_coeff: [...]}`` (or ``{k: [...]}``, any one learner option) one
+dictionary per value is trained on the same batches in one pass over the data::
+
+    dictionaries/<hook>/<param>=<value>/weights.safetensors, config.json, metrics.json
+    dictionaries/<hook>/sweep.json          (the L0-FVU curve over the values)
+    tensorboard/<hook>/<param>=<value>/
+
+Downstream loss (``downstream: auto``, the default, when the pipeline names a
+``model`` and ``data`` whose checkpoint is the one the store was extracted from, and
+songs are held out): the reconstruction is spliced into the model at the hook point
+on up to ``downstream_windows`` windows / ``downstream_tokens`` tokens of the held-out
+songs (:mod:`music_interpret.learners.downstream`); per-field cross-entropies (clean,
+spliced, mean-ablated) and the fraction of loss recovered go to ``metrics.json``
+(``downstream``) and TensorBoard (``downstream/*``), at the end and every
+``downstream_every`` steps. ``on`` makes a missing model/data an error, ``off`` skips it.
+
 Checkpoints live in ``checkpoints/<hook>/`` while a hook trains; after a crash the
 engine hands the partial folder back and training continues from them. A hook whose
-``config.json`` exists is complete and is not trained again.
+``config.json`` (``sweep.json`` for a sweep) exists is complete and is not trained again.
 """
 
 from __future__ import annotations
@@ -55,9 +71,20 @@ class TrainConfig:
     buffer_blocks: int = 4
     device: str | None = None
     keep_checkpoints: bool = False
+    sweep: dict[str, list[float]] = field(default_factory=dict)
+    downstream: Literal["auto", "on", "off"] = "auto"
+    downstream_every: int | None = None
+    downstream_windows: int = 32
+    downstream_tokens: int = 32_768
+    downstream_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("steps", "max_tokens", "eval_every"):
+        if len(self.sweep) > 1:
+            raise ValueError(f"sweep: give one option to sweep, got {', '.join(self.sweep)}")
+        for name in ("downstream_windows", "downstream_tokens", "downstream_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "max_tokens", "eval_every", "downstream_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -136,6 +163,11 @@ class TrainStage(Stage):
             raise UserError(f"train.device: {device!r} requested but CUDA is not available")
         learner = cfg.learner.build(ctx.registry)
         seed = learner.config.seed if learner.config.seed is not None else ctx.seed
+        if cfg.sweep:
+            from ..learners.sweep import sweep_learners
+
+            sweep_learners(learner, cfg.sweep)  # check the options before any training
+        self._downstream = _DownstreamSource.setup(ctx, cfg, info, device)
         summary: dict[str, Any] = {"store": str(info.path), "learner": learner.name, "hooks": {}}
         for hook in hooks:
             summary["hooks"][hook] = self._train_hook(ctx, info, hook, learner, device, seed)
@@ -146,20 +178,78 @@ class TrainStage(Stage):
         from ..learners.io import CONFIG, METRICS, save_dictionary
 
         out_dir = ctx.work_dir / "dictionaries" / hook
+        if self.config.sweep:
+            return self._train_sweep(ctx, info, hook, learner, device, seed)
         if (out_dir / CONFIG).exists():  # finished before an interruption
             return _summary(json.loads((out_dir / METRICS).read_text()))
         job = _HookJob(self.config, info, hook, learner, device, seed, self._stats_dir(info.path))
         job.mode = self._mode(job.stats_dir)
+        job.downstream = self._downstream_for(job)
         ckpt = ctx.work_dir / "checkpoints" / hook / "checkpoint.pt"
         result = job.train(ckpt, ctx.work_dir / "tensorboard" / hook,
                            lambda **kw: ctx.progress(desc=f"train {hook}", **kw))
         raw = result.model.folded(job.shift, job.scale * result.input_scale)
         config = job.describe(result, ctx)
         metrics = {"holdout": result.metrics, "steps": result.steps, "tokens": result.tokens}
+        if result.downstream:
+            metrics["downstream"] = result.downstream
         save_dictionary(out_dir, raw, config, metrics)
         if not self.config.keep_checkpoints:
             shutil.rmtree(ckpt.parent, ignore_errors=True)
         return _summary(metrics)
+
+    def _downstream_for(self, job: _HookJob) -> Any:
+        """``(model, input_scale) -> dict`` evaluating a training-space model downstream, or None."""
+        source = getattr(self, "_downstream", None)
+        if source is None or not job.held_songs:
+            return None
+        names = [job.info.songs[i] for i in job.held_songs]
+        evaluator = source.evaluator(job.hook, names, self.config)
+        if evaluator is None:
+            return None
+
+        def run(model: Any, input_scale: float) -> dict[str, Any]:
+            return evaluator.evaluate(model.folded(job.shift, job.scale * input_scale))
+
+        return run
+
+    def _train_sweep(self, ctx: Any, info: Any, hook: str, learner: Any, device: str,
+                     seed: int) -> dict[str, Any]:
+        """Train one dictionary per swept value on shared batches (see the module doc)."""
+        from ..engine import write_json_atomic
+        from ..learners.io import save_dictionary
+        from ..learners.sweep import curve, sweep_learners
+
+        out_dir = ctx.work_dir / "dictionaries" / hook
+        if (out_dir / "sweep.json").exists():
+            done = json.loads((out_dir / "sweep.json").read_text())
+            return {"sweep": done["param"], "points": done["curve"]}
+        members = sweep_learners(learner, self.config.sweep)
+        job = _HookJob(self.config, info, hook, learner, device, seed, self._stats_dir(info.path))
+        job.mode = self._mode(job.stats_dir)
+        job.downstream = self._downstream_for(job)
+        ckpt = ctx.work_dir / "checkpoints" / hook / "sweep.pt"
+        results = job.train_sweep(members, ckpt, ctx.work_dir / "tensorboard" / hook,
+                                  lambda **kw: ctx.progress(desc=f"train {hook} sweep", **kw))
+        points: dict[str, Any] = {}
+        for name, member in members:
+            result = results[name]
+            job.learner = member
+            raw = result.model.folded(job.shift, job.scale * result.input_scale)
+            metrics = {"holdout": result.metrics, "steps": result.steps, "tokens": result.tokens}
+            if result.downstream:
+                metrics["downstream"] = result.downstream
+            config = job.describe(result, ctx)
+            config["sweep"] = {"param": next(iter(self.config.sweep)), "label": name}
+            save_dictionary(out_dir / name, raw, config, metrics)
+            points[name] = metrics
+        job.learner = learner
+        param = next(iter(self.config.sweep))
+        write_json_atomic(out_dir / "sweep.json", {"param": param, "values": self.config.sweep[param],
+                                                   "curve": curve(points)})
+        if not self.config.keep_checkpoints:
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
+        return {"sweep": param, "points": curve(points)}
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +266,7 @@ class _HookJob:
         self.cfg, self.info, self.hook, self.learner = cfg, info, hook, learner
         self.device, self.seed, self.stats_dir = device, seed, stats_dir
         self.mode = "none"
+        self.downstream: Any = None
         from ..learners.holdout import holdout_songs
 
         held = set(holdout_songs(info.songs, cfg.holdout_fraction, seed))
@@ -211,9 +302,31 @@ class _HookJob:
         return math.sqrt(self.info.d_model) / mean_norm if mean_norm > 0 else None
 
     def train(self, ckpt: Path, tb_dir: Path, progress: Any) -> Any:
+        from ..learners.trainer import Trainer
+
+        loader, settings = self._setup()
+        return Trainer(self.learner, loader, settings, checkpoint=ckpt, tb_dir=tb_dir,
+                       progress=progress, **self._hooks()).run()
+
+    def train_sweep(self, members: list[tuple[str, Any]], ckpt: Path, tb_dir: Path,
+                    progress: Any) -> Any:
+        from ..learners.sweep import SweepTrainer
+
+        loader, settings = self._setup()
+        return SweepTrainer(members, loader, settings, checkpoint=ckpt,
+                            tb_dir=lambda name: tb_dir / name, progress=progress,
+                            **self._hooks()).run()
+
+    def _hooks(self) -> dict[str, Any]:
+        return {"init_sample": self._sample, "eval_batches": self._eval_batches,
+                "norm_scale": self.norm_scale, "stats_scale": self._stats_scale(),
+                "downstream": self.downstream, "downstream_every": self.cfg.downstream_every}
+
+    def _setup(self) -> tuple[Any, Any]:
+        """The training loader and settings (and the normaliser's shift and scale)."""
         import torch
 
-        from ..learners.trainer import Trainer, TrainSettings
+        from ..learners.trainer import TrainSettings
 
         cfg, lc = self.cfg, self.learner.config
         probe = self.loader(self.train_songs, lc.batch_size, prefetch=0)
@@ -222,7 +335,9 @@ class _HookJob:
         norm = probe.normalizer
         self.shift = torch.as_tensor(norm.shift, dtype=torch.float32)
         self.scale = torch.as_tensor(norm.scale, dtype=torch.float32)
+        self.norm_scale = torch.as_tensor(norm.scale)
         self.normalizer = norm.describe()
+        self._eval_loader = self._open_eval_loader()
         if cfg.steps is not None:
             steps = cfg.steps
         elif cfg.max_tokens is not None:
@@ -236,24 +351,29 @@ class _HookJob:
                                  dead_window_tokens=cfg.dead_window_tokens,
                                  dense_threshold=cfg.dense_threshold, device=self.device,
                                  seed=self.seed, name=self.hook)
-        trainer = Trainer(self.learner, loader, settings, checkpoint=ckpt, tb_dir=tb_dir,
-                          init_sample=self._sample, eval_batches=self._eval_batches,
-                          norm_scale=torch.as_tensor(norm.scale), stats_scale=self._stats_scale(),
-                          progress=progress)
-        return trainer.run()
+        return loader, settings
 
     def _sample(self) -> Any:
         n = min(self.learner.config.init_sample_tokens, self.n_train)
         loader = self.loader(self.train_songs, n, seed=self.seed + 1, prefetch=0)
         return next(iter(loader))
 
-    def _eval_batches(self) -> Any:
+    def _open_eval_loader(self) -> Any:
+        """The held-out loader, opened before training starts: opening a store makes
+        netCDF calls outside the loader's lock, which must not overlap the training
+        loader's reading thread (intermittent crashes otherwise)."""
         if not self.held_songs:
-            return
+            return None
         try:
-            loader = self.loader(self.held_songs, 4096, shuffle=False, prefetch=1)
+            return self.loader(self.held_songs, 4096, shuffle=False, prefetch=1)
         except UserError:  # the held-out songs have no selected tokens
+            return None
+
+    def _eval_batches(self) -> Any:
+        loader = self._eval_loader
+        if loader is None:
             return
+        loader.load_state_dict({"epoch": 0, "position": 0})  # every evaluation: the same tokens
         seen = 0
         try:
             for x in loader:
@@ -292,3 +412,50 @@ class _HookJob:
                       "context_size": model_cfg.get("max_seq_len") if isinstance(model_cfg, dict) else None},
             "music_interpret_version": __version__,
         }
+
+
+class _DownstreamSource:
+    """The pipeline's model (loaded once) and note dataset, for downstream evaluations."""
+
+    def __init__(self, adapter: Any, dataset: Any, notes_only: bool) -> None:
+        self.adapter, self.dataset, self.notes_only = adapter, dataset, notes_only
+
+    @classmethod
+    def setup(cls, ctx: Any, cfg: TrainConfig, info: Any, device: str) -> _DownstreamSource | None:
+        """Load the model and open the dataset; None (with a note) when ``auto`` cannot."""
+        import sys
+
+        if cfg.downstream == "off" or cfg.holdout_fraction <= 0:
+            return None
+        header = ctx.pipeline.header
+        attrs = info.manifest.get("attrs", {})
+
+        def skip(reason: str) -> None:
+            if cfg.downstream == "on":
+                raise UserError(f"train.downstream: {reason}")
+            print(f"train: no downstream evaluation ({reason})", file=sys.stderr, flush=True)
+
+        if header.model is None or header.data is None:
+            skip("the pipeline names no model and data")
+            return None
+        from ..adapters.mmt.dataset import open_dataset
+
+        adapter = header.model.adapter.build(ctx.registry)
+        adapter.load(header.model.path, device=device)
+        stored = attrs.get("model_sha256")
+        if stored and stored != adapter.checkpoint_sha256:
+            skip(f"the store {info.path} was extracted from another checkpoint than "
+                 f"{header.model.path}")
+            return None
+        split = attrs.get("split") if attrs.get("split") in ("all", "train", "valid", "test") else None
+        dataset = open_dataset(header.data.path, split or header.data.split)
+        return cls(adapter, dataset, attrs.get("events") == "notes")
+
+    def evaluator(self, hook: str, songs: list[str], cfg: TrainConfig) -> Any:
+        from ..learners.downstream import DownstreamEvaluator, DownstreamSettings
+
+        settings = DownstreamSettings(cfg.downstream_windows, cfg.downstream_tokens,
+                                      cfg.downstream_batch_size)
+        names = [n for n in songs if n in self.dataset]
+        return DownstreamEvaluator.for_songs(self.adapter, hook, self.dataset.read, names, settings,
+                                             notes_only=self.notes_only)

@@ -51,6 +51,22 @@ TOKEN_COORDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _netcdf_lock() -> Any:
+    """The lock xarray takes around netCDF4/HDF5 calls (netCDF-C is not thread-safe)."""
+    try:
+        from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
+
+        return NETCDF4_PYTHON_LOCK
+    except (ImportError, AttributeError):  # pragma: no cover - xarray is a dependency
+        import threading
+
+        return threading.Lock()
+
+
+#: every netCDF4 call of the package holds this lock (shared with xarray's reads)
+NC_LOCK = _netcdf_lock()
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.nc"
 
@@ -171,7 +187,7 @@ class StoreWriter:
         final = self.path / shard_name(index)
         tmp = self.path / f".{final.name}.tmp"
         chunk = max(1, min(self.config.chunk_tokens, n))
-        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+        with NC_LOCK, netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             nc.createDimension("token", n)
             nc.createDimension("hook", len(m["hooks"]))
             nc.createDimension("d_model", m["d_model"])
@@ -305,7 +321,7 @@ def _check_shard(shard: Path, entry: Mapping[str, Any], manifest: Mapping[str, A
     if not shard.exists():
         raise UserError(f"{shard}: shard listed in {MANIFEST} is missing")
     try:
-        with netCDF4.Dataset(shard) as nc:
+        with NC_LOCK, netCDF4.Dataset(shard) as nc:
             store_id = nc.getncattr("store_id") if "store_id" in nc.ncattrs() else None
             hooks = nc.getncattr("hook_points").split() if "hook_points" in nc.ncattrs() else None
             n = len(nc.dimensions["token"])
@@ -326,7 +342,7 @@ def read_block(shard: Path, hook_index: int, start: int, stop: int) -> np.ndarra
     """Activations of one hook for tokens [start, stop) of a shard, as float32 (n, d_model)."""
     import netCDF4
 
-    with netCDF4.Dataset(shard) as nc:
+    with NC_LOCK, netCDF4.Dataset(shard) as nc:
         var = nc.variables["activations"]
         var.set_auto_mask(False)
         return np.asarray(var[start:stop, hook_index, :], dtype=np.float32)
@@ -336,7 +352,7 @@ def read_coords(shard: Path, names: Sequence[str] | None = None) -> dict[str, np
     """Token coordinates of a shard (all of them unless ``names`` is given)."""
     import netCDF4
 
-    with netCDF4.Dataset(shard) as nc:
+    with NC_LOCK, netCDF4.Dataset(shard) as nc:
         out = {}
         for name in names or TOKEN_COORDS:
             var = nc.variables[name]

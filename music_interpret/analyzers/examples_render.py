@@ -1,0 +1,236 @@
+"""Musical context of a top-activating token, drawn three ways: piano roll, MIDI, text.
+
+A :class:`Context` holds the notes of a song that sound within ``context_beats`` of
+the activating token (all instruments), with the activating note marked. Notes use
+the dataset's layout (beat, position, pitch, duration, program); position and
+duration are in 1/12 beats (``RESOLUTION``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.mmt.representation import (
+    INSTRUMENT_NAMES,
+    PROGRAM_INSTRUMENT_MAP,
+    RESOLUTION,
+    TYPE_NAMES,
+)
+from ..adapters.mmt.windows import SongTokens
+
+PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+TICKS_PER_BEAT = 480
+
+
+def pitch_name(pitch: int) -> str:
+    """MIDI pitch as a note name with octave (60 -> C4)."""
+    return f"{PITCH_NAMES[pitch % 12]}{pitch // 12 - 1}" if pitch >= 0 else "-"
+
+
+def program_name(program: int) -> str:
+    """MMT instrument name of a General MIDI program (``program-N`` when unmapped)."""
+    return PROGRAM_INSTRUMENT_MAP.get(int(program)) or f"program-{program}"
+
+
+@dataclass
+class Example:
+    """One top-activating token of a latent."""
+
+    latent: int
+    rank: int
+    song: str
+    song_token: int
+    activation: float
+    event_type: int
+    beat: int
+    position: int
+    pitch: int
+    instrument: int
+
+    def token_label(self) -> str:
+        """What the token is, in words."""
+        kind = TYPE_NAMES[self.event_type] if 0 <= self.event_type < len(TYPE_NAMES) else "?"
+        inst = INSTRUMENT_NAMES[self.instrument] if 0 < self.instrument < len(INSTRUMENT_NAMES) else ""
+        if kind == "note":
+            return f"note {pitch_name(self.pitch)} ({self.pitch}) {inst} at beat {self.beat}+{self.position}"
+        if kind == "instrument":
+            return f"instrument row: {inst}"
+        return kind
+
+
+@dataclass
+class Context:
+    """Notes around an activating token; ``target`` is the activating note's row (or None)."""
+
+    notes: np.ndarray
+    target: int | None
+    start: float
+    stop: float
+    onset: float
+
+
+def onsets(notes: np.ndarray) -> np.ndarray:
+    """Onset of every note in beats."""
+    return notes[:, 0] + notes[:, 1] / RESOLUTION
+
+
+def context_for(song: SongTokens, song_token: int, context_beats: float) -> Context:
+    """Notes sounding within ``context_beats`` before/after the token (header: song start)."""
+    notes = song.notes
+    on = onsets(notes).astype(np.float64)
+    end = on + np.maximum(notes[:, 3], 1) / RESOLUTION
+    row = int(song.note[song_token]) if 0 <= song_token < len(song.note) else -1
+    if row >= 0:
+        onset = float(on[row])
+    elif song_token < song.header_len or not len(on):
+        onset = float(on.min()) if len(on) else 0.0
+    else:  # end-of-song: the last bars
+        onset = float(end.max())
+    start, stop = max(0.0, onset - context_beats), onset + context_beats
+    keep = np.flatnonzero((end > start) & (on < stop))
+    target = int(np.searchsorted(keep, row)) if row >= 0 else None
+    return Context(notes[keep], target, start, stop, onset)
+
+
+# -- text ---------------------------------------------------------------------------------
+
+
+def note_line(note: np.ndarray, mark: bool = False) -> str:
+    """``beat+position instrument pitch(name) duration`` for one note."""
+    beat, pos, pitch, dur, prog = (int(v) for v in note)
+    return (f"{'>>' if mark else '  '} {beat:5d}+{pos:02d}  {program_name(prog):<14s} "
+            f"{pitch:3d} {pitch_name(pitch):<4s} dur {dur:3d} ({dur / RESOLUTION:g} beats)")
+
+
+def text_dump(latent: int, hook: str, examples: Sequence[Example],
+              contexts: Sequence[Context | None]) -> str:
+    """Readable listing of a latent's examples and their context notes."""
+    lines = [f"latent {latent} of {hook}: {len(examples)} top-activating tokens",
+             f"columns: beat+position(1/{RESOLUTION} beat) instrument pitch name duration; "
+             ">> marks the activating note", ""]
+    for ex, ctx in zip(examples, contexts, strict=True):
+        lines.append(f"#{ex.rank + 1}  song {ex.song}  token {ex.song_token}  "
+                     f"activation {ex.activation:.4g}")
+        lines.append(f"    token: {ex.token_label()}")
+        if ctx is None:
+            lines.append("    (no note context: song not found in the note dataset)")
+        else:
+            lines.append(f"    context: beats {ctx.start:g} to {ctx.stop:g} ({len(ctx.notes)} notes)")
+            lines.extend(note_line(n, i == ctx.target) for i, n in enumerate(ctx.notes))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- MIDI ---------------------------------------------------------------------------------
+
+
+def write_midi(path: Path, ctx: Context, label: str, tempo_bpm: float = 90.0) -> Path:
+    """A MIDI file of the context: one track per program, a marker at the activating token."""
+    import mido
+
+    origin = float(np.floor(ctx.start))
+    mid = mido.MidiFile(ticks_per_beat=TICKS_PER_BEAT)
+    meta = mido.MidiTrack()
+    meta.append(mido.MetaMessage("track_name", name="music-interpret example", time=0))
+    meta.append(mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(tempo_bpm), time=0))
+    meta.append(mido.MetaMessage("time_signature", numerator=4, denominator=4, time=0))
+    meta.append(mido.MetaMessage("marker", text=_ascii(label),
+                                 time=_tick(max(ctx.onset - origin, 0.0))))
+    mid.tracks.append(meta)
+    programs = sorted({int(p) for p in ctx.notes[:, 4]})
+    channels = [c for c in range(16) if c != 9]
+    for n, program in enumerate(programs):
+        channel = channels[n % len(channels)]
+        events: list[tuple[int, int, mido.Message | mido.MetaMessage]] = []
+        for i, note in enumerate(ctx.notes):
+            if int(note[4]) != program:
+                continue
+            on = max(note[0] + note[1] / RESOLUTION - origin, 0.0)
+            off = max(note[0] + (note[1] + max(note[3], 1)) / RESOLUTION - origin, on + 1 / RESOLUTION)
+            pitch = int(np.clip(note[2], 0, 127))
+            if i == ctx.target:
+                events.append((_tick(on), 0, mido.MetaMessage("lyrics", text="*activating*")))
+            events.append((_tick(on), 2, mido.Message("note_on", note=pitch, velocity=80,
+                                                      channel=channel)))
+            events.append((_tick(off), 1, mido.Message("note_off", note=pitch, velocity=0,
+                                                       channel=channel)))
+        track = mido.MidiTrack()
+        track.append(mido.MetaMessage("track_name", name=program_name(program), time=0))
+        track.append(mido.Message("program_change", program=program, channel=channel, time=0))
+        now = 0
+        for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
+            track.append(msg.copy(time=tick - now))
+            now = tick
+        mid.tracks.append(track)
+    mid.save(str(path))
+    return path
+
+
+def _tick(beats: float) -> int:
+    return int(round(beats * TICKS_PER_BEAT))
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode()
+
+
+# -- piano roll ---------------------------------------------------------------------------
+
+
+def piano_roll(path: Path, title: str, examples: Sequence[Example],
+               contexts: Sequence[Context | None], dpi: int = 80) -> Path:
+    """Examples stacked as piano rolls: time in beats, pitch, colour by instrument."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
+
+    rows = max(1, len(examples))
+    height = 0.7 + 2.0 * rows
+    fig, axes = plt.subplots(rows, 1, figsize=(10, height), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.45 / height, top=1 - 0.6 / height,
+                        hspace=0.45)
+    cmap = plt.get_cmap("tab10")
+    colours: dict[int, tuple[float, ...]] = {}
+    for ax, ex, ctx in zip(axes[:, 0], examples, contexts, strict=False):
+        ax.set_title(f"#{ex.rank + 1}  {ex.song}  act {ex.activation:.3g}  - {ex.token_label()}",
+                     fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+        if ctx is None or not len(ctx.notes):
+            ax.text(0.5, 0.5, "no note context", ha="center", va="center", transform=ax.transAxes)
+            continue
+        on = onsets(ctx.notes)
+        end = on + np.maximum(ctx.notes[:, 3], 1) / RESOLUTION
+        pitch = ctx.notes[:, 2].astype(float)
+        boxes = np.stack([np.stack([on, pitch - 0.4], 1), np.stack([end, pitch - 0.4], 1),
+                          np.stack([end, pitch + 0.4], 1), np.stack([on, pitch + 0.4], 1)], 1)
+        for program in sorted({int(p) for p in ctx.notes[:, 4]}):
+            colours.setdefault(program, cmap(len(colours) % 10))
+        faces = [colours[int(p)] for p in ctx.notes[:, 4]]
+        ax.add_collection(PolyCollection(boxes, facecolors=faces, edgecolors="none", alpha=0.85))
+        if ctx.target is not None:
+            t = ctx.target
+            ax.add_collection(PolyCollection(boxes[t : t + 1] + [[0, -0.3], [0, -0.3], [0, 0.3],
+                                                                  [0, 0.3]],
+                                             facecolors="none", edgecolors="red", linewidths=2.0))
+            ax.plot([on[t]], [pitch[t] + 2.5], marker="v", color="red", markersize=7)
+        ax.axvline(ctx.onset, color="red", linewidth=0.6, linestyle=":")
+        ax.set_xlim(ctx.start, ctx.stop)
+        ax.set_ylim(pitch.min() - 2, pitch.max() + 4)
+        ax.set_ylabel("pitch", fontsize=7)
+        ax.grid(axis="x", linewidth=0.3, alpha=0.5)
+    axes[-1, 0].set_xlabel("beat", fontsize=8)
+    handles = [Patch(color=c, label=program_name(p)) for p, c in colours.items()]
+    handles.append(Patch(facecolor="none", edgecolor="red", label="activating note"))
+    fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(len(handles), 6),
+               frameon=False)
+    fig.suptitle(title, fontsize=10, x=0.01, y=1 - 0.12 / height, ha="left", va="top")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

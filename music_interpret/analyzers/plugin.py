@@ -1,0 +1,18 @@
+"""Entry-point module of the built-in analyzers (add a class to the list to register it)."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def mi_analyzers() -> list[type]:
+    from .examples import TopExamplesAnalyzer
+    from .feature_token import FeatureTokenAnalyzer
+    from .probing import ProbeAnalyzer
+
+    return [
+        FeatureTokenAnalyzer,
+        ProbeAnalyzer,
+        TopExamplesAnalyzer,
+    ]

@@ -1,0 +1,155 @@
+"""Sweeps: several dictionaries trained on the SAME batches in one pass over the data.
+
+:func:`sweep_learners` turns a learner and ``{param: [values]}`` (e.g. ``l1_coeff`` of
+``relu_l1`` or ``k`` of ``topk``) into one learner per value; :class:`SweepTrainer`
+reads each batch once and takes one optimiser step of every member on it. Each
+member behaves as a :class:`~music_interpret.learners.trainer.Trainer` of its own
+(same seed, so the same initialisation; its own TensorBoard folder, evaluation and
+downstream evaluation); the checkpoint holds all members. :func:`curve` gives the
+cheap L0-FVU curve of the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .dictionary import Dictionary, Learner
+from .trainer import Trainer, TrainResult, TrainSettings
+
+
+def _cast(value: Any, current: Any) -> Any:
+    if isinstance(current, int) and not isinstance(current, bool):
+        if float(value) != int(value):
+            raise UserError(f"sweep: {value!r} is not an integer")
+        return int(value)
+    return float(value) if isinstance(value, (int, float)) else value
+
+
+def label(param: str, value: Any) -> str:
+    """Folder name of a member, e.g. ``l1_coeff=0.5`` or ``k=32``."""
+    return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
+
+
+def sweep_learners(learner: Learner, sweep: Mapping[str, Sequence[Any]]) -> list[tuple[str, Learner]]:
+    """One (label, learner) per value of the single swept option (the others as ``learner``)."""
+    if len(sweep) != 1:
+        raise UserError(f"sweep: give exactly one option to sweep, got {', '.join(sweep) or 'none'}")
+    (param, values), = sweep.items()
+    names = {f.name for f in dataclasses.fields(learner.config)}
+    if param not in names:
+        raise UserError(f"sweep: {param!r} is not an option of learner {learner.name!r}")
+    if not values or len(set(values)) != len(values):
+        raise UserError(f"sweep.{param}: expected a non-empty list of distinct values")
+    if param in ("batch_size", "seed"):
+        raise UserError(f"sweep: {param!r} cannot vary within a sweep (the members share batches)")
+    out = []
+    for v in values:
+        v = _cast(v, getattr(learner.config, param))
+        try:
+            config = dataclasses.replace(learner.config, **{param: v})
+        except ValueError as exc:
+            raise UserError(f"sweep.{param}={v}: {exc}") from None
+        out.append((label(param, v), type(learner)(config)))
+    return out
+
+
+class SweepTrainer:
+    """Trains every ``(label, learner)`` of ``members`` on the batches of one ``loader``.
+
+    The keyword arguments are those of :class:`Trainer`; ``tb_dir(label)`` gives each
+    member's TensorBoard folder (or None).
+    """
+
+    def __init__(self, members: Sequence[tuple[str, Learner]], loader: Any, settings: TrainSettings, *,
+                 checkpoint: Path, tb_dir: Callable[[str], Path | None],
+                 init_sample: Callable[[], torch.Tensor],
+                 eval_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+                 norm_scale: torch.Tensor | None = None, stats_scale: float | None = None,
+                 progress: Callable[..., Any] | None = None,
+                 downstream: Callable[[Dictionary, float], dict[str, Any]] | None = None,
+                 downstream_every: int | None = None) -> None:
+        sizes = {learner.config.batch_size for _, learner in members}
+        if len(sizes) != 1:
+            raise UserError("sweep: every member must use the same batch_size")
+        self.labels = [name for name, _ in members]
+        self.loader, self.s, self.checkpoint = loader, settings, Path(checkpoint)
+        self.init_sample, self.progress = init_sample, progress
+        self.trainers = [
+            Trainer(learner, loader, dataclasses.replace(settings, name=f"{settings.name} {name}".strip()),
+                    checkpoint=checkpoint, tb_dir=tb_dir(name), init_sample=init_sample,
+                    eval_batches=eval_batches, norm_scale=norm_scale, stats_scale=stats_scale,
+                    downstream=downstream, downstream_every=downstream_every)
+            for name, learner in members]
+        key = repr([(n, t._config_key()) for n, t in zip(self.labels, self.trainers, strict=True)])
+        for t in self.trainers:
+            t._config_key = lambda key=key: key  # type: ignore[method-assign]
+
+    def run(self) -> dict[str, TrainResult]:
+        """Train all members; returns {label: result}."""
+        from . import distributed as D
+
+        s, lead = self.s, self.trainers[0]
+        for t in self.trainers:
+            t.dist = D.info()
+        torch.manual_seed(s.seed)
+        members = [t._build() for t in self.trainers]
+        state = lead._load()
+        if state is None:
+            start = 0
+            sample = self.init_sample().to(lead.device).float()
+            for t, m in zip(self.trainers, members, strict=True):
+                m.scale = t._fresh(m.model, sample)
+        else:
+            for t, m, st in zip(self.trainers, members, state["members"], strict=True):
+                t._restore(m, st)
+            start = lead._resume_common(state)
+            for t in self.trainers[1:]:
+                t.last_checkpoint_step = start
+        for t, m in zip(self.trainers, members, strict=True):
+            t._prepare(m, start)
+        bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
+        batches = iter(self.loader)
+        try:
+            for step in range(start, s.steps):
+                x = next(batches).to(lead.device, non_blocking=True).float()
+                done = step + 1
+                for t, m in zip(self.trainers, members, strict=True):
+                    t._step(m, x, step)
+                    t._after_step(m, done, step)
+                if bar is not None:
+                    bar.update(1)
+                if done % s.checkpoint_every == 0 and done < s.steps:
+                    for t, m in zip(self.trainers, members, strict=True):
+                        t._check(m.bad)
+                    payload = [t._member_state(m) for t, m in zip(self.trainers, members, strict=True)]
+                    lead._save(done, {"members": payload})
+                    for t in self.trainers[1:]:
+                        t.last_checkpoint_step = done
+            for t, m in zip(self.trainers, members, strict=True):
+                t._check(m.bad)
+        finally:
+            if bar is not None:
+                bar.close()
+            close = getattr(self.loader, "close", None)
+            if close is not None:
+                close()
+        return {name: t._finish(m) for name, t, m in zip(self.labels, self.trainers, members, strict=True)}
+
+
+def curve(points: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The L0-FVU curve: one row per member (label, l0, fvu, ...), sorted by L0."""
+    rows = []
+    for name, metrics in points.items():
+        held = metrics.get("holdout") or {}
+        down = (metrics.get("downstream") or {}).get("recovered") or {}
+        row = {"label": name, **{k: held.get(k) for k in ("l0", "fvu", "fvu_raw", "dead_fraction")}}
+        row["total_recovered"] = down.get("total")
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["l0"] is None or not math.isfinite(r["l0"]), r["l0"] or 0.0))

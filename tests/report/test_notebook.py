@@ -1,0 +1,50 @@
+"""notebooks/feature_exploration.ipynb runs end to end (nbclient) on a small run and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO / "notebooks" / "feature_exploration.ipynb"
+DEMO_RUN = REPO / "reports" / "demo"
+DEMO_STORE = REPO / "data" / "activations" / "demo"
+
+
+def execute(monkeypatch: pytest.MonkeyPatch, run_dir: Path, store: Path) -> object:
+    """Run every cell with the paths given through the notebook's environment variables."""
+    nbclient = pytest.importorskip("nbclient", reason="pip install nbclient (dev extra)")
+    nbformat = pytest.importorskip("nbformat", reason="pip install nbformat (dev extra)")
+    pytest.importorskip("ipykernel", reason="pip install ipykernel (dev extra)")
+    monkeypatch.setenv("MI_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("MI_STORE", str(store))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()
+    return nb
+
+
+def outputs(nb: object) -> str:
+    text = []
+    for c in nb.cells:  # type: ignore[attr-defined]
+        for out in c.get("outputs", []):
+            text.append(out.get("text", "") + str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(text)
+
+
+def test_notebook_on_a_small_run(small_run, monkeypatch):
+    nb = execute(monkeypatch, small_run, small_run.parent.parent / "acts")
+    text = outputs(nb)
+    assert "latents: [" in text and "note tokens x chosen latents" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images  # the activation profiles at least
+
+
+@pytest.mark.skipif(not (DEMO_RUN / "analyze").is_dir() or not DEMO_STORE.is_dir(),
+                    reason="the demo has not been analysed yet (make demo)")
+def test_notebook_on_the_demo(monkeypatch):
+    nb = execute(monkeypatch, DEMO_RUN, DEMO_STORE)
+    assert "latents: [" in outputs(nb)
