@@ -1,6 +1,7 @@
 """The ``extract`` stage: run the model over the dataset and store activations.
 
-Songs are grouped into shards of about ``shard_tokens`` stored tokens. Inside a
+Songs are grouped into shards of about ``shard_tokens`` stored tokens (written in
+the background while the next shard is computed). Inside a
 shard, the songs' windows are sorted by length and run in batches (little
 padding); the activations of the tokens each window owns are scattered back into
 song order and the shard is written in one go. Memory therefore holds one shard at
@@ -16,6 +17,7 @@ import json
 import re
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,14 +140,23 @@ class ExtractStage(Stage):
         stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
         bar = ctx.progress(total=len(names), initial=start, unit="song", desc="extract")
         song = start
-        while song < len(names):
-            plan = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats)
-            acts = self._run_shard(adapter, plan, hooks, stats)
-            writer.write_shard(acts, plan.coords, plan.songs[0], plan.songs[-1] + 1)
-            song = plan.songs[-1] + 1
-            stats["tokens"] += plan.n_tokens
-            bar.update(len(plan.songs))
-            bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
+        # shard k is written by a background thread while shard k+1 is computed; writes stay
+        # in order (each waits for the previous one), so at most two shards are in memory
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+            pending: Future[Any] | None = None
+            while song < len(names):
+                plan = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats)
+                acts = self._run_shard(adapter, plan, hooks, stats)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_shard, acts, plan.coords, plan.songs[0],
+                                      plan.songs[-1] + 1)
+                song = plan.songs[-1] + 1
+                stats["tokens"] += plan.n_tokens
+                bar.update(len(plan.songs))
+                bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
+            if pending is not None:
+                pending.result()
         bar.close()
         if not writer.manifest["shards"]:
             raise UserError(f"extract: no tokens selected from {dataset.notes_dir} (events={cfg.events})")
