@@ -29,6 +29,7 @@ from bench.mmt_forward import machine as machine_info
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "extract.json"
 HOOKS = ["resid_post.1", "resid_post.3"]
+SHARD_MB = 16.0  # several shards on the demo, so that writing overlaps the forward passes
 
 
 def _pipeline(tmp: Path, model: Path, songs: int, run: str, shard_mb: float,
@@ -58,7 +59,7 @@ def stage_throughput(tmp: Path, model: Path, songs: int, run: str) -> tuple[floa
     from music_interpret.plugins import get_registry
 
     registry = get_registry()
-    pipeline = load_pipeline(_pipeline(tmp, model, songs, run, 256.0), registry)
+    pipeline = load_pipeline(_pipeline(tmp, model, songs, run, SHARD_MB), registry)
     t0 = time.perf_counter()
     manifest = Engine(pipeline, registry, log=lambda _m: None).run(force=True)
     seconds = time.perf_counter() - t0
