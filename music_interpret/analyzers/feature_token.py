@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,14 +150,18 @@ class UnitStats:
         self.total_fires = np.zeros(n_units)
         self.total_pos = np.zeros(n_units)
 
-    def calibrate(self, sample: np.ndarray) -> None:
-        """Fix the bins from a sample (n, units) of activations."""
+    def calibrate(self, blocks: Iterable[Any]) -> None:
+        """Fix the bins from sample blocks (n, units) of activations (torch tensors)."""
+        lo = np.full(self.n_units, np.inf, np.float32)
+        hi = np.full(self.n_units, -np.inf, np.float32)
+        for b in blocks:
+            if len(b):
+                lo = np.minimum(lo, b.amin(0).numpy())
+                hi = np.maximum(hi, b.amax(0).numpy())
         if self.sparse:
-            hi = np.where(sample > 0, sample, 0).max(axis=0) if len(sample) else self.hi
-            fallback = float(hi.max()) if len(hi) and hi.max() > 0 else 1.0
+            fallback = float(hi.max()) if np.any(hi > 0) else 1.0
             self.hi = np.where(hi > 0, hi, fallback).astype(np.float32)
-        elif len(sample):
-            lo, hi = sample.min(axis=0), sample.max(axis=0)
+        elif np.all(np.isfinite(lo)):
             pad = np.maximum(hi - lo, 1e-6) * 0.05
             self.lo, self.hi = (lo - pad).astype(np.float32), (hi + pad).astype(np.float32)
 
@@ -260,18 +264,18 @@ def _chunks(info: Any, labels: LabelSpace, attributes: Sequence[str], max_tokens
             yield shard, s, e, lab[s:e]
 
 
-def _calibration(reader: Any, info: Any, n_tokens: int) -> np.ndarray:
-    """A deterministic sample: up to ``CALIB_BLOCKS`` evenly spaced blocks of the selection."""
+def _calibration(reader: Any, info: Any, n_tokens: int, piece: int) -> Iterator[np.ndarray]:
+    """A deterministic sample: up to ``CALIB_BLOCKS`` evenly spaced blocks of the selection,
+    in pieces of at most ``piece`` tokens."""
     sizes = [int(s["tokens"]) for s in info.manifest["shards"]]
     starts = np.cumsum([0, *sizes])
     blk = min(CALIB_BLOCK_TOKENS, n_tokens)
-    parts = []
     for g in np.unique(np.linspace(0, n_tokens - blk, CALIB_BLOCKS).astype(np.int64)):
         shard = int(np.searchsorted(starts, g, side="right") - 1)
         s = int(g - starts[shard])
         e = min(sizes[shard], s + blk)
-        parts.append(reader.read(shard, s, e))
-    return np.concatenate(parts)
+        for a in range(s, e, piece):
+            yield reader.read(shard, a, min(e, a + piece))
 
 
 def _n_chunks(info: Any, n_tokens: int, chunk: int) -> int:
@@ -315,9 +319,10 @@ def feature_token_stats(info: Any, hook: str, encode: Callable[[Any], Any] | Non
     n_chunks = _n_chunks(info, labels.n_tokens, cfg.chunk_tokens)
     bar = progress(total=2 * n_chunks, desc=f"feature_token {hook}") if progress else None
     with reader_for(info, hook) as reader, torch.no_grad():
-        sample = torch.from_numpy(_calibration(reader, info, labels.n_tokens))
         for stats, fn in units.values():
-            stats.calibrate((fn(sample) if fn else sample).numpy())
+            sample = map(torch.from_numpy,
+                         _calibration(reader, info, labels.n_tokens, cfg.chunk_tokens))
+            stats.calibrate(fn(x).float() if fn else x for x in sample)
         for pass_ in (1, 2):
             for shard, s, e, lab in _chunks(info, labels, attributes, max_tokens, cfg.chunk_tokens):
                 x = torch.from_numpy(reader.read(shard, s, e))

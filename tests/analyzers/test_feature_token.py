@@ -112,8 +112,8 @@ def test_chunks_bound_the_encoded_rows(planted: tuple[Path, Path]) -> None:
 
     feature_token_stats(check_store(store), HOOK, encode, D_SAE,
                         FeatureTokenConfig(attributes=ATTRS, chunk_tokens=100))
-    assert max(sizes[1:]) <= 100  # sizes[0]: the calibration sample
-    assert sum(sizes[1:]) == 2 * check_store(store).n_tokens  # two passes
+    assert max(sizes) <= 100
+    assert sum(sizes) >= 2 * check_store(store).n_tokens  # two passes (+ calibration sample)
 
 
 def test_analyzer_writes_outputs(planted: tuple[Path, Path], tmp_path: Path) -> None:
