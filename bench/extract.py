@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.mmt_forward import machine as machine_info
+from bench.machine import machine as machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "extract.json"

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.mmt_forward import machine
+from bench.machine import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "feature_token.json"

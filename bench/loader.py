@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,35 +41,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bench.machine import machine
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "loader.json"
 HOOK = "resid_post.0"
 MIN_SPEEDUP = 20.0  # issue requirement: ours vs the seed loader, shuffled fp32 batches
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core count, memory, OS, load and date."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem, 1) if mem else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # --------------------------------------------------------------------------- data

@@ -20,10 +20,8 @@ Run: ``python -m bench mmt_forward [--quick]``; results go to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -287,27 +285,6 @@ class Proc:
             self.proc.wait(timeout=60)
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, core count, OS, load and date."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_at_start": load,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def ours_python() -> str:
     """The project venv's interpreter, else the current one."""
     venv = ROOT / ".venv" / "bin" / "python"
@@ -322,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref_python = str(bench_env.create())
     threads = args.threads or os.cpu_count() or 1
     ours, ref = Proc("ours", ours_python(), threads), Proc("ref", ref_python, threads)
+    from bench.machine import machine  # driver side only: workers run this file as a script
+
     results: dict[str, Any] = {"machine": machine(), "threads": threads, "rows": []}
     failures: list[str] = []
     try:

@@ -141,7 +141,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from bench.mmt_forward import machine
+    from bench.machine import machine
     from music_interpret.stores.netcdf import check_store
 
     p = argparse.ArgumentParser(prog="python -m bench sae_quality", description=__doc__.split("\n")[0])

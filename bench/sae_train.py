@@ -217,7 +217,7 @@ def peak_bf16() -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.mmt_forward import machine
+    from bench.machine import machine
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     base = Path(tempfile.mkdtemp(prefix="mi-bench-sae-"))
