@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import write_json_atomic
 from ..errors import UserError
 from ..interfaces import ActivationStore
 
@@ -69,15 +70,6 @@ NC_LOCK = _netcdf_lock()
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.nc"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
