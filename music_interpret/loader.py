@@ -7,13 +7,29 @@ reads), puts the tokens carried over from the previous buffer in front, permutes
 the pool with the same generator and cuts it into batches; the tokens that do not
 fill a batch carry into the next buffer. The final partial batch of an epoch is
 delivered unless ``drop_last``. Every selected token is delivered exactly once per
-epoch, and the batch sequence depends only on (seed, epoch).
+epoch, and the batch sequence depends only on (seed, epoch). Inside a batch, tokens
+are grouped by shard (a stable sort of the shuffled order; the order inside a batch
+carries no meaning for training), which lets the mapped path below fill each shard's
+rows with one gather.
+
+Two ways to deliver the same batches (bitwise):
+
+* **mapped** (default when the store's activations are contiguous, as the ``netcdf``
+  store writes them): each shard's activation block is memory-mapped
+  (:mod:`music_interpret.stores.mapped`) and every batch is one gather of its rows
+  straight from the page cache into the batch tensor: no read buffers, and the
+  memory in use is the batches in flight (the OS keeps the hot part of the files
+  cached, as for any file read).
+* **pooled** (chunked or compressed stores, or ``mmap=False``): blocks are read
+  through netCDF into read buffers, then permuted into batches (below).
 
 Because block sizes and permutations are known without reading data, the loader
 resumes mid-epoch (:meth:`ActivationLoader.state_dict`) by replaying the index
 bookkeeping only and reading the few carried-over tokens directly.
 
-With ``prefetch`` > 0 two background threads work ahead of the consumer: one reads
+With ``prefetch`` > 0 the mapped path gathers batches in a background thread,
+``prefetch`` batches ahead. In the pooled path two background threads work ahead of
+the consumer: one reads
 and normalises buffers (reads in chunk-aligned pieces, normalised while cache-warm),
 the other permutes them into batches (``prefetch`` batches queued), so reading and
 batching overlap. They use two read buffers of about
@@ -27,6 +43,7 @@ same process while a prefetching loader is being iterated.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +54,7 @@ import numpy as np
 
 from .errors import UserError
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
+from .stores.mapped import NotMappable, map_store
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
@@ -86,8 +104,10 @@ class ActivationLoader:
     ``stats``: ``stats.nc``, its folder, or a loaded Dataset). ``filters`` maps a token
     coordinate to a value or list of values (event types also by name, e.g.
     ``{"event_type": "note"}``). ``epochs`` is the number of epochs one iteration
-    runs, starting at the current state (None: endless). Iterate from one place at
-    a time; the loader's state advances as batches are delivered.
+    runs, starting at the current state (None: endless). ``mmap`` picks the mapped
+    path (True: required, an error if the store cannot be mapped), the pooled path
+    (False), or the mapped one when possible (None). Iterate from one place at a
+    time; the loader's state advances as batches are delivered.
     """
 
     def __init__(
@@ -109,6 +129,7 @@ class ActivationLoader:
         prefetch: int = 2,
         dtype: torch.dtype | None = None,
         epochs: int | None = 1,
+        mmap: bool | None = None,
     ) -> None:
         import torch
 
@@ -150,6 +171,8 @@ class ActivationLoader:
         self._lock = _io_lock()
         self._active: set[_Prefetcher] = set()
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
+        self._views: list[torch.Tensor] | None = None  # mapped rows of the hook, per shard
+        self.mapped = self._use_mmap(mmap)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -161,6 +184,26 @@ class ActivationLoader:
         """Batches per epoch."""
         full, rest = divmod(self.n_tokens, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
+
+    def _use_mmap(self, wanted: bool | None) -> bool:
+        """Whether batches are gathered from memory-mapped shards (see the module doc)."""
+        if wanted is False or (wanted is None and self.info.manifest.get("layout") != "contiguous"):
+            return False
+        try:
+            self._map()
+        except NotMappable as exc:
+            if wanted:
+                raise UserError(f"mmap: {exc}") from None
+            return False
+        return True
+
+    def _map(self) -> list[torch.Tensor]:
+        """This hook's rows of every shard, memory-mapped, as (n_tokens, d_model) tensors."""
+        if self._views is None:
+            import torch
+
+            self._views = [torch.from_numpy(m)[:, self._hook_index, :] for m in map_store(self.info)]
+        return self._views
 
     def _normalizer(self, mode: str, stats: Any) -> Normalizer:
         if mode not in MODES:
@@ -297,28 +340,85 @@ class ActivationLoader:
                 offset = carry_len
                 for i in buf.blocks:
                     offset += self._read_block(reader, self._blocks[i], pool[offset:])
+                shards = np.repeat([self._blocks[i].shard for i in buf.blocks], self._counts[buf.blocks])
                 if fetch_carry:
                     pool[:carry_len] = self._fetch(reader, carry_keys)
-                yield _Filled(buf, pool, carry_len, max(0, skip - done), fetch_carry)
+                    shards = np.concatenate([self._shard_of(carry_keys), shards])
+                yield _Filled(buf, pool, carry_len, max(0, skip - done), fetch_carry, shards)
                 fetch_carry = False
                 done += buf.n_batches
         finally:
             reader.close()
 
-    def _batch_stage(self, filled: Iterator[_Filled], pools: _Pools) -> Iterator[np.ndarray]:
+    def _batch_stage(self, filled: Iterator[_Filled], pools: _Pools,
+                     memory: _BatchMemory) -> Iterator[np.ndarray]:
         """Put the carried tokens in front, permute by gathering, cut batches."""
+        import torch
+
         bs = self.batch_size
         carry = np.empty((0, self.d_model), np.float32)
+        carry_shards = np.empty(0, np.int64)
         for f in filled:
             buf, pool = f.buffer, f.pool
+            shards = f.shards
             if not f.has_carry:
                 pool[: f.carry_len] = carry
+                shards = np.concatenate([carry_shards, shards])
             for b in range(f.first_batch, buf.n_batches):
                 rows = slice(b * bs, min((b + 1) * bs, buf.size))
-                yield pool[buf.perm[rows]] if buf.perm is not None else pool[rows].copy()
+                out = memory.take(rows.stop - rows.start)
+                if buf.perm is None:
+                    np.copyto(out, pool[rows])
+                else:
+                    idx = buf.perm[rows]
+                    idx = torch.from_numpy(idx[np.argsort(shards[idx], kind="stable")])
+                    torch.index_select(torch.from_numpy(pool), 0, idx, out=torch.from_numpy(out))
+                yield out
+                del out
             tail = slice(buf.n_full * bs, buf.size)
-            carry = pool[buf.perm[tail]] if buf.perm is not None else pool[tail].copy()
+            if buf.perm is not None:
+                carry, carry_shards = pool[buf.perm[tail]], shards[buf.perm[tail]]
+            else:
+                carry, carry_shards = pool[tail].copy(), shards[tail]
             pools.put(pool)
+
+    def _mapped_stage(self, epoch: int, skip: int, memory: _BatchMemory) -> Iterator[np.ndarray]:
+        """The same batches as the pooled stages, each gathered from the mapped shards."""
+        import torch
+
+        bs = self.batch_size
+        views = self._map()
+        carry, done = np.empty(0, np.int64), 0
+        small = np.int16 if len(views) <= np.iinfo(np.int16).max else np.int64  # radix sort
+        for buf in self._plan(epoch):
+            keys = np.concatenate([carry, *(self._blocks[i].keys() for i in buf.blocks)])
+            if buf.perm is not None:
+                keys = keys[buf.perm]
+            carry = keys[buf.n_full * bs :]
+            first = max(0, skip - done)
+            done += buf.n_batches
+            if first >= buf.n_batches:
+                continue
+            shards = self._shard_of(keys).astype(small)
+            rows = keys - self._offsets[shards]
+            for b in range(first, buf.n_batches):
+                shard, local = shards[b * bs : (b + 1) * bs], rows[b * bs : (b + 1) * bs]
+                if buf.perm is not None:
+                    order = np.argsort(shard, kind="stable")
+                    shard, local = shard[order], local[order]
+                index = torch.from_numpy(local)
+                out = memory.take(len(local))
+                dest = torch.from_numpy(out)
+                cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(local)]
+                for s, e in zip(cuts[:-1], cuts[1:], strict=True):
+                    torch.index_select(views[int(shard[s])], 0, index[s:e], out=dest[s:e])
+                del dest
+                yield self.normalizer.apply_(out)
+                del out
+
+    def _shard_of(self, keys: np.ndarray) -> np.ndarray:
+        """Shard index of each global token id."""
+        return np.searchsorted(self._offsets, keys, side="right") - 1
 
     def _read_block(self, reader: BlockReader, block: _Block, out: np.ndarray) -> int:
         """Read and normalise ``block`` into the first rows of ``out``; returns its size.
@@ -340,7 +440,7 @@ class ActivationLoader:
     def _fetch(self, reader: BlockReader, keys: np.ndarray) -> np.ndarray:
         """Normalised activations of the tokens with global ids ``keys`` (in that order)."""
         out = np.empty((len(keys), self.d_model), np.float32)
-        shard_of = np.searchsorted(self._offsets, keys, side="right") - 1
+        shard_of = self._shard_of(keys)
         for k in np.unique(shard_of):
             where = np.flatnonzero(shard_of == k)
             local = keys[where] - self._offsets[k]
@@ -356,26 +456,38 @@ class ActivationLoader:
 
         pin = self.pin_memory and torch.cuda.is_available()
         threaded = self.prefetch > 0
-        pools = _Pools(2 if threaded else 1, self._pool_rows(), self.d_model, self._spare)
+        pools = None if self.mapped else _Pools(2 if threaded else 1, self._pool_rows(),
+                                                self.d_model, self._spare)
+        memory = _BatchMemory(self.batch_size, self.d_model, self.prefetch + 4)
         self._spare = []
         count = 0
         try:
             while (self.epochs is None or count < self.epochs) and not stop.is_set():
                 halt = threading.Event()  # ends this epoch's reader thread
-                filled: Any = self._read_stage(epoch, position, pools, halt)
-                if threaded:
-                    filled = _Prefetcher(filled, 1, halt)
+                filled: Any = None
+                if pools is None:
+                    batches = self._mapped_stage(epoch, position, memory)
+                else:
+                    filled = self._read_stage(epoch, position, pools, halt)
+                    if threaded:
+                        filled = _Prefetcher(filled, 1, halt)
+                    batches = self._batch_stage(filled, pools, memory)
                 try:
-                    for arr in self._batch_stage(filled, pools):
+                    for arr in batches:
                         t = torch.from_numpy(arr)
+                        del arr  # the tensor alone keeps the batch's memory in use
                         if t.dtype != self.dtype:
                             t = t.to(self.dtype)
                         yield t.pin_memory() if pin else t
+                        del t
                 finally:
-                    filled.close()
+                    batches.close()
+                    if filled is not None:
+                        filled.close()
                 epoch, position, count = epoch + 1, 0, count + 1
         finally:
-            self._spare = pools.arrays  # the next iteration reuses the buffers
+            if pools is not None:
+                self._spare = pools.arrays  # the next iteration reuses the buffers
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self._iterate()
@@ -403,11 +515,13 @@ class ActivationLoader:
             prefetcher.close()
         self._active.clear()
         self._spare = []
+        self._views = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "
                 f"n_tokens={self.n_tokens}, normalization={self.normalizer.mode!r}, "
-                f"filters={self.filters}, shuffle={self.shuffle}, seed={self.seed})")
+                f"filters={self.filters}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"mapped={self.mapped})")
 
 
 @dataclass(frozen=True)
@@ -419,6 +533,37 @@ class _Filled:
     carry_len: int
     first_batch: int
     has_carry: bool
+    shards: np.ndarray  # shard index of each pool row (after the carry, unless has_carry)
+
+
+class _BatchMemory:
+    """Arrays that batches are written into, reused once no batch refers to them.
+
+    A batch reaches the consumer as ``torch.from_numpy`` of one of these arrays (or of
+    a leading slice of it). That tensor's storage, and so every view of it, holds a
+    reference to the array: an array whose reference count is back at its baseline
+    belongs to no live batch and may be overwritten. Reusing warm memory saves the page
+    faults of a fresh 8 MiB allocation per batch, which cost about as much as the
+    gather itself. At most ``limit`` arrays are kept; when all are in use (a consumer
+    holding on to many batches), fresh arrays are handed out and not kept.
+    """
+
+    def __init__(self, rows: int, d_model: int, limit: int) -> None:
+        self._shape = (rows, d_model)
+        self._limit = limit
+        self._arrays: list[np.ndarray] = []
+        self._baseline = 0
+
+    def take(self, rows: int) -> np.ndarray:
+        """A float32 array of ``rows`` x d_model that no batch in use refers to."""
+        for i in range(len(self._arrays)):
+            if sys.getrefcount(self._arrays[i]) == self._baseline:
+                return self._arrays[i][:rows]
+        if len(self._arrays) >= self._limit:
+            return np.empty((rows, self._shape[1]), np.float32)
+        self._arrays.append(np.empty(self._shape, np.float32))
+        self._baseline = sys.getrefcount(self._arrays[-1])
+        return self._arrays[-1][:rows]
 
 
 class _Pools:

@@ -9,9 +9,12 @@ Layout of a store folder::
 
 Each shard is written to ``.shard-NNNNN.nc.tmp`` and renamed when complete, then
 the manifest is updated; a shard file that is not in the manifest is not part of
-the store. Activations are stored uncompressed in chunks of ``chunk_tokens`` tokens
-of one hook point (fast sequential and block reads); the small integer coordinates
-are zlib-compressed.
+the store. Activations are stored uncompressed; with the default ``layout: contiguous``
+as one HDF5 contiguous block per shard (token-major: one seek for any token range,
+and memory-mappable, so the training loader gathers rows straight from the page
+cache, see :mod:`music_interpret.stores.mapped`); with ``layout: chunked`` in chunks
+of ``chunk_tokens`` tokens of one hook point. The small integer coordinates are
+zlib-compressed in chunks of ``COORD_CHUNK_FACTOR * chunk_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,6 +37,7 @@ FORMAT = "music-interpret-activations"
 FORMAT_VERSION = 1
 MANIFEST = "store.json"
 COORD_CHUNK_FACTOR = 4  # coordinates (and dask chunks) span this many activation chunks
+LAYOUTS = ("contiguous", "chunked")
 EVENT_TYPES = ("start-of-song", "instrument", "start-of-notes", "note", "end-of-song")
 
 #: coordinates on every token: name -> (netCDF type, description)
@@ -80,20 +84,23 @@ class NetCDFStoreConfig:
     shard_tokens: int | None = None
     chunk_tokens: int = 4096
     compression_level: int = 4
+    layout: Literal["contiguous", "chunked"] = "contiguous"
 
     def __post_init__(self) -> None:
         if self.shard_mb <= 0 or self.chunk_tokens < 1:
             raise ValueError("shard_mb and chunk_tokens must be positive")
         if self.shard_tokens is not None and self.shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {self.shard_tokens}")
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         """``shard_tokens``, or as many tokens as fit in ``shard_mb`` of float32 activations."""
         if self.shard_tokens is not None:
             return self.shard_tokens
         return max(1, int(self.shard_mb * 2**20 / (4 * n_hooks * d_model)))
-        if not 0 <= self.compression_level <= 9:
-            raise ValueError(f"compression_level must be 0..9, got {self.compression_level}")
 
 
 class NetCDFStore(ActivationStore):
@@ -145,6 +152,7 @@ class StoreWriter:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": uuid.uuid4().hex,
             **identity, "song_sources": sources, "chunk_tokens": config.chunk_tokens,
+            "layout": config.layout,
             "attrs": attrs, "shards": [], "complete": False,
         }
         write_json_atomic(existing, manifest)
@@ -189,8 +197,9 @@ class StoreWriter:
             hook = nc.createVariable("hook", str, ("hook",))
             hook[:] = np.asarray(m["hooks"], dtype=object)
             hook.long_name = "hook point"
-            var = nc.createVariable("activations", "f4", ("token", "hook", "d_model"),
-                                    chunksizes=(chunk, 1, m["d_model"]))
+            layout = ({"contiguous": True} if m.get("layout", "chunked") == "contiguous"
+                      else {"chunksizes": (chunk, 1, m["d_model"])})
+            var = nc.createVariable("activations", "f4", ("token", "hook", "d_model"), **layout)
             var.long_name = "residual stream activation"
             var[:] = np.ascontiguousarray(acts, dtype=np.float32)
             for name, (dtype, doc) in TOKEN_COORDS.items():

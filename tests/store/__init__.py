@@ -43,11 +43,11 @@ def coords_for(n_tokens: int, song_start: int, seed: int = 0) -> dict[str, np.nd
 
 def make_store(path: Path, acts: np.ndarray, shard_sizes: Sequence[int], *,
                chunk_tokens: int = 256, hooks: Sequence[str] = HOOKS,
-               coord_seed: int = 0) -> tuple[Path, dict[str, np.ndarray]]:
+               coord_seed: int = 0, layout: str = "contiguous") -> tuple[Path, dict[str, np.ndarray]]:
     """Write ``acts`` (n, hooks, d) as a store with the given shard sizes; returns (path, coords)."""
     assert sum(shard_sizes) == len(acts)
     songs = [f"song{i}" for i in range(2 * len(shard_sizes))]
-    writer = NetCDFStore(NetCDFStoreConfig(chunk_tokens=chunk_tokens)).create(
+    writer = NetCDFStore(NetCDFStoreConfig(chunk_tokens=chunk_tokens, layout=layout)).create(
         path, hooks=list(hooks), d_model=acts.shape[2], songs=songs, sources=songs,
         attrs={"fingerprint": "test"}, resume=False)
     start, parts = 0, []

@@ -28,9 +28,11 @@ def data() -> np.ndarray:
     return synthetic(N, D, seed=3)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, data: np.ndarray) -> tuple[Path, dict]:
-    return make_store(tmp_path_factory.mktemp("ld") / "store", data, SHARDS)
+@pytest.fixture(scope="module", params=["contiguous", "chunked"])
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          data: np.ndarray) -> tuple[Path, dict]:
+    """The same data in both layouts: mapped (contiguous) and pooled (chunked) reads."""
+    return make_store(tmp_path_factory.mktemp("ld") / "store", data, SHARDS, layout=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +224,7 @@ def test_prefetch_thread_terminates(store: tuple[Path, dict]) -> None:
 
 
 def test_producer_error_reaches_consumer(store: tuple[Path, dict], monkeypatch) -> None:
-    loader = ActivationLoader(store[0], HOOKS[0], 64, prefetch=2, **SMALL)
+    loader = ActivationLoader(store[0], HOOKS[0], 64, prefetch=2, mmap=False, **SMALL)
 
     def broken(*args: object) -> None:
         raise OSError("disk gone")
@@ -240,9 +242,74 @@ def test_reads_in_pieces(store: tuple[Path, dict], stats_path: Path, data: np.nd
     monkeypatch.setattr("music_interpret.preprocess.BlockReader.PIECE_BYTES", 1)  # 1 chunk
     mask = np.isin(store[1]["event_type"], [0, 3])
     loader = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, filters={"event_type": [0, 3]},
-                              normalization="standardize", stats=stats_path, block_tokens=700)
+                              normalization="standardize", stats=stats_path, block_tokens=700,
+                              mmap=False)
     got = torch.cat(list(loader)).numpy()
     norm = Normalizer.from_stats(stats_path, HOOKS[1], "standardize")
     np.testing.assert_allclose(got, norm.apply(data[mask, 1]), rtol=1e-6, atol=1e-6)
-    plain = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, block_tokens=700)
+    plain = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, block_tokens=700, mmap=False)
     np.testing.assert_array_equal(torch.cat(list(plain)).numpy(), data[:, 1])
+
+
+def test_layout_picks_the_path(store: tuple[Path, dict]) -> None:
+    contiguous = ActivationLoader(store[0], HOOKS[0], 64).info.manifest["layout"] == "contiguous"
+    assert ActivationLoader(store[0], HOOKS[0], 64).mapped is contiguous
+    assert not ActivationLoader(store[0], HOOKS[0], 64, mmap=False).mapped
+    if contiguous:
+        assert ActivationLoader(store[0], HOOKS[0], 64, mmap=True).mapped
+    else:
+        with pytest.raises(UserError, match="mmap: .*shard-00000.nc: activations are chunked"):
+            ActivationLoader(store[0], HOOKS[0], 64, mmap=True)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("options", [
+    {},
+    {"filters": {"event_type": "note", "instrument": [1, 2, 5]}, "normalization": "standardize"},
+    {"normalization": "unit_mean_norm", "drop_last": True, "block_tokens": 1000, "buffer_blocks": 1},
+])
+def test_mapped_and_pooled_batches_identical(store: tuple[Path, dict], stats_path: Path,
+                                             hook: str, options: dict) -> None:
+    """The two paths deliver bitwise the same batches (order inside a batch included)."""
+    if not ActivationLoader(store[0], hook, 64).mapped:
+        pytest.skip("chunked store: only the pooled path")
+    kw = {**SMALL, "stats": stats_path if "normalization" in options else None, **options}
+    for epoch_seed in (0, 5):
+        mapped = ActivationLoader(store[0], hook, 250, seed=epoch_seed, mmap=True, **kw)
+        pooled = ActivationLoader(store[0], hook, 250, seed=epoch_seed, mmap=False, **kw)
+        a, b = list(mapped), list(pooled)
+        assert len(a) == len(b) == len(mapped)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+
+
+def test_mapped_resume_matches(store: tuple[Path, dict]) -> None:
+    """Resuming the mapped path mid-epoch continues with the pooled path's batches."""
+    if not ActivationLoader(store[0], HOOKS[0], 64).mapped:
+        pytest.skip("chunked store: only the pooled path")
+    full = list(ActivationLoader(store[0], HOOKS[0], 128, seed=2, mmap=False, **SMALL))
+    loader = ActivationLoader(store[0], HOOKS[0], 128, seed=2, mmap=True, **SMALL)
+    loader.load_state_dict({"epoch": 0, "position": 7})
+    rest = list(loader)
+    assert len(rest) == len(full) - 7
+    for x, y in zip(rest, full[7:], strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_batch_memory_not_reused_while_referenced(store: tuple[Path, dict], prefetch: int) -> None:
+    """Batches (or views of them) kept by the consumer are never overwritten by later ones."""
+    expected = [b.clone() for b in ActivationLoader(store[0], HOOKS[0], 200, seed=4, **SMALL)]
+    loader = ActivationLoader(store[0], HOOKS[0], 200, seed=4, prefetch=prefetch, **SMALL)
+    kept_views, kept_arrays, n = [], [], 0
+    for i, batch in enumerate(loader):
+        if i % 3 == 0:
+            kept_views.append((i, batch[:7]))  # a torch view only
+        elif i % 3 == 1:
+            kept_arrays.append((i, batch.numpy()[:, :3]))  # a numpy view only
+        n += 1
+    assert n == len(expected)
+    for i, view in kept_views:
+        assert torch.equal(view, expected[i][:7])
+    for i, arr in kept_arrays:
+        np.testing.assert_array_equal(arr, expected[i].numpy()[:, :3])
