@@ -2,8 +2,8 @@
 
 Songs are grouped into shards of about ``shard_tokens`` stored tokens (written in
 the background while the next shard is computed). Inside a
-shard, the songs' windows are sorted by length and run in batches (little
-padding); the activations of the tokens each window owns are scattered back into
+shard, the songs' windows are sorted by length and cut into batches of similar
+lengths (:func:`length_batches`: little padding); the activations of the tokens each window owns are scattered back into
 song order and the shard is written in one go. Memory therefore holds one shard at
 a time, whatever the dataset size. After a crash the store's manifest lists the
 complete shards; the next run with the same configuration continues after the
@@ -38,12 +38,17 @@ class ExtractConfig:
 
     ``hooks`` and ``layers`` (shorthand for ``resid_post.L``) together name the hook
     points; with neither, every ``resid_post.L`` of the model is extracted.
+    ``batch_size`` windows of a shard's longest length make one batch; shorter
+    windows share a batch of the same token budget, as long as they are within
+    ``length_slack`` (a fraction) of the batch's longest window. ``length_slack:
+    null`` gives fixed batches of ``batch_size`` windows.
     """
 
     hooks: list[str] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
     events: Literal["all", "notes"] = "all"
     batch_size: int = 8
+    length_slack: float | None = 0.1
     stride: int | None = None
     max_songs: int | None = None
     output: Path | None = None
@@ -58,6 +63,8 @@ class ExtractConfig:
             raise ValueError("layers: layer numbers start at 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.length_slack is not None and not 0 <= self.length_slack < 1:
+            raise ValueError(f"length_slack must be in [0, 1) or null, got {self.length_slack}")
         if self.max_songs is not None and self.max_songs < 1:
             raise ValueError(f"max_songs must be positive, got {self.max_songs}")
 
@@ -219,10 +226,7 @@ class ExtractStage(Stage):
         import torch
 
         out = np.empty((plan.n_tokens, len(hooks), adapter.d_model), np.float32)
-        order = sorted(range(len(plan.windows)), key=lambda i: -len(plan.windows[i][2].codes))
-        bs = self.config.batch_size
-        for b in range(0, len(order), bs):
-            idx = order[b : b + bs]
+        for idx in shard_batches(plan, self.config.batch_size, self.config.length_slack):
             wins = [plan.windows[i][2] for i in idx]
             t = max(len(w.codes) for w in wins)
             codes = np.zeros((len(wins), t, 6), np.int64)
@@ -240,6 +244,33 @@ class ExtractStage(Stage):
             stats["forward_seconds"] += time.perf_counter() - t0
             stats["windows"] += len(idx)
         return out
+
+
+def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> list[slice]:
+    """Cut windows sorted by decreasing length into batches (slices of the list).
+
+    The token budget is ``batch_size`` times the longest length; a batch starting at
+    length L takes the next windows while they fit the budget at length L and are at
+    least ``(1 - slack) * L`` long. ``slack=None``: fixed batches of ``batch_size``.
+    """
+    if slack is None:
+        return [slice(b, b + batch_size) for b in range(0, len(lengths), batch_size)]
+    budget = batch_size * (lengths[0] if lengths else 0)
+    out, i = [], 0
+    while i < len(lengths):
+        longest, j = lengths[i], i + 1
+        while j < len(lengths) and (j - i + 1) * longest <= budget and lengths[j] >= (1 - slack) * longest:
+            j += 1
+        out.append(slice(i, j))
+        i = j
+    return out
+
+
+def shard_batches(plan: _ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
+    """Window indices of each forward batch of a shard, longest windows first."""
+    lengths = [len(w[2].codes) for w in plan.windows]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s] for s in length_batches([lengths[i] for i in order], batch_size, slack)]
 
 
 def _source(dataset: Any, name: str) -> str:

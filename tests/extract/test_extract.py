@@ -124,3 +124,38 @@ def test_store_reads_back_through_open_mfdataset_parallel(tmp_path):
     assert lazy.attrs["n_shards"] == 4  # one shard per ~2000 tokens, songs never split
     assert float(abs(lazy.activations - eager.activations).max().compute()) == 0.0
     assert float(lazy.activations.mean().compute()) == pytest.approx(float(eager.activations.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("slack", [None, 0.0, 0.1, 0.5])
+def test_length_batches_cover_every_window_within_budget(slack):
+    from music_interpret.stages.extract import length_batches
+
+    rng = np.random.default_rng(0)
+    lengths = sorted(rng.integers(5, 1025, 200).tolist(), reverse=True)
+    batches = length_batches(lengths, 8, slack)
+    assert [i for b in batches for i in range(len(lengths))[b]] == list(range(len(lengths)))
+    for b in batches:
+        group = lengths[b]
+        if slack is None:
+            assert len(group) <= 8
+            continue
+        assert len(group) * group[0] <= 8 * lengths[0]  # the token budget of the longest batch
+        assert min(group) >= (1 - slack) * group[0]
+    if slack is not None and slack > 0:  # short windows share batches: fewer, fuller batches
+        assert len(batches) < len(length_batches(lengths, 8, 0.0))
+    assert length_batches([], 8, slack) == []
+
+
+def test_length_slack_does_not_change_activations(tmp_path, fix):
+    """Batching only groups windows: the stored activations are the same within float tolerance."""
+    stores = []
+    for k, slack in enumerate(["null", "0.5"]):
+        out = tmp_path / str(k)
+        out.mkdir()
+        pipeline = write_pipeline(out, model="rpe-tiny", data="bach",
+                                  extract=f"layers: [1]\nmax_songs: 6\nbatch_size: 2\nlength_slack: {slack}")
+        assert run_cli("run", str(pipeline)).returncode == 0
+        stores.append(mi.open_activations(out / "acts" / "x", lazy=False))
+    np.testing.assert_allclose(stores[0].activations.values, stores[1].activations.values, atol=2e-5, rtol=0)
+    for name in ("song", "song_token", "event_type", "pitch"):
+        assert (stores[0][name].values == stores[1][name].values).all()
