@@ -40,6 +40,8 @@ class Dictionary(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
+        if x.dim() == 2 and x.device.type == "cpu":  # bias inside the matmul: a pass less
+            return torch.addmm(self.b_enc, x, self.W_enc)
         return x @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -143,6 +145,7 @@ class RecipeConfig:
     grad_clip: float | None = None
     bf16: bool = False
     compile: bool = False
+    sparse_backward: Literal["auto", "always", "never"] = "auto"
     seed: int | None = None
 
     def _check_common(self) -> None:
@@ -162,6 +165,9 @@ class RecipeConfig:
             raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.sparse_backward not in ("auto", "always", "never"):
+            raise ValueError("sparse_backward must be auto, always or never, "
+                             f"got {self.sparse_backward!r}")
 
     def fill(self, defaults: dict[str, Any]) -> None:
         """Replace every ``None`` option by its entry in ``defaults``."""
@@ -183,7 +189,8 @@ class Learner(DictionaryLearner):
 
     def loss(self, model: Dictionary, x: torch.Tensor, step: int, total: int,
              dead: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``loss`` (to minimise), ``mse``, ``l1``, ``aux`` and ``codes``, ``recon``."""
+        """``loss`` (to minimise), ``mse``, ``l1``, ``aux`` and ``codes``, ``recon``; optionally
+        ``fired`` (d_sae,): on how many tokens each latent fired (else counted from ``codes``)."""
         raise NotImplementedError
 
     def lr_at(self, step: int, total: int) -> float:

@@ -77,11 +77,14 @@ class FiringTracker:
         self.tokens = 0
 
     def update(self, codes: torch.Tensor) -> None:
-        fired = codes != 0
-        self.counts += fired.sum(0)
-        self.tokens += codes.shape[0]
-        self.since_fired += codes.shape[0]
-        self.since_fired.masked_fill_(fired.any(0), 0)
+        self.add_counts((codes != 0).sum(0), codes.shape[0])
+
+    def add_counts(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Count a batch of ``n_tokens`` tokens on which latent i fired ``fired[i]`` times."""
+        self.counts += fired
+        self.tokens += n_tokens
+        self.since_fired += n_tokens
+        self.since_fired.masked_fill_(fired > 0, 0)
 
     def dead(self, window: int) -> torch.Tensor:
         """Mask of latents silent for at least ``window`` tokens."""

@@ -15,6 +15,11 @@ renormalised to unit norm after each step, no warm-ups, constant lr, no clipping
 
 Every recipe option left out (``None``) takes the preset's value; options given
 explicitly override the preset.
+
+``sparse_backward`` (``"auto"``, ``"always"``, ``"never"``; default ``"auto"``): on CPU,
+when the batch's codes are sparse enough, everything after the encoder forward (decoder
+forward, all gradients) works on the active (token, latent) pairs only, with the same
+loss and gradients up to float32 rounding; see :mod:`~music_interpret.learners.sparse_step`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import sparse_step as SP
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -44,7 +50,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ReluL1Config(RecipeConfig):
-    """Options of ``relu_l1`` (``None``: the preset's value)."""
+    """Options of ``relu_l1`` (``None``: the preset's value).
+
+    ``sparse_backward`` (shared with ``topk``): ``"auto"`` takes the sparse step on CPU
+    when at most 10% of the codes of a batch are non-zero (and d_in * d_sae >= 32768),
+    ``"always"`` takes it everywhere, ``"never"`` keeps the dense step.
+    """
 
     preset: Literal["default", "seed"] = "default"
     l1_coeff: float | None = None
@@ -110,17 +121,28 @@ class ReluL1Learner(Learner):
     def loss(self, model: Dictionary, x: torch.Tensor, step: int, total: int,
              dead: torch.Tensor) -> dict[str, torch.Tensor]:
         c: ReluL1Config = self.config
-        _, f, recon = model.run(x)
+        weighted = c.decoder_norm == "weighted"
+        l1 = fired = None
+        if SP.sparse_possible(c.sparse_backward, model, x):
+            f = torch.relu_(model.pre_acts(x))  # in place: one (n, d_sae) buffer less
+            if c.sparse_backward == "always" or SP.sparse_enough(f):
+                recon, l1, fired = SP.relu_l1_terms(model, x, f, weighted)
+                f = f.detach()
+            else:
+                recon = model.decode(f)
+        else:
+            _, f, recon = model.run(x)
+        if l1 is None and weighted:
+            l1 = (f.float() * model.W_dec.norm(dim=1)).sum(-1).mean()
+        elif l1 is None:
+            l1 = f.float().abs().sum(-1).mean()
         err = (recon.float() - x.float()).pow(2)
         mse = err.mean()
         recon_loss = err.sum(-1).mean() if c.loss_mse == "sum" else mse
-        if c.decoder_norm == "weighted":
-            l1 = (f.float() * model.W_dec.norm(dim=1)).sum(-1).mean()
-        else:
-            l1 = f.float().abs().sum(-1).mean()
         loss = recon_loss + self.l1_coeff_at(step, total) * l1
-        return {"loss": loss, "mse": mse, "l1": l1, "aux": torch.zeros_like(mse), "codes": f,
-                "recon": recon}
+        out = {"loss": loss, "mse": mse, "l1": l1, "aux": torch.zeros_like(mse), "codes": f,
+               "recon": recon}
+        return out if fired is None else {**out, "fired": fired}
 
     def before_step(self, model: Dictionary) -> None:
         if self.config.decoder_norm == "unit" and self.config.remove_parallel_grad:

@@ -6,6 +6,11 @@ renormalised after it). A latent is dead when it has not fired for ``dead_tokens
 training tokens; AuxK reconstructs the residual ``x - x^`` from the top ``k_aux``
 pre-activations of the dead latents, normalised by the batch's total variance,
 scaled down by min(1, n_dead / k_aux), and weighted by ``aux_coeff``.
+
+``sparse_backward`` (``"auto"``, ``"always"``, ``"never"``): ``"auto"`` takes the sparse
+step of :mod:`~music_interpret.learners.sparse_step` on CPU when ``k / d_sae`` is at
+most 10% (and d_in * d_sae >= 32768): decoder, AuxK and all gradients on the k (and
+AuxK) active pairs of each token only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import sparse_step as SP
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
 
 DEFAULTS = {"lr": 2e-4, "b_dec_init": "geometric_median", "input_scaling": "sample",
@@ -65,15 +71,26 @@ class TopKLearner(Learner):
 
     def loss(self, model: Dictionary, x: torch.Tensor, step: int, total: int,
              dead: torch.Tensor) -> dict[str, torch.Tensor]:
-        pre, f, recon = model.run(x)
+        c: TopKConfig = self.config
+        k_aux = self.k_aux(model.d_in, model.d_sae)
+        if SP.sparse_possible(c.sparse_backward, model, x) and (
+                c.sparse_backward == "always" or model.k <= SP.AUTO_MAX_DENSITY * model.d_sae):
+            f, recon, l1, fired, aux_fn = SP.topk_terms(model, x, dead, k_aux)
+        else:
+            pre, f, recon = model.run(x)
+            l1, fired = f.float().abs().sum(-1).mean(), None
+
+            def aux_fn(residual: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor:
+                return auxk_loss(model, pre, residual, dead, k_aux, total_var)
+
         xf = x.float()
         err = xf - recon.float()
         mse = err.pow(2).mean()
         total_var = (xf - xf.mean(0)).pow(2).sum().clamp_min(1e-12)
-        aux = auxk_loss(model, pre, err.detach(), dead, self.k_aux(model.d_in, model.d_sae), total_var)
-        loss = err.pow(2).sum() / total_var + self.config.aux_coeff * aux
-        return {"loss": loss, "mse": mse, "l1": f.float().abs().sum(-1).mean(), "aux": aux,
-                "codes": f, "recon": recon}
+        aux = aux_fn(err.detach(), total_var)
+        loss = err.pow(2).sum() / total_var + c.aux_coeff * aux
+        out = {"loss": loss, "mse": mse, "l1": l1, "aux": aux, "codes": f, "recon": recon}
+        return out if fired is None else {**out, "fired": fired}
 
     def before_step(self, model: Dictionary) -> None:
         model.remove_parallel_grad()

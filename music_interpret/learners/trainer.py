@@ -258,27 +258,25 @@ class Trainer:
         m.opt.step()
         learner.after_step(m.model)
         with torch.no_grad():
-            codes = out["codes"].detach()
-            self._track(m.tracker, codes)
+            codes, fired = out["codes"].detach(), out.get("fired")
+            if fired is None:  # a sparse step counts them from its active pairs instead
+                fired = (codes != 0).sum(0)
+            self._track(m.tracker, fired, codes.shape[0])
             m.acc += torch.stack([out["loss"].detach().float(), out["mse"].detach(),
-                                  M.fvu(x, out["recon"].detach()), M.l0(codes),
+                                  M.fvu(x, out["recon"].detach()),
+                                  fired.sum().float() / max(codes.shape[0], 1),
                                   out["l1"].detach(), out["aux"].detach().float(),
                                   grad_norm.float()])
             m.bad = torch.where((m.bad < 0) & ~torch.isfinite(out["loss"].detach()),
                                 torch.full_like(m.bad, step + 1), m.bad)
         m.n_acc, m.tokens = m.n_acc + 1, m.tokens + batch.shape[0]
 
-    def _track(self, tracker: M.FiringTracker, codes: torch.Tensor) -> None:
-        """Update the firing tracker (with the firing counts of all ranks when distributed)."""
-        if not self.dist.enabled:
-            tracker.update(codes)
-            return
-        fired = D.all_reduce_((codes != 0).sum(0).float())
-        n = codes.shape[0] * self.dist.world
-        tracker.counts += fired
-        tracker.tokens += n
-        tracker.since_fired += n
-        tracker.since_fired.masked_fill_(fired > 0, 0)
+    def _track(self, tracker: M.FiringTracker, fired: torch.Tensor, n: int) -> None:
+        """Update the firing tracker with this batch's per-latent firing counts ``fired`` over
+        ``n`` tokens (with the counts of all ranks when distributed)."""
+        if self.dist.enabled:
+            fired, n = D.all_reduce_(fired.float()), n * self.dist.world
+        tracker.add_counts(fired, n)
 
     def _after_step(self, m: _Member, done: int, step: int, bar: Any = None) -> None:
         """Logging, evaluation and downstream evaluation due after step ``done``."""
