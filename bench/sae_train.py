@@ -5,24 +5,30 @@ with the netCDF store writer, plus the same data as one ``.npy`` file, then time
 training steps at d_in 512, d_sae 4096, batch 4096 (CPU):
 
 * ``ours``: :class:`music_interpret.learners.trainer.Trainer` with ``relu_l1`` (default
-  recipe) fed by :class:`music_interpret.loader.ActivationLoader` (prefetching threads,
-  metrics kept on the device, no per-step host syncs);
+  recipe, lr 1e-3 as the demo pipeline uses for short runs) fed by
+  :class:`music_interpret.loader.ActivationLoader`, over one complete training run of
+  ``--steps`` steps (L1 warm-up, lr decay and all). Its step cost depends on the codes'
+  density: on CPU, once at most 10% of the codes are non-zero, the step after the
+  encoder works on the active pairs only (``sparse_backward: auto``), so the row gives
+  the whole run's throughput and the L0 the run went through (``l0_log``: every 10
+  steps), plus the throughput of its first and last thirds;
+* ``ours-dense``: the same trainer with ``sparse_backward: never``, timed over the
+  first steps (the dense step costs the same whatever the density);
 * ``seed``: the seed project's loop: a per-token ``Dataset`` (one row per
   ``__getitem__`` from a memory-mapped ``.npy``) batched by ``DataLoader(shuffle=True)``,
   an SAE of two ``nn.Linear`` layers, MSE + L1, Adam, decoder renormalised each step and
   ``.item()`` on the loss, L0 and MSE every step.
 
 Tokens/s are measured over the steps after ``--warmup`` warm-up steps (timestamps of the
-trainer's progress updates). On a CPU the step is compute-bound (about 10 * d_in * d_sae
-FLOPs per token in either implementation), so the loader's advantage shows mostly on a
-GPU. With CUDA the benchmark also times ours at d_sae 16384, batch 8192 in bf16
+trainer's progress updates). The seed loop's step is dense and costs the same all
+through a run, so its first steps stand for its whole run; the speed-up (goal 3x) is
+ours over a complete run against it. With CUDA the benchmark also times ours at d_sae 16384, batch 8192 in bf16
 (compiled) and reports it as a fraction of the bf16 matmul limit, and runs SAELens's
 ``StandardTrainingSAE`` on the same shapes when ``bench/.venv-saelens/bin/python`` exists
 (SAELens lives only in that venv; without it, the row says so).
 
 Run: ``python -m bench sae_train [--quick]``; results go to ``bench/results/sae_train.json``.
-Exit status 1 when ours is less than 3x faster than the seed loop (reported, not enforced,
-on CPU where the ratio is bounded by the shared matmul cost).
+Exit status 1 when ours is less than 3x faster than the seed loop.
 """
 
 from __future__ import annotations
@@ -79,16 +85,18 @@ def build(folder: Path, n_tokens: int, d: int, seed: int) -> tuple[Path, Path]:
 
 
 class StepClock:
-    """A progress bar stand-in recording the time of every finished step."""
+    """A progress bar stand-in recording the time of every finished step (and the L0 logged)."""
 
     def __init__(self, **_: Any) -> None:
         self.times: list[float] = []
+        self.l0: list[tuple[int, float]] = []
 
     def update(self, n: int = 1) -> None:
         self.times.append(time.perf_counter())
 
-    def set_postfix(self, **_: Any) -> None:
-        pass
+    def set_postfix(self, **kw: Any) -> None:
+        if "l0" in kw:
+            self.l0.append((len(self.times), float(kw["l0"])))
 
     def close(self) -> None:
         pass
@@ -100,13 +108,13 @@ def rate(times: list[float], warmup: int, batch: int) -> float:
 
 
 def time_ours(store: Path, d_sae: int, batch: int, steps: int, warmup: int, device: str,
-              bf16: bool = False) -> dict[str, Any]:
+              bf16: bool = False, sparse: str = "auto", lr: float | None = None) -> dict[str, Any]:
     from music_interpret.learners.sae import ReluL1Config, ReluL1Learner
     from music_interpret.learners.trainer import Trainer, TrainSettings
     from music_interpret.loader import ActivationLoader
 
     learner = ReluL1Learner(ReluL1Config(d_sae=d_sae, batch_size=batch, init_sample_tokens=8192,
-                                         bf16=bf16, compile=bf16))
+                                         bf16=bf16, compile=bf16, sparse_backward=sparse, lr=lr))
     loader = ActivationLoader(store, HOOK, batch, drop_last=True, epochs=None, device=device)
     sample = ActivationLoader(store, HOOK, 8192, prefetch=0)
     clock: dict[str, StepClock] = {}
@@ -117,14 +125,20 @@ def time_ours(store: Path, d_sae: int, batch: int, steps: int, warmup: int, devi
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        Trainer(learner, loader, TrainSettings(steps=warmup + steps, log_every=10**9,
+        Trainer(learner, loader, TrainSettings(steps=warmup + steps, log_every=10,
                                                checkpoint_every=10**9, device=device),
                 checkpoint=Path(tmp) / "c.pt", tb_dir=None,
                 init_sample=lambda: next(iter(sample)), progress=progress).run()
         total = time.perf_counter() - t0
-    return {"approach": "ours", "device": device, "d_sae": d_sae, "batch": batch,
-            "dtype": "bf16" if bf16 else "fp32", "steps": steps,
-            "tok_s": rate(clock["bar"].times, warmup, batch), "run_s": total}
+    times = clock["bar"].times
+    third = max(2, steps // 3)
+    return {"approach": "ours" if sparse != "never" else "ours-dense", "device": device,
+            "d_sae": d_sae, "batch": batch, "dtype": "bf16" if bf16 else "fp32", "steps": steps,
+            "sparse_backward": sparse, "lr": learner.config.lr,
+            "tok_s": rate(times, warmup, batch), "run_s": total,
+            "tok_s_first_third": rate(times[: warmup + third], warmup, batch),
+            "tok_s_last_third": rate(times[-third:], 0, batch),
+            "l0_log": clock["bar"].l0, "l0_final": clock["bar"].l0[-1][1] if clock["bar"].l0 else None}
 
 
 class TokenDataset(Dataset):
@@ -227,11 +241,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = results["rows"]
     try:
         store, npy = build(base, args.tokens, 512, args.seed)
-        rows.append(time_ours(store, args.d_sae, args.batch, args.steps, args.warmup, "cpu"))
-        print(_fmt(rows[-1]), flush=True)
-        rows.append(time_seed(npy, args.d_sae, args.batch, args.steps, args.warmup))
-        print(_fmt(rows[-1]), flush=True)
-        results["cpu_speedup"] = rows[0]["tok_s"] / rows[1]["tok_s"]
+        seed = time_seed(npy, args.d_sae, args.batch, args.seed_steps, args.warmup)
+        dense = time_ours(store, args.d_sae, args.batch, args.seed_steps, args.warmup, "cpu",
+                          sparse="never", lr=args.lr)
+        ours = time_ours(store, args.d_sae, args.batch, args.steps, args.warmup, "cpu", lr=args.lr)
+        rows += [ours, dense, seed]
+        for row in rows:
+            print(_fmt(row), flush=True)
+        l0 = ", ".join(f"{step}: {value:.0f}" for step, value in ours["l0_log"][:: max(1, len(ours["l0_log"]) // 10)])
+        print(f"ours: L0 during the run (step: L0) {l0}; final {ours['l0_final']:.1f}; "
+              f"first third {ours['tok_s_first_third']:,.0f} tok/s, last third {ours['tok_s_last_third']:,.0f} tok/s")
+        results["cpu_speedup"] = ours["tok_s"] / seed["tok_s"]
+        results["cpu_speedup_dense"] = dense["tok_s"] / seed["tok_s"]
+        results["cpu_speedup_last_third"] = ours["tok_s_last_third"] / seed["tok_s"]
         if torch.cuda.is_available():
             results["gpu"] = torch.cuda.get_device_name()
             gpu = time_ours(store, 16384, 8192, 50, 10, "cuda", bf16=True)
@@ -262,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=262_144)
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=12, help="timed steps (after the warm-up)")
+    p.add_argument("--steps", type=int, default=300, help="steps of ours' complete training run")
+    p.add_argument("--seed-steps", type=int, default=12,
+                   help="timed steps of the seed loop and of ours-dense (after the warm-up)")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -270,18 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.d_sae, args.steps = 32_768, 1024, 4
+        args.tokens, args.d_sae, args.steps, args.seed_steps = 32_768, 1024, 12, 4
     print(f"{'approach':<8} {'dev':<5} {'dtype':<13} {'shape':<26} {'tokens/s':>12}")
     results = run(args)
     speedup = results["cpu_speedup"]
     ok = speedup >= MIN_SPEEDUP
-    print(f"CPU speed-up ours / seed: {speedup:.2f}x (goal >= {MIN_SPEEDUP}x: "
-          f"{'met' if ok else 'NOT met; the CPU step is matmul-bound in both'})")
+    print(f"CPU speed-up ours / seed over a complete run: {speedup:.2f}x (goal >= {MIN_SPEEDUP}x: "
+          f"{'met' if ok else 'NOT met'}); dense step only: {results['cpu_speedup_dense']:.2f}x; "
+          f"last third of the run: {results['cpu_speedup_last_third']:.2f}x")
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results: {args.out}")
-    return 0 if ok or not torch.cuda.is_available() else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

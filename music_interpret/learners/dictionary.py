@@ -38,11 +38,23 @@ class Dictionary(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) @ W_enc + b_enc`` (``x @ W_enc + b_enc`` without ``apply_b_dec_to_input``).
+
+        When ``b_dec`` takes gradients, the input is shifted by a detached ``b_dec`` and
+        ``b_dec``'s gradient flows through ``(sg(b_dec) - b_dec) @ W_enc``, a vector that
+        is exactly zero: the same values and gradients as the plain formula, but autograd
+        no longer needs the (n, d_in) gradient of the shifted input, one (n x d_in x
+        d_sae) matmul of the backward pass.
+        """
+        bias = self.b_enc
         if self.apply_b_dec_to_input:
-            x = x - self.b_dec
+            b_dec = self.b_dec.detach()
+            if torch.is_grad_enabled() and self.b_dec.requires_grad:
+                bias = bias + (b_dec - self.b_dec) @ self.W_enc
+            x = x - b_dec
         if x.dim() == 2 and x.device.type == "cpu":  # bias inside the matmul: a pass less
-            return torch.addmm(self.b_enc, x, self.W_enc)
-        return x @ self.W_enc + self.b_enc
+            return torch.addmm(bias, x, self.W_enc)
+        return x @ self.W_enc + bias
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.k is None:
@@ -56,6 +68,8 @@ class Dictionary(nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction (..., d_in) from codes (..., d_sae)."""
+        if f.dim() == 2 and f.device.type == "cpu":
+            return torch.addmm(self.b_dec, f, self.W_dec)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -188,3 +188,28 @@ def test_training_sparse_vs_dense_and_resume(tmp_path: Path, store: Path) -> Non
     resumed = Trainer(learner, loader(store), settings, checkpoint=ckpt, tb_dir=None,
                       init_sample=lambda: x0).run().model.state_dict()
     assert all(torch.equal(resumed[k], weights["always"][k]) for k in resumed)
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_pre_acts_gradients_match_the_plain_formula(apply: bool) -> None:
+    """The zero-valued b_dec term of ``pre_acts`` gives the plain formula's values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    model = Dictionary(24, 96, apply_b_dec_to_input=apply)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(50, 24, generator=g) + 3.0
+    weights = torch.randn(50, 96, generator=g)
+    (model.pre_acts(x) * weights).sum().backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    shifted = x - model.b_dec if apply else x
+    plain = shifted @ model.W_enc + model.b_enc
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(model.pre_acts(x), plain, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert name not in got
+            continue
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-4)
+    assert ("b_dec" in got) is apply
