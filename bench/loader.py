@@ -6,19 +6,21 @@ as ``.npy`` shards (another 4 GiB), in a temporary folder that is deleted afterw
 (``--dir`` chooses where; free space is checked first). Then it times shuffled batches
 of 4096 tokens:
 
-* ``ours``: :class:`music_interpret.loader.ActivationLoader` (block shuffling, contiguous
-  reads, reading and batching in two background threads), ``--epochs`` whole epochs
-  timed separately: the first includes allocating the loader's read buffers, later ones
-  reuse them (the steady state a training run sees; the speed-up goal is checked on
-  it). Also with ``unit_mean_norm`` normalisation applied on the fly (statistics from
+* ``ours``: :class:`music_interpret.loader.ActivationLoader` (block shuffling; the store's
+  contiguous shards memory-mapped and each batch gathered from them in a background
+  thread), ``--epochs`` whole epochs timed separately: the first pages the memory maps
+  in, later ones find them mapped (the steady state a training run sees; the speed-up
+  goal is checked on it). Also with ``unit_mean_norm`` normalisation applied on the fly (statistics from
   :func:`compute_stats`, whose time is reported too) unless ``--skip-normalized``;
 * ``seed``: the older seed project's approach, a map-style ``torch.utils.data.Dataset``
   returning ONE token per ``__getitem__`` from memory-mapped ``.npy`` shards, batched by
-  ``DataLoader(shuffle=True, batch_size=4096)`` (``num_workers=0``). It is slow, so only
-  ``--seed-batches`` batches are timed (after one warm-up batch) and tokens/s extrapolated.
+  ``DataLoader(shuffle=True, batch_size=4096)`` (``num_workers=0``). Its memory maps are
+  paged in first (every page touched once, as ours are after the first epoch; cold maps
+  would make it about 1.5x slower). It is slow, so only ``--seed-batches`` batches are
+  timed (after one warm-up batch) and tokens/s extrapolated.
 
-Both read from a warm page cache (the data were just written), so the comparison is of
-the loading path, not of the disk. The table gives each row's CPU use (process CPU time
+Both read from a warm page cache (the data were just written, then flushed with
+``sync``), so the comparison is of the loading path, not of the disk. The table gives each row's CPU use (process CPU time
 / wall time): on a shared machine, other processes' load shows there. Run:
 ``python -m bench loader [--quick]``; results go to ``bench/results/loader.json``. Exit
 status 1 when ours (steady state) is less than 20x faster.
@@ -101,8 +103,13 @@ class SeedTokenDataset(Dataset):
 
 
 def time_seed(files: list[Path], batch: int, n_batches: int, seed: int) -> dict[str, Any]:
+    """The seed loader with its memory maps already paged in (as ours after its first epoch)."""
     torch.manual_seed(seed)
-    loader = DataLoader(SeedTokenDataset(files), batch_size=batch, shuffle=True, num_workers=0)
+    dataset = SeedTokenDataset(files)
+    for array in dataset.arrays:  # touch every page once: no page faults while timing
+        for start in range(0, len(array), 65_536):
+            array[start : start + 65_536].max()
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0)
     it = iter(loader)
     first = next(it)  # warm-up (sampler set-up, first page faults)
     assert first.shape == (batch, first.shape[1])
@@ -114,7 +121,7 @@ def time_seed(files: list[Path], batch: int, n_batches: int, seed: int) -> dict[
             "cpu_percent": 100 * (time.process_time() - c0) / seconds}
 
 
-def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: int, prefetch: int,
+def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: int, prefetch: int | None,
               seed: int, block_tokens: int, buffer_blocks: int) -> list[dict[str, Any]]:
     """One row per epoch: the first allocates the read buffers, later ones reuse them."""
     from music_interpret.loader import ActivationLoader
@@ -139,7 +146,8 @@ def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: i
         rows.append({"approach": "ours", "normalization": normalization, "epoch": epoch,
                      "batches": len(loader), "tokens": n, "seconds": seconds, "tok_s": n / seconds,
                      "cpu_percent": 100 * (time.process_time() - c0) / seconds,
-                     "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": prefetch,
+                     "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": loader.prefetch,
+                     "mapped": loader.mapped,
                      "block_tokens": block_tokens, "buffer_blocks": buffer_blocks})
     loader.close()
     return rows
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         data = build(folder, args.tokens, args.d_model, args.shard_tokens, args.seed)
         results["build_s"] = data["build_s"]
+        os.sync()  # flush the freshly written files: no disk write-back while timing
         rows = results["rows"]
         kw = dict(epochs=args.epochs, prefetch=args.prefetch, seed=args.seed,
                   block_tokens=args.block_tokens, buffer_blocks=args.buffer_blocks)
@@ -208,7 +217,7 @@ HEADER = ("| loader | normalization | batches timed | tokens/s | CPU % | speedup
 def _fmt_row(r: dict[str, Any]) -> str:
     if r["approach"] == "ours":
         name = "ActivationLoader (ours)"
-        timed = f"{r['batches']} (epoch {r['epoch'] + 1}{', allocates buffers' if r['epoch'] == 0 else ''})"
+        timed = f"{r['batches']} (epoch {r['epoch'] + 1}{', pages the maps in' if r['epoch'] == 0 else ''})"
     else:
         name, timed = "seed Dataset + DataLoader", f"{r['batches']} (extrapolated)"
     cpu = f"{r['cpu_percent']:.0f}"
@@ -244,7 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-tokens", type=int, default=262_144)
     p.add_argument("--block-tokens", type=int, default=65_536)
     p.add_argument("--buffer-blocks", type=int, default=4)
-    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="the loader's prefetch (default: its own choice, inline gathers on CPU)")
     p.add_argument("--seed-batches", type=int, default=16, help="timed batches of the seed loader")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs of ours (the first allocates)")
     p.add_argument("--seed", type=int, default=0)

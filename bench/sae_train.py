@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=262_144)
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=300, help="steps of ours' complete training run")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="steps of ours' complete training run (1000 x 4096 = 4.1M tokens)")
     p.add_argument("--seed-steps", type=int, default=12,
                    help="timed steps of the seed loop and of ours-dense (after the warm-up)")
     p.add_argument("--lr", type=float, default=1e-3)

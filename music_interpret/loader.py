@@ -28,7 +28,11 @@ resumes mid-epoch (:meth:`ActivationLoader.state_dict`) by replaying the index
 bookkeeping only and reading the few carried-over tokens directly.
 
 With ``prefetch`` > 0 the mapped path gathers batches in a background thread,
-``prefetch`` batches ahead. In the pooled path two background threads work ahead of
+``prefetch`` batches ahead. By default (``prefetch=None``) it does so for a CUDA target,
+whose compute the gathers then overlap; for a CPU target it gathers in the consumer's
+thread, because the gather already uses every core (a second thread would only
+compete with the training step for them and costs about a third of the loader's
+throughput in hand-offs). In the pooled path (``prefetch=None``: 2) two background threads work ahead of
 the consumer: one reads
 and normalises buffers (reads in chunk-aligned pieces, normalised while cache-warm),
 the other permutes them into batches (``prefetch`` batches queued), so reading and
@@ -126,7 +130,7 @@ class ActivationLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         pin_memory: bool | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         dtype: torch.dtype | None = None,
         epochs: int | None = 1,
         mmap: bool | None = None,
@@ -137,7 +141,7 @@ class ActivationLoader:
                             ("buffer_blocks", buffer_blocks)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if prefetch < 0:
+        if prefetch is not None and prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be positive or None (endless), got {epochs}")
@@ -152,7 +156,6 @@ class ActivationLoader:
         self.drop_last = drop_last
         self.device = torch.device(device)
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else bool(pin_memory)
-        self.prefetch = int(prefetch)
         self.dtype = dtype or torch.float32
         self.epochs = epochs
         self.filters = dict(filters or {})
@@ -173,6 +176,9 @@ class ActivationLoader:
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
         self._views: list[torch.Tensor] | None = None  # mapped rows of the hook, per shard
         self.mapped = self._use_mmap(mmap)
+        if prefetch is None:
+            prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
+        self.prefetch = int(prefetch)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -412,8 +418,9 @@ class ActivationLoader:
                 cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(local)]
                 for s, e in zip(cuts[:-1], cuts[1:], strict=True):
                     torch.index_select(views[int(shard[s])], 0, index[s:e], out=dest[s:e])
+                self.normalizer.apply_tensor_(dest)
                 del dest
-                yield self.normalizer.apply_(out)
+                yield out
                 del out
 
     def _shard_of(self, keys: np.ndarray) -> np.ndarray:

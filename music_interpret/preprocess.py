@@ -415,6 +415,16 @@ class Normalizer:
         """Normalise a float numpy array in place (no copy); returns it."""
         return self.apply_into(x, x)
 
+    def apply_tensor_(self, t: torch.Tensor) -> torch.Tensor:
+        """Normalise a float32 CPU tensor in place, on every core; the values of :meth:`apply_`."""
+        import torch
+
+        if self.shift.any():
+            t.sub_(torch.from_numpy(self.shift.astype(np.float32)))
+        if not (self.scale == 1).all():
+            t.mul_(torch.from_numpy(self.scale.astype(np.float32)))
+        return t
+
     def apply_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Write the normalised ``x`` into the float array ``out`` (one pass when possible)."""
         shift = self.shift.any()
