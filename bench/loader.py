@@ -7,8 +7,8 @@ as ``.npy`` shards (another 4 GiB), in a temporary folder that is deleted afterw
 of 4096 tokens:
 
 * ``ours``: :class:`music_interpret.loader.ActivationLoader` (block shuffling; the store's
-  contiguous shards memory-mapped and each batch gathered from them in a background
-  thread), ``--epochs`` whole epochs timed separately: the first pages the memory maps
+  shards memory-mapped and each batch gathered from them, in the consumer's thread on
+  CPU), ``--epochs`` whole epochs timed separately: the first pages the memory maps
   in, later ones find them mapped (the steady state a training run sees; the speed-up
   goal is checked on it). Also with ``unit_mean_norm`` normalisation applied on the fly (statistics from
   :func:`compute_stats`, whose time is reported too) unless ``--skip-normalized``;

@@ -14,13 +14,14 @@ rows with one gather.
 
 Two ways to deliver the same batches (bitwise):
 
-* **mapped** (default when the store's activations are contiguous, as the ``netcdf``
-  store writes them): each shard's activation block is memory-mapped
-  (:mod:`music_interpret.stores.mapped`) and every batch is one gather of its rows
+* **mapped** (default whenever the shards can be mapped: uncompressed activations
+  whose chunks lie in order, as the ``netcdf`` store writes them in either layout):
+  each shard's activations are memory-mapped (:mod:`music_interpret.stores.mapped`)
+  and every batch is one gather of its rows
   straight from the page cache into the batch tensor: no read buffers, and the
   memory in use is the batches in flight (the OS keeps the hot part of the files
   cached, as for any file read).
-* **pooled** (chunked or compressed stores, or ``mmap=False``): blocks are read
+* **pooled** (stores that cannot be mapped, e.g. compressed, or ``mmap=False``): blocks are read
   through netCDF into read buffers, then permuted into batches (below).
 
 Because block sizes and permutations are known without reading data, the loader
@@ -58,7 +59,7 @@ import numpy as np
 
 from .errors import UserError
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
-from .stores.mapped import NotMappable, map_store
+from .stores.mapped import MappedShard, NotMappable, map_store
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class ActivationLoader:
         self._lock = _io_lock()
         self._active: set[_Prefetcher] = set()
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
-        self._views: list[torch.Tensor] | None = None  # mapped rows of the hook, per shard
+        self._maps: list[tuple[MappedShard, torch.Tensor]] | None = None  # per shard: map, rows
         self.mapped = self._use_mmap(mmap)
         if prefetch is None:
             prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
@@ -193,7 +194,7 @@ class ActivationLoader:
 
     def _use_mmap(self, wanted: bool | None) -> bool:
         """Whether batches are gathered from memory-mapped shards (see the module doc)."""
-        if wanted is False or (wanted is None and self.info.manifest.get("layout") != "contiguous"):
+        if wanted is False:
             return False
         try:
             self._map()
@@ -203,13 +204,13 @@ class ActivationLoader:
             return False
         return True
 
-    def _map(self) -> list[torch.Tensor]:
-        """This hook's rows of every shard, memory-mapped, as (n_tokens, d_model) tensors."""
-        if self._views is None:
+    def _map(self) -> list[tuple[MappedShard, torch.Tensor]]:
+        """Every shard memory-mapped, with its rows as a (rows, d_model) tensor."""
+        if self._maps is None:
             import torch
 
-            self._views = [torch.from_numpy(m)[:, self._hook_index, :] for m in map_store(self.info)]
-        return self._views
+            self._maps = [(m, torch.from_numpy(m.rows)) for m in map_store(self.info)]
+        return self._maps
 
     def _normalizer(self, mode: str, stats: Any) -> Normalizer:
         if mode not in MODES:
@@ -393,9 +394,9 @@ class ActivationLoader:
         import torch
 
         bs = self.batch_size
-        views = self._map()
+        maps, hook = self._map(), self._hook_index
         carry, done = np.empty(0, np.int64), 0
-        small = np.int16 if len(views) <= np.iinfo(np.int16).max else np.int64  # radix sort
+        small = np.int16 if len(maps) <= np.iinfo(np.int16).max else np.int64  # radix sort
         for buf in self._plan(epoch):
             keys = np.concatenate([carry, *(self._blocks[i].keys() for i in buf.blocks)])
             if buf.perm is not None:
@@ -412,12 +413,13 @@ class ActivationLoader:
                 if buf.perm is not None:
                     order = np.argsort(shard, kind="stable")
                     shard, local = shard[order], local[order]
-                index = torch.from_numpy(local)
                 out = memory.take(len(local))
                 dest = torch.from_numpy(out)
                 cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(local)]
                 for s, e in zip(cuts[:-1], cuts[1:], strict=True):
-                    torch.index_select(views[int(shard[s])], 0, index[s:e], out=dest[s:e])
+                    mapped, rows_t = maps[int(shard[s])]
+                    index = torch.from_numpy(mapped.row_index(local[s:e], hook))
+                    torch.index_select(rows_t, 0, index, out=dest[s:e])
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
@@ -522,7 +524,7 @@ class ActivationLoader:
             prefetcher.close()
         self._active.clear()
         self._spare = []
-        self._views = None
+        self._maps = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "

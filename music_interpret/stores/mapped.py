@@ -1,22 +1,28 @@
-"""Memory-mapped activations: zero-copy row access to contiguous netCDF shards.
+"""Memory-mapped activations: zero-copy row access to the shards of a netCDF store.
 
-A shard written with ``layout: contiguous`` keeps its activations as one HDF5
-contiguous block of little-endian float32 (token, hook, d_model). h5py gives the
-block's byte offset in the file, and :func:`map_store` maps it read-only
-(copy-on-write) with :class:`numpy.memmap`: a training batch is then one gather from
-the page cache, with no HDF5 read and no intermediate copy.
+The ``netcdf`` store writes activations uncompressed and aligned to 4 KiB, either in
+chunks of ``(chunk_tokens, 1, d_model)`` (one hook point each, the default) or as one
+contiguous (token, hook, d_model) block. HDF5 lays the chunks of a single full write
+out one after the other in chunk order, so in both layouts a shard's activations are
+one byte range of little-endian float32 rows, and the row of token ``t`` and hook
+``h`` is an affine function of ``t // chunk``, ``t % chunk`` and ``h``
+(:meth:`MappedShard.row_index`). h5py gives the byte offsets; :func:`map_store` maps
+the range read-only (copy-on-write) with :class:`numpy.memmap`, so that a training
+batch is one gather from the page cache, with no HDF5 read and no intermediate copy.
 
-Mapping is refused (:class:`NotMappable`, with the reason) for chunked, filtered or
-compressed activations, unallocated data, a block that would run past the end of the
-file, or when the mapped rows disagree with the rows netCDF reads (checked on the
-first and last token of every shard). A mapped file must not be truncated in place
-while it is mapped (the OS would stop the process with SIGBUS); stores are only ever
-replaced by renaming, which is safe.
+Mapping is refused (:class:`NotMappable`, with the reason) for compressed or filtered
+activations, chunks of another shape or out of order, unallocated data, a range that
+would run past the end of the file, or when the mapped rows disagree with the rows
+netCDF reads (checked on the first, middle and last token of every hook of every shard). A
+mapped file must not be truncated in place while it is mapped (the OS would stop the
+process with SIGBUS); stores are only ever replaced by renaming, which is safe.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +33,54 @@ class NotMappable(Exception):
     """The activations of a shard cannot be memory-mapped (the message says why)."""
 
 
-def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> np.ndarray:
-    """The activations of one shard as a read-only (n_tokens, n_hooks, d_model) memmap."""
+@dataclass(frozen=True)
+class MappedShard:
+    """A shard's activation rows in a memory map.
+
+    ``rows`` is (R, d_model); the row of token ``t`` and hook ``h`` is
+    ``(t // chunk) * chunk_stride + (t % chunk) * token_stride + h * hook_stride``.
+    """
+
+    rows: np.ndarray
+    chunk: int
+    chunk_stride: int
+    token_stride: int
+    hook_stride: int
+
+    def row_index(self, tokens: np.ndarray, hook: int) -> np.ndarray:
+        """Rows of ``tokens`` (int64 token indices of the shard) for hook index ``hook``."""
+        if self.chunk_stride == 0:  # contiguous: one chunk
+            return tokens * self.token_stride + hook * self.hook_stride
+        return ((tokens // self.chunk) * self.chunk_stride + (tokens % self.chunk) * self.token_stride
+                + hook * self.hook_stride)
+
+
+def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int) -> tuple[int, int, int, int, int]:
+    """(byte offset, chunk, chunk_stride, token_stride, hook_stride) of the activation rows."""
+    if ds.chunks is None:
+        offset = ds.id.get_offset()
+        if offset is None:
+            raise NotMappable(f"{shard}: activations have no storage allocated")
+        return offset, n, 0, n_hooks, 1
+    chunk = ds.chunks[0]
+    if ds.chunks != (chunk, 1, d_model):
+        raise NotMappable(f"{shard}: activation chunks {ds.chunks} are not (tokens, 1, d_model)")
+    n_chunks = -(-n // chunk)
+    chunk_bytes = 4 * chunk * d_model
+    base = None
+    for k in range(n_chunks * n_hooks):
+        t0, h = (k // n_hooks) * chunk, k % n_hooks
+        info = ds.id.get_chunk_info_by_coord((t0, h, 0))
+        if info.byte_offset is None or info.size != chunk_bytes or info.filter_mask:
+            raise NotMappable(f"{shard}: activation chunk {(t0, h, 0)} is missing, filtered or resized")
+        base = info.byte_offset if base is None else base
+        if info.byte_offset != base + k * chunk_bytes:
+            raise NotMappable(f"{shard}: activation chunks are not stored one after the other in order")
+    return base, chunk, n_hooks * chunk, 1, chunk
+
+
+def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> MappedShard:
+    """The activations of one shard, memory-mapped (see the module docstring)."""
     try:
         import h5py
     except ImportError as exc:  # pragma: no cover - h5py is a dependency
@@ -36,8 +88,6 @@ def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> np.ndar
     try:
         with h5py.File(shard, "r", locking=False) as f:
             ds = f["activations"]
-            if ds.chunks is not None:
-                raise NotMappable(f"{shard}: activations are chunked, not contiguous")
             if ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None:
                 raise NotMappable(f"{shard}: activations are filtered or compressed")
             if ds.dtype != np.dtype("<f4"):
@@ -45,25 +95,28 @@ def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> np.ndar
             if ds.shape != (n_tokens, n_hooks, d_model):
                 raise NotMappable(f"{shard}: activations have shape {ds.shape}, "
                                   f"expected {(n_tokens, n_hooks, d_model)}")
-            offset = ds.id.get_offset()
+            offset, chunk, chunk_stride, token_stride, hook_stride = _layout(
+                ds, shard, n_tokens, n_hooks, d_model)
     except (OSError, KeyError) as exc:
         raise NotMappable(f"{shard}: {exc}") from None
-    if offset is None:
-        raise NotMappable(f"{shard}: activations have no storage allocated")
-    if offset + 4 * n_tokens * n_hooks * d_model > shard.stat().st_size:
-        raise NotMappable(f"{shard}: activation block runs past the end of the file (truncated?)")
-    return np.memmap(shard, dtype="<f4", mode="c", offset=offset, shape=(n_tokens, n_hooks, d_model))
+    n_rows = n_tokens * n_hooks if chunk_stride == 0 else -(-n_tokens // chunk) * chunk_stride
+    if offset + 4 * n_rows * d_model > shard.stat().st_size:
+        raise NotMappable(f"{shard}: activation rows run past the end of the file (truncated?)")
+    rows = np.memmap(shard, dtype="<f4", mode="c", offset=offset, shape=(n_rows, d_model))
+    return MappedShard(rows, chunk, chunk_stride, token_stride, hook_stride)
 
 
-def map_store(info: StoreInfo) -> list[np.ndarray]:
-    """Memmaps of every shard of a checked store, verified against netCDF reads."""
+def map_store(info: StoreInfo) -> list[MappedShard]:
+    """Every shard of a checked store, memory-mapped and verified against netCDF reads."""
     maps = []
     for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
         n = int(entry["tokens"])
         mapped = map_shard(shard, n, len(info.hooks), info.d_model)
+        ends = np.asarray(sorted({0, n // 2, n - 1}), np.int64)
         for h in range(len(info.hooks)):
-            for t in {0, n - 1}:
-                if not np.array_equal(mapped[t, h], read_block(shard, h, t, t + 1)[0], equal_nan=True):
-                    raise NotMappable(f"{shard}: mapped activations differ from the netCDF read")
+            got = mapped.rows[mapped.row_index(ends, h)]
+            want = np.concatenate([read_block(shard, h, int(t), int(t) + 1) for t in ends])
+            if not np.array_equal(got, want, equal_nan=True):
+                raise NotMappable(f"{shard}: mapped activations differ from the netCDF read")
         maps.append(mapped)
     return maps

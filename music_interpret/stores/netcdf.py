@@ -9,11 +9,12 @@ Layout of a store folder::
 
 Each shard is written to ``.shard-NNNNN.nc.tmp`` and renamed when complete, then
 the manifest is updated; a shard file that is not in the manifest is not part of
-the store. Activations are stored uncompressed; with the default ``layout: contiguous``
-as one HDF5 contiguous block per shard (token-major: one seek for any token range,
-and memory-mappable, so the training loader gathers rows straight from the page
-cache, see :mod:`music_interpret.stores.mapped`); with ``layout: chunked`` in chunks
-of ``chunk_tokens`` tokens of one hook point. The small integer coordinates are
+the store. Activations are stored uncompressed, aligned to 4 KiB: with the default
+``layout: chunked`` in chunks of ``chunk_tokens`` tokens of one hook point (fast
+sequential and block reads of one hook), with ``layout: contiguous`` as one
+token-major block. Either way a shard's activations are one byte range that the
+training loader memory-maps and gathers rows from (see
+:mod:`music_interpret.stores.mapped`). The small integer coordinates are
 zlib-compressed in chunks of ``COORD_CHUNK_FACTOR * chunk_tokens`` tokens.
 """
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +39,8 @@ FORMAT = "music-interpret-activations"
 FORMAT_VERSION = 1
 MANIFEST = "store.json"
 COORD_CHUNK_FACTOR = 4  # coordinates (and dask chunks) span this many activation chunks
-LAYOUTS = ("contiguous", "chunked")
+LAYOUTS = ("chunked", "contiguous")
+ALIGN = (1 << 16, 4096)  # HDF5 objects of 64 KiB or more start on a 4 KiB boundary
 EVENT_TYPES = ("start-of-song", "instrument", "start-of-notes", "note", "end-of-song")
 
 #: coordinates on every token: name -> (netCDF type, description)
@@ -72,6 +75,17 @@ def _netcdf_lock() -> Any:
 NC_LOCK = _netcdf_lock()
 
 
+@contextmanager
+def _aligned(netCDF4: Any) -> Iterator[None]:
+    """Files created inside align their large objects (the activation chunks) to 4 KiB."""
+    previous = tuple(netCDF4.get_alignment())
+    netCDF4.set_alignment(*ALIGN)
+    try:
+        yield
+    finally:  # (0, 0) means "never set"; setting it would make HDF5 refuse every file
+        netCDF4.set_alignment(*(previous if previous != (0, 0) else (1, 1)))
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.nc"
 
@@ -84,7 +98,7 @@ class NetCDFStoreConfig:
     shard_tokens: int | None = None
     chunk_tokens: int = 4096
     compression_level: int = 4
-    layout: Literal["contiguous", "chunked"] = "contiguous"
+    layout: Literal["chunked", "contiguous"] = "chunked"
 
     def __post_init__(self) -> None:
         if self.shard_mb <= 0 or self.chunk_tokens < 1:
@@ -187,7 +201,7 @@ class StoreWriter:
         final = self.path / shard_name(index)
         tmp = self.path / f".{final.name}.tmp"
         chunk = max(1, min(self.config.chunk_tokens, n))
-        with NC_LOCK, netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+        with NC_LOCK, _aligned(netCDF4), netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             nc.createDimension("token", n)
             nc.createDimension("hook", len(m["hooks"]))
             nc.createDimension("d_model", m["d_model"])

@@ -14,6 +14,7 @@ import torch
 from music_interpret.errors import UserError
 from music_interpret.loader import ActivationLoader
 from music_interpret.preprocess import Normalizer, compute_stats, write_stats
+from music_interpret.stores.mapped import NotMappable, map_shard
 
 from . import HOOKS, make_store, synthetic
 
@@ -251,15 +252,42 @@ def test_reads_in_pieces(store: tuple[Path, dict], stats_path: Path, data: np.nd
     np.testing.assert_array_equal(torch.cat(list(plain)).numpy(), data[:, 1])
 
 
-def test_layout_picks_the_path(store: tuple[Path, dict]) -> None:
-    contiguous = ActivationLoader(store[0], HOOKS[0], 64).info.manifest["layout"] == "contiguous"
-    assert ActivationLoader(store[0], HOOKS[0], 64).mapped is contiguous
+def test_both_layouts_are_mapped(store: tuple[Path, dict], monkeypatch, tmp_path: Path) -> None:
+    assert ActivationLoader(store[0], HOOKS[0], 64).mapped
+    assert ActivationLoader(store[0], HOOKS[0], 64, mmap=True).mapped
     assert not ActivationLoader(store[0], HOOKS[0], 64, mmap=False).mapped
-    if contiguous:
-        assert ActivationLoader(store[0], HOOKS[0], 64, mmap=True).mapped
-    else:
-        with pytest.raises(UserError, match="mmap: .*shard-00000.nc: activations are chunked"):
-            ActivationLoader(store[0], HOOKS[0], 64, mmap=True)
+
+    def refuse(info: object) -> None:
+        raise NotMappable("shard-00000.nc: activations are filtered or compressed")
+
+    monkeypatch.setattr("music_interpret.loader.map_store", refuse)
+    assert not ActivationLoader(store[0], HOOKS[0], 64).mapped  # falls back to pooled reads
+    with pytest.raises(UserError, match="mmap: shard-00000.nc: activations are filtered"):
+        ActivationLoader(store[0], HOOKS[0], 64, mmap=True)
+
+
+def test_compressed_or_reordered_activations_are_not_mapped(tmp_path: Path) -> None:
+    import netCDF4
+
+    acts = synthetic(300, D, n_hooks=1)
+    for name, kw in (("zlib", {"zlib": True, "chunksizes": (100, 1, D)}),
+                     ("whole", {"chunksizes": (100, 1, D // 2)})):
+        path = tmp_path / f"{name}.nc"
+        with netCDF4.Dataset(path, "w") as nc:
+            for dim, size in zip(("token", "hook", "d_model"), acts.shape, strict=True):
+                nc.createDimension(dim, size)
+            nc.createVariable("activations", "f4", ("token", "hook", "d_model"), **kw)[:] = acts
+        with pytest.raises(NotMappable, match=str(path)):
+            map_shard(path, 300, 1, D)
+    path = tmp_path / "reordered.nc"
+    with netCDF4.Dataset(path, "w") as nc:
+        for dim, size in zip(("token", "hook", "d_model"), acts.shape, strict=True):
+            nc.createDimension(dim, size)
+        var = nc.createVariable("activations", "f4", ("token", "hook", "d_model"), chunksizes=(100, 1, D))
+        for start in (200, 0, 100):  # chunks allocated out of token order
+            var[start : start + 100] = acts[start : start + 100]
+    with pytest.raises(NotMappable, match="not stored one after the other"):
+        map_shard(path, 300, 1, D)
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -271,8 +299,6 @@ def test_layout_picks_the_path(store: tuple[Path, dict]) -> None:
 def test_mapped_and_pooled_batches_identical(store: tuple[Path, dict], stats_path: Path,
                                              hook: str, options: dict) -> None:
     """The two paths deliver bitwise the same batches (order inside a batch included)."""
-    if not ActivationLoader(store[0], hook, 64).mapped:
-        pytest.skip("chunked store: only the pooled path")
     kw = {**SMALL, "stats": stats_path if "normalization" in options else None, **options}
     for epoch_seed in (0, 5):
         mapped = ActivationLoader(store[0], hook, 250, seed=epoch_seed, mmap=True, **kw)
@@ -285,8 +311,6 @@ def test_mapped_and_pooled_batches_identical(store: tuple[Path, dict], stats_pat
 
 def test_mapped_resume_matches(store: tuple[Path, dict]) -> None:
     """Resuming the mapped path mid-epoch continues with the pooled path's batches."""
-    if not ActivationLoader(store[0], HOOKS[0], 64).mapped:
-        pytest.skip("chunked store: only the pooled path")
     full = list(ActivationLoader(store[0], HOOKS[0], 128, seed=2, mmap=False, **SMALL))
     loader = ActivationLoader(store[0], HOOKS[0], 128, seed=2, mmap=True, **SMALL)
     loader.load_state_dict({"epoch": 0, "position": 7})
