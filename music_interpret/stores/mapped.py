@@ -2,18 +2,17 @@
 
 The ``netcdf`` store writes activations uncompressed and aligned to 4 KiB, either in
 chunks of ``(chunk_tokens, 1, d_model)`` (one hook point each, the default) or as one
-contiguous (token, hook, d_model) block. HDF5 lays the chunks of a single full write
-out one after the other in chunk order, so in both layouts a shard's activations are
-one byte range of little-endian float32 rows, and the row of token ``t`` and hook
-``h`` is an affine function of ``t // chunk``, ``t % chunk`` and ``h``
-(:meth:`MappedShard.row_index`). h5py gives the byte offsets; :func:`map_store` maps
-the range read-only (copy-on-write) with :class:`numpy.memmap`, so that a training
-batch is one gather from the page cache, with no HDF5 read and no intermediate copy.
+contiguous (token, hook, d_model) block. Either way every chunk is a run of whole
+little-endian float32 rows in the file: h5py gives the chunks' byte offsets,
+:func:`map_store` maps the byte range that holds them read-only (copy-on-write) with
+:class:`numpy.memmap`, and :meth:`MappedShard.row_index` turns (token, hook) into a
+row of it. A training batch is then one gather from the page cache, with no HDF5
+read and no intermediate copy.
 
 Mapping is refused (:class:`NotMappable`, with the reason) for compressed or filtered
-activations, chunks of another shape or out of order, unallocated data, a range that
-would run past the end of the file, or when the mapped rows disagree with the rows
-netCDF reads (checked on the first, middle and last token of every hook of every shard). A
+activations, chunks of another shape or not on whole rows, unallocated data, a range
+that would run past the end of the file, or when the mapped rows disagree with the
+rows netCDF reads (checked on the first, middle and last token of every hook of every shard). A
 mapped file must not be truncated in place while it is mapped (the OS would stop the
 process with SIGBUS); stores are only ever replaced by renaming, which is safe.
 """
@@ -37,46 +36,48 @@ class NotMappable(Exception):
 class MappedShard:
     """A shard's activation rows in a memory map.
 
-    ``rows`` is (R, d_model); the row of token ``t`` and hook ``h`` is
-    ``(t // chunk) * chunk_stride + (t % chunk) * token_stride + h * hook_stride``.
+    ``rows`` is (R, d_model). Contiguous layout (``chunk == 0``): the row of token
+    ``t`` and hook ``h`` is ``t * n_hooks + h``. Chunked: ``starts[c * n_hooks + h]``
+    is the first row of the chunk holding tokens ``c * chunk ...`` of hook ``h``, and
+    the row is ``starts[...] + t % chunk``.
     """
 
     rows: np.ndarray
     chunk: int
-    chunk_stride: int
-    token_stride: int
-    hook_stride: int
+    n_hooks: int
+    starts: np.ndarray
 
     def row_index(self, tokens: np.ndarray, hook: int) -> np.ndarray:
         """Rows of ``tokens`` (int64 token indices of the shard) for hook index ``hook``."""
-        if self.chunk_stride == 0:  # contiguous: one chunk
-            return tokens * self.token_stride + hook * self.hook_stride
-        return ((tokens // self.chunk) * self.chunk_stride + (tokens % self.chunk) * self.token_stride
-                + hook * self.hook_stride)
+        if self.chunk == 0:
+            return tokens * self.n_hooks + hook
+        return self.starts[(tokens // self.chunk) * self.n_hooks + hook] + tokens % self.chunk
 
 
-def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int) -> tuple[int, int, int, int, int]:
-    """(byte offset, chunk, chunk_stride, token_stride, hook_stride) of the activation rows."""
+def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int
+            ) -> tuple[int, int, int, np.ndarray]:
+    """(byte offset, rows, chunk, chunk starts) of the mapped activation rows."""
+    row_bytes = 4 * d_model
     if ds.chunks is None:
         offset = ds.id.get_offset()
         if offset is None:
             raise NotMappable(f"{shard}: activations have no storage allocated")
-        return offset, n, 0, n_hooks, 1
+        return offset, n * n_hooks, 0, np.zeros(0, np.int64)
     chunk = ds.chunks[0]
     if ds.chunks != (chunk, 1, d_model):
         raise NotMappable(f"{shard}: activation chunks {ds.chunks} are not (tokens, 1, d_model)")
-    n_chunks = -(-n // chunk)
-    chunk_bytes = 4 * chunk * d_model
-    base = None
-    for k in range(n_chunks * n_hooks):
-        t0, h = (k // n_hooks) * chunk, k % n_hooks
-        info = ds.id.get_chunk_info_by_coord((t0, h, 0))
-        if info.byte_offset is None or info.size != chunk_bytes or info.filter_mask:
-            raise NotMappable(f"{shard}: activation chunk {(t0, h, 0)} is missing, filtered or resized")
-        base = info.byte_offset if base is None else base
-        if info.byte_offset != base + k * chunk_bytes:
-            raise NotMappable(f"{shard}: activation chunks are not stored one after the other in order")
-    return base, chunk, n_hooks * chunk, 1, chunk
+    offsets = []
+    for k in range(-(-n // chunk) * n_hooks):
+        info = ds.id.get_chunk_info_by_coord(((k // n_hooks) * chunk, k % n_hooks, 0))
+        if info.byte_offset is None or info.size != chunk * row_bytes or info.filter_mask:
+            raise NotMappable(f"{shard}: activation chunk {k} is missing, filtered or resized")
+        offsets.append(info.byte_offset)
+    base = min(offsets)
+    starts = (np.asarray(offsets, np.int64) - base) // row_bytes
+    ordered = np.sort(np.asarray(offsets, np.int64))
+    if any((o - base) % row_bytes for o in offsets) or (np.diff(ordered) < chunk * row_bytes).any():
+        raise NotMappable(f"{shard}: activation chunks do not lie on whole rows")
+    return base, int(starts.max()) + chunk, chunk, starts
 
 
 def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> MappedShard:
@@ -95,15 +96,13 @@ def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> MappedS
             if ds.shape != (n_tokens, n_hooks, d_model):
                 raise NotMappable(f"{shard}: activations have shape {ds.shape}, "
                                   f"expected {(n_tokens, n_hooks, d_model)}")
-            offset, chunk, chunk_stride, token_stride, hook_stride = _layout(
-                ds, shard, n_tokens, n_hooks, d_model)
+            offset, n_rows, chunk, starts = _layout(ds, shard, n_tokens, n_hooks, d_model)
     except (OSError, KeyError) as exc:
         raise NotMappable(f"{shard}: {exc}") from None
-    n_rows = n_tokens * n_hooks if chunk_stride == 0 else -(-n_tokens // chunk) * chunk_stride
     if offset + 4 * n_rows * d_model > shard.stat().st_size:
         raise NotMappable(f"{shard}: activation rows run past the end of the file (truncated?)")
     rows = np.memmap(shard, dtype="<f4", mode="c", offset=offset, shape=(n_rows, d_model))
-    return MappedShard(rows, chunk, chunk_stride, token_stride, hook_stride)
+    return MappedShard(rows, chunk, n_hooks, starts)
 
 
 def map_store(info: StoreInfo) -> list[MappedShard]:
