@@ -408,6 +408,9 @@ class ActivationLoader:
                 continue
             shards = self._shard_of(keys).astype(small)
             rows = keys - self._offsets[shards]
+            for k in np.unique(shards):  # token of the shard -> row of its map, for the buffer
+                sel = shards == k
+                rows[sel] = maps[int(k)][0].row_index(rows[sel], hook)
             for b in range(first, buf.n_batches):
                 shard, local = shards[b * bs : (b + 1) * bs], rows[b * bs : (b + 1) * bs]
                 if buf.perm is not None:
@@ -416,10 +419,9 @@ class ActivationLoader:
                 out = memory.take(len(local))
                 dest = torch.from_numpy(out)
                 cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(local)]
+                index = torch.from_numpy(local)
                 for s, e in zip(cuts[:-1], cuts[1:], strict=True):
-                    mapped, rows_t = maps[int(shard[s])]
-                    index = torch.from_numpy(mapped.row_index(local[s:e], hook))
-                    torch.index_select(rows_t, 0, index, out=dest[s:e])
+                    torch.index_select(maps[int(shard[s])][1], 0, index[s:e], out=dest[s:e])
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
