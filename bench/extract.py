@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--songs", type=int, default=307)
     p.add_argument("--memory-songs", type=int, default=60)
     p.add_argument("--model", type=Path, default=ROOT / "models" / "bach" / "demo")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale", type=int, default=4,
                    help="the goal is checked on this many copies of the demo songs (start-up costs "
                         "of the stage, about 0.1 s, weigh less than on the 3 s demo)")
