@@ -76,19 +76,12 @@ def stage_throughput(tmp: Path, model: Path, songs: int, run: str,
 
 
 def _padded(groups: list[list[Any]]) -> list[tuple[Any, Any]]:
-    """(codes, mask) tensors of window groups, padded like the stage pads them."""
+    """(codes, mask) tensors of window groups, padded by the stage's own function."""
     import torch
 
-    batches = []
-    for group in groups:
-        t = max(len(w.codes) for w in group)
-        codes = torch.zeros(len(group), t, 6, dtype=torch.long)
-        mask = torch.zeros(len(group), t, dtype=torch.bool)
-        for j, w in enumerate(group):
-            codes[j, : len(w.codes)] = torch.from_numpy(w.codes)
-            mask[j, : len(w.codes)] = True
-        batches.append((codes, mask))
-    return batches
+    from music_interpret.stages.extract import pad_windows
+
+    return [tuple(torch.from_numpy(a) for a in pad_windows(group)) for group in groups]
 
 
 def forward_batches(adapter: Any, songs: int, policy: str,

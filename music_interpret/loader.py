@@ -335,9 +335,7 @@ class ActivationLoader:
             for buf in self._plan(epoch):
                 carry_len = buf.size - int(self._counts[buf.blocks].sum())
                 if done < skip and done + buf.n_batches <= skip:
-                    keys = np.concatenate([carry_keys, *(self._blocks[i].keys() for i in buf.blocks)])
-                    if buf.perm is not None:
-                        keys = keys[buf.perm]
+                    keys = self._buffer_keys(carry_keys, buf)
                     carry_keys = keys[buf.n_full * bs :]
                     done += buf.n_batches
                     continue
@@ -398,9 +396,7 @@ class ActivationLoader:
         carry, done = np.empty(0, np.int64), 0
         small = np.int16 if len(maps) <= np.iinfo(np.int16).max else np.int64  # radix sort
         for buf in self._plan(epoch):
-            keys = np.concatenate([carry, *(self._blocks[i].keys() for i in buf.blocks)])
-            if buf.perm is not None:
-                keys = keys[buf.perm]
+            keys = self._buffer_keys(carry, buf)
             carry = keys[buf.n_full * bs :]
             first = max(0, skip - done)
             done += buf.n_batches
@@ -426,6 +422,11 @@ class ActivationLoader:
                 del dest
                 yield out
                 del out
+
+    def _buffer_keys(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
+        """Global token ids of a buffer in delivery order: the carried ones, then its blocks."""
+        keys = np.concatenate([carry, *(self._blocks[i].keys() for i in buf.blocks)])
+        return keys[buf.perm] if buf.perm is not None else keys
 
     def _shard_of(self, keys: np.ndarray) -> np.ndarray:
         """Shard index of each global token id."""

@@ -22,6 +22,7 @@ from torch import nn
 from ..interfaces import DictionaryLearner
 
 EPS = 1e-8
+SPARSE_MODES = ("auto", "always", "never")  # RecipeConfig.sparse_backward, see sparse_step
 
 
 class Dictionary(nn.Module):
@@ -179,7 +180,7 @@ class RecipeConfig:
             raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
-        if self.sparse_backward not in ("auto", "always", "never"):
+        if self.sparse_backward not in SPARSE_MODES:
             raise ValueError("sparse_backward must be auto, always or never, "
                              f"got {self.sparse_backward!r}")
 

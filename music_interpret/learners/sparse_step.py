@@ -45,7 +45,6 @@ from torch.autograd import Function
 
 from .dictionary import Dictionary
 
-SPARSE_MODES = ("auto", "always", "never")
 # At d_in 512, d_sae 4096, batch 4096 on 2 CPU cores the sparse step is 4-5x faster at L0 16-64,
 # 1.7x at density 0.125 and breaks even near 0.25-0.3; 0.1 leaves a margin for machines whose
 # many cores speed up the dense matmuls more than the memory-bound sparse kernels.
@@ -221,7 +220,7 @@ def latent_sums(values: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:
 
 
 def sparse_possible(mode: str, model: Dictionary, x: torch.Tensor) -> bool:
-    """Whether ``mode`` (one of :data:`SPARSE_MODES`) may take the sparse step for this batch.
+    """Whether ``mode`` (one of :data:`~music_interpret.learners.dictionary.SPARSE_MODES`) may take the sparse step for this batch.
 
     ``"auto"`` then also needs a low enough density (:func:`sparse_enough`).
     """

@@ -227,13 +227,7 @@ class ExtractStage(Stage):
 
         out = np.empty((plan.n_tokens, len(hooks), adapter.d_model), np.float32)
         for idx in shard_batches(plan, self.config.batch_size, self.config.length_slack):
-            wins = [plan.windows[i][2] for i in idx]
-            t = max(len(w.codes) for w in wins)
-            codes = np.zeros((len(wins), t, 6), np.int64)
-            mask = np.zeros((len(wins), t), bool)
-            for j, w in enumerate(wins):
-                codes[j, : len(w.codes)] = w.codes
-                mask[j, : len(w.codes)] = True
+            codes, mask = pad_windows([plan.windows[i][2] for i in idx])
             t0 = time.perf_counter()
             acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), hooks)
             stacked = torch.stack([acts[h] for h in hooks], dim=2)  # (B, T, H, D)
@@ -264,6 +258,17 @@ def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> 
         out.append(slice(i, j))
         i = j
     return out
+
+
+def pad_windows(windows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (B, T, 6) int64, mask (B, T) bool) of windows padded to the longest."""
+    t = max(len(w.codes) for w in windows)
+    codes = np.zeros((len(windows), t, 6), np.int64)
+    mask = np.zeros((len(windows), t), bool)
+    for j, w in enumerate(windows):
+        codes[j, : len(w.codes)] = w.codes
+        mask[j, : len(w.codes)] = True
+    return codes, mask
 
 
 def shard_batches(plan: _ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
