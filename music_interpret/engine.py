@@ -83,9 +83,10 @@ class InputHasher:
         except (OSError, ValueError):
             self.cache = {}
 
-    def file(self, path: Path) -> str:
+    def file(self, path: Path, resolved: Path | None = None) -> str:
+        """Hash of one file; ``resolved``: its absolute path when the caller knows it."""
         st = path.stat()
-        key = str(path.resolve())
+        key = str(resolved or path.resolve())
         hit = self.cache.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
@@ -103,9 +104,11 @@ class InputHasher:
         if not path.exists():
             return "missing"
         h = hashlib.sha256()
+        root = path.resolve()
         for sub in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(str(sub.relative_to(path)).encode())
-            h.update(self.file(sub).encode())
+            rel = sub.relative_to(path)
+            h.update(str(rel).encode())
+            h.update(self.file(sub, root / rel).encode())
         return h.hexdigest()
 
     def save(self) -> None:

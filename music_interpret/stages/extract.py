@@ -151,9 +151,12 @@ class ExtractStage(Stage):
         # in order (each waits for the previous one), so at most two shards are in memory
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
             pending: Future[Any] | None = None
+            buffers: list[np.ndarray | None] = [None, None]  # one computed, one being written
             while song < len(names):
                 plan = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats)
-                acts = self._run_shard(adapter, plan, hooks, stats)
+                buffers[0] = _room(buffers[0], plan.n_tokens, (len(hooks), adapter.d_model))
+                acts = self._run_shard(adapter, plan, hooks, stats, buffers[0][: plan.n_tokens])
+                buffers.reverse()
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(writer.write_shard, acts, plan.coords, plan.songs[0],
@@ -180,64 +183,103 @@ class ExtractStage(Stage):
 
     def _plan_shard(self, adapter: Any, dataset: Any, names: list[str], first: int,
                     shard_tokens: int, stats: dict[str, Any]) -> _ShardPlan:
-        """Windows and coordinates of the songs of one shard (no forward pass yet)."""
+        """Windows and coordinates of the songs of one shard (no forward pass yet).
+
+        Songs are tokenized and windowed one by one; the per-token metadata is
+        computed once over the shard's concatenated tokens.
+        """
+        from ..adapters.mmt.representation import NOTE
+
         notes_only = self.config.events == "notes"
-        songs, windows, offsets, keeps, parts = [], [], [], [], []
+        songs, windows, offsets, keeps, parts, codes = [], [], [], [], [], []
         total = 0
         song = first
         while song < len(names) and (total < shard_tokens or not songs):
             tokens, wins = adapter.windows(dataset.read(names[song]), self.config.stride)
             stats["dropped_notes"] += tokens.dropped
-            meta = adapter.token_metadata(tokens.codes)
-            program = meta["program"].copy()
-            is_note = tokens.note >= 0
-            program[is_note] = tokens.notes[tokens.note[is_note], 4]
-            # destination row of every song token (before the event filter)
-            chosen = (meta["event_type"] == 3) if notes_only else np.ones(len(tokens.codes), bool)
-            dest = np.full(len(tokens.codes), -1, np.int64)
-            dest[chosen] = total + np.arange(int(chosen.sum()))
-            seq_pos = np.zeros(len(tokens.codes), np.int64)
-            window_of = np.zeros(len(tokens.codes), np.int64)
+            n = len(tokens.codes)
+            # tokens kept (all, or notes only), and the shard row of each kept token
+            chosen = tokens.codes[:, 0] == NOTE if notes_only else np.ones(n, bool)
+            dest = np.cumsum(chosen) - 1 + total
+            seq_pos = np.zeros(n, np.int64)
+            window_of = np.zeros(n, np.int64)
             for w_index, win in enumerate(wins):
-                rows = np.flatnonzero(win.owned & chosen[win.token])
-                seq_pos[win.token[rows]] = rows
-                window_of[win.token[rows]] = w_index
+                rows = np.flatnonzero(win.owned & chosen[win.token]) if notes_only \
+                    else np.flatnonzero(win.owned)
+                song_rows = win.token[rows]
+                seq_pos[song_rows] = rows
+                window_of[song_rows] = w_index
                 if len(rows):
                     windows.append((song, w_index, win))
-                    offsets.append(dest[win.token[rows]])
+                    offsets.append(dest[song_rows])
                     keeps.append(rows)
-            sel = np.flatnonzero(chosen)
-            parts.append({
-                "song": np.full(len(sel), song), "seq_pos": seq_pos[sel], "song_token": sel,
-                "window": window_of[sel], "event_type": meta["event_type"][sel],
-                "beat": meta["beat"][sel], "position": meta["position"][sel],
-                "pitch": meta["pitch"][sel], "duration": meta["duration"][sel],
-                "instrument": meta["instrument"][sel], "program": program[sel],
-            })
+            sel = np.flatnonzero(chosen) if notes_only else np.arange(n)
+            # note program from the song's notes (the code only gives the instrument's)
+            program = np.full(len(sel), -1, np.int64)
+            note = tokens.note[sel]
+            program[note >= 0] = tokens.notes[note[note >= 0], 4]
+            parts.append({"song": np.full(len(sel), song), "seq_pos": seq_pos[sel],
+                          "song_token": sel, "window": window_of[sel], "note_program": program})
+            codes.append(tokens.codes[sel])
             total += len(sel)
             songs.append(song)
             song += 1
         coords = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        meta = adapter.token_metadata(np.concatenate(codes))
+        for key in ("event_type", "beat", "position", "pitch", "duration", "instrument"):
+            coords[key] = meta[key]
+        note_program = coords.pop("note_program")
+        coords["program"] = np.where(note_program >= 0, note_program, meta["program"])
         return _ShardPlan(songs, windows, coords, offsets, keeps, total)
 
     def _run_shard(self, adapter: Any, plan: _ShardPlan, hooks: list[str],
-                   stats: dict[str, Any]) -> np.ndarray:
-        """Forward passes over the shard's windows, longest first; activations in song order."""
+                   stats: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
+        """Forward passes over the shard's windows, longest first; activations in song order.
+
+        ``out``: memory for the result, (n_tokens, n_hooks, d_model) float32 (the
+        stage reuses it across shards rather than page in fresh memory for each).
+        """
         import torch
 
-        out = np.empty((plan.n_tokens, len(hooks), adapter.d_model), np.float32)
+        shape = (len(hooks), adapter.d_model)
+        if out is None:
+            out = np.empty((plan.n_tokens, *shape), np.float32)
+        target = torch.from_numpy(out)
         for idx in shard_batches(plan, self.config.batch_size, self.config.length_slack):
             codes, mask = pad_windows([plan.windows[i][2] for i in idx])
             t0 = time.perf_counter()
             acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), hooks)
-            stacked = torch.stack([acts[h] for h in hooks], dim=2)  # (B, T, H, D)
-            rows_b = np.concatenate([np.full(len(plan.keep[i]), j) for j, i in enumerate(idx)])
-            rows_t = np.concatenate([plan.keep[i] for i in idx])
-            picked = stacked[torch.from_numpy(rows_b), torch.from_numpy(rows_t)]
-            out[np.concatenate([plan.offsets[i] for i in idx])] = picked.float().cpu().numpy()
+            # flat (row * T + position) of every kept token, and its destination row
+            t = codes.shape[1]
+            src = torch.from_numpy(np.concatenate([plan.keep[i] + j * t for j, i in enumerate(idx)]))
+            dest = torch.from_numpy(np.concatenate([plan.offsets[i] for i in idx]))
+            for h, name in enumerate(hooks):
+                flat = acts[name].reshape(-1, shape[1])
+                if flat.is_cpu and flat.dtype == torch.float32:  # gather into reused memory
+                    picked = torch.index_select(flat, 0, src, out=self._scratch(len(src), shape[1]))
+                else:
+                    picked = flat.index_select(0, src.to(flat.device)).float().cpu()
+                target[:, h].index_copy_(0, dest, picked)
             stats["forward_seconds"] += time.perf_counter() - t0
             stats["windows"] += len(idx)
         return out
+
+
+    def _scratch(self, rows: int, width: int) -> Any:
+        """A float32 CPU tensor (rows, width), reusing the memory of earlier calls."""
+        import torch
+
+        buf = getattr(self, "_scratch_buf", None)
+        if buf is None or buf.numel() < rows * width:
+            buf = self._scratch_buf = torch.empty(rows * width)
+        return buf[: rows * width].view(rows, width)
+
+
+def _room(buffer: np.ndarray | None, n_tokens: int, shape: tuple[int, int]) -> np.ndarray:
+    """``buffer`` if it holds ``n_tokens`` rows of ``shape``, else a new (larger) array."""
+    if buffer is not None and buffer.shape[0] >= n_tokens and buffer.shape[1:] == shape:
+        return buffer
+    return np.empty((n_tokens, *shape), np.float32)
 
 
 def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> list[slice]:

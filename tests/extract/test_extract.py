@@ -49,9 +49,12 @@ def test_coordinates_match_the_source_notes(tmp_path, fix):
 
 def test_activations_equal_a_direct_forward(tmp_path, fix):
     pipeline = write_pipeline(tmp_path, model="rpe-tiny", data="bach",
-                              extract="hooks: [resid_pre.0, resid_post.2, final_norm]\nmax_songs: 5\nbatch_size: 3")
+                              extract="hooks: [resid_pre.0, resid_post.2, final_norm]\nmax_songs: 5\nbatch_size: 3\n"
+                                      "store: {name: netcdf, shard_tokens: 200}")
     assert run_cli("run", str(pipeline)).returncode == 0
     ds = mi.open_activations(tmp_path / "acts" / "x", lazy=False)
+    # one shard per song or so: the stage's two reused shard buffers alternate several times
+    assert ds.attrs["n_shards"] >= 4
     adapter = MMTAdapter()
     adapter.load(fix / "models" / "bach" / "rpe-tiny")
     for i, name in enumerate(ds.song_name.values):
@@ -159,3 +162,33 @@ def test_length_slack_does_not_change_activations(tmp_path, fix):
     np.testing.assert_allclose(stores[0].activations.values, stores[1].activations.values, atol=2e-5, rtol=0)
     for name in ("song", "song_token", "event_type", "pitch"):
         assert (stores[0][name].values == stores[1][name].values).all()
+
+
+def test_shard_buffers_are_not_reused_while_written(tmp_path, fix, monkeypatch):
+    """A slow writer must still write each shard's own activations (the stage reuses two buffers)."""
+    import time
+
+    from music_interpret.config import load_pipeline
+    from music_interpret.engine import Engine
+    from music_interpret.plugins import get_registry
+    from music_interpret.stores.netcdf import StoreWriter
+
+    registry = get_registry()
+    extract = "layers: [0, 1]\nmax_songs: 6\nstore: {name: netcdf, shard_tokens: 300}"
+
+    def run(name: str):
+        pipeline = load_pipeline(write_pipeline(tmp_path, data="bach", extract=extract, run=name), registry)
+        Engine(pipeline, registry, log=lambda _m: None).run(force=True)
+        return mi.open_activations(tmp_path / "acts" / name, lazy=False)
+
+    fast = run("fast")
+    write = StoreWriter.write_shard
+
+    def slow_write(self, acts, *args, **kwargs):
+        time.sleep(0.3)  # the next shard's forward passes finish meanwhile
+        return write(self, acts, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", slow_write)
+    slow = run("slow")
+    assert slow.attrs["n_shards"] == fast.attrs["n_shards"] >= 3
+    np.testing.assert_array_equal(slow.activations.values, fast.activations.values)

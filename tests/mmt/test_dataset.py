@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from music_interpret.adapters.mmt.dataset import (
     CSV_HEADER,
     NoteDataset,
+    _load_plain_npy,
     open_dataset,
     owned_ranges,
     read_notes,
@@ -222,6 +223,33 @@ def test_unreadable_npy(tmp_path: Path) -> None:
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UserError, match="cannot read notes file"):
         read_notes(pickled)
+
+
+@pytest.mark.parametrize("dtype", ["<i8", "<i4", "<u2", "u1", ">i8", "<f8"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npy_fast_path_matches_np_load(tmp_path: Path, dtype: str, order: str) -> None:
+    """Plain C-order integer files take the quick reader; others go through np.load: same notes."""
+    ref = read_notes(BACH / "notes" / "bwv65_2.npy")
+    path = tmp_path / "song.npy"
+    np.save(path, np.asarray(ref.astype(dtype), order=order))
+    quick = _load_plain_npy(path)
+    assert (quick is not None) == (dtype in ("<i8", "<i4", "<u2", "u1") and order == "C")
+    if quick is not None:
+        assert quick.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(quick, np.load(path))
+    np.testing.assert_array_equal(read_notes(path), ref)
+    np.save(path, np.zeros((0, 5), np.int64))
+    assert read_notes(path).shape == (0, 5)
+
+
+def test_truncated_npy_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "cut.npy"
+    np.save(path, np.ones((40, 5), np.int64))
+    path.write_bytes(path.read_bytes()[:-3])
+    assert _load_plain_npy(path) is None
+    with pytest.raises(UserError) as exc:
+        read_notes(path)
+    assert "cannot read notes file" in _one_line(exc) and str(path) in str(exc.value)
 
 
 @pytest.mark.parametrize(
