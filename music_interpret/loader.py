@@ -7,20 +7,19 @@ reads), puts the tokens carried over from the previous buffer in front, permutes
 the pool with the same generator and cuts it into batches; the tokens that do not
 fill a batch carry into the next buffer. The final partial batch of an epoch is
 delivered unless ``drop_last``. Every selected token is delivered exactly once per
-epoch, and the batch sequence depends only on (seed, epoch). Inside a batch, tokens
-are grouped by shard (a stable sort of the shuffled order; the order inside a batch
-carries no meaning for training), which lets the mapped path below fill each shard's
-rows with one gather.
+epoch, and the batch sequence depends only on (seed, epoch), down to the order of
+the tokens inside each batch.
 
 Two ways to deliver the same batches (bitwise):
 
 * **mapped** (default whenever the shards can be mapped: uncompressed activations
   whose chunks lie in order, as the ``netcdf`` store writes them in either layout):
-  each shard's activations are memory-mapped (:mod:`music_interpret.stores.mapped`)
-  and every batch is one gather of its rows
-  straight from the page cache into the batch tensor: no read buffers, and the
-  memory in use is the batches in flight (the OS keeps the hot part of the files
-  cached, as for any file read).
+  each shard's activations are memory-mapped (:mod:`music_interpret.stores.mapped`),
+  on Linux all of them side by side in one address range, and every batch is one
+  gather of its rows straight from the page cache into the batch tensor: no read
+  buffers, and the memory in use is the batches in flight (the OS keeps the hot part
+  of the files cached, as for any file read). Elsewhere each batch takes one gather
+  per shard it draws from.
 * **pooled** (stores that cannot be mapped, e.g. compressed, or ``mmap=False``): blocks are read
   through netCDF into read buffers, then permuted into batches (below).
 
@@ -59,7 +58,7 @@ import numpy as np
 
 from .errors import UserError
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
-from .stores.mapped import MappedShard, NotMappable, map_store
+from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
@@ -176,6 +175,7 @@ class ActivationLoader:
         self._active: set[_Prefetcher] = set()
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
         self._maps: list[tuple[MappedShard, torch.Tensor]] | None = None  # per shard: map, rows
+        self._joined: tuple[torch.Tensor | None, np.ndarray] | None = None  # see _rows_space
         self.mapped = self._use_mmap(mmap)
         if prefetch is None:
             prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
@@ -211,6 +211,24 @@ class ActivationLoader:
 
             self._maps = [(m, torch.from_numpy(m.rows)) for m in map_store(self.info)]
         return self._maps
+
+    def _rows_space(self) -> tuple[torch.Tensor | None, np.ndarray]:
+        """(all shards' rows as one tensor, or None where they cannot be joined; the
+        first row of each shard in that tensor, or in a virtual one without gaps)."""
+        if self._joined is None:
+            import torch
+
+            maps = [m for m, _ in self._map()]
+            try:
+                joined: JoinedRows | None = join_maps(maps)
+            except NotMappable:
+                joined = None
+            if joined is not None:
+                self._joined = (torch.from_numpy(joined.rows), joined.first)
+            else:
+                sizes = [m.rows.shape[0] for m in maps]
+                self._joined = (None, np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64))
+        return self._joined
 
     def _normalizer(self, mode: str, stats: Any) -> Normalizer:
         if mode not in MODES:
@@ -345,11 +363,9 @@ class ActivationLoader:
                 offset = carry_len
                 for i in buf.blocks:
                     offset += self._read_block(reader, self._blocks[i], pool[offset:])
-                shards = np.repeat([self._blocks[i].shard for i in buf.blocks], self._counts[buf.blocks])
                 if fetch_carry:
                     pool[:carry_len] = self._fetch(reader, carry_keys)
-                    shards = np.concatenate([self._shard_of(carry_keys), shards])
-                yield _Filled(buf, pool, carry_len, max(0, skip - done), fetch_carry, shards)
+                yield _Filled(buf, pool, carry_len, max(0, skip - done), fetch_carry)
                 fetch_carry = False
                 done += buf.n_batches
         finally:
@@ -362,29 +378,22 @@ class ActivationLoader:
 
         bs = self.batch_size
         carry = np.empty((0, self.d_model), np.float32)
-        carry_shards = np.empty(0, np.int64)
         for f in filled:
             buf, pool = f.buffer, f.pool
-            shards = f.shards
             if not f.has_carry:
                 pool[: f.carry_len] = carry
-                shards = np.concatenate([carry_shards, shards])
             for b in range(f.first_batch, buf.n_batches):
                 rows = slice(b * bs, min((b + 1) * bs, buf.size))
                 out = memory.take(rows.stop - rows.start)
                 if buf.perm is None:
                     np.copyto(out, pool[rows])
                 else:
-                    idx = buf.perm[rows]
-                    idx = torch.from_numpy(idx[np.argsort(shards[idx], kind="stable")])
+                    idx = torch.from_numpy(buf.perm[rows])
                     torch.index_select(torch.from_numpy(pool), 0, idx, out=torch.from_numpy(out))
                 yield out
                 del out
             tail = slice(buf.n_full * bs, buf.size)
-            if buf.perm is not None:
-                carry, carry_shards = pool[buf.perm[tail]], shards[buf.perm[tail]]
-            else:
-                carry, carry_shards = pool[tail].copy(), shards[tail]
+            carry = pool[buf.perm[tail]] if buf.perm is not None else pool[tail].copy()
             pools.put(pool)
 
     def _mapped_stage(self, epoch: int, skip: int, memory: _BatchMemory) -> Iterator[np.ndarray]:
@@ -392,36 +401,50 @@ class ActivationLoader:
         import torch
 
         bs = self.batch_size
-        maps, hook = self._map(), self._hook_index
+        joined, _ = self._rows_space()
         carry, done = np.empty(0, np.int64), 0
-        small = np.int16 if len(maps) <= np.iinfo(np.int16).max else np.int64  # radix sort
         for buf in self._plan(epoch):
-            keys = self._buffer_keys(carry, buf)
-            carry = keys[buf.n_full * bs :]
+            rows = self._buffer_rows(carry, buf)
+            carry = rows[buf.n_full * bs :]
             first = max(0, skip - done)
             done += buf.n_batches
             if first >= buf.n_batches:
                 continue
-            shards = self._shard_of(keys).astype(small)
-            rows = keys - self._offsets[shards]
-            for k in np.unique(shards):  # token of the shard -> row of its map, for the buffer
-                sel = shards == k
-                rows[sel] = maps[int(k)][0].row_index(rows[sel], hook)
+            index = torch.from_numpy(rows)
             for b in range(first, buf.n_batches):
-                shard, local = shards[b * bs : (b + 1) * bs], rows[b * bs : (b + 1) * bs]
-                if buf.perm is not None:
-                    order = np.argsort(shard, kind="stable")
-                    shard, local = shard[order], local[order]
-                out = memory.take(len(local))
+                out = memory.take(min(bs, len(rows) - b * bs))
                 dest = torch.from_numpy(out)
-                cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(local)]
-                index = torch.from_numpy(local)
-                for s, e in zip(cuts[:-1], cuts[1:], strict=True):
-                    torch.index_select(maps[int(shard[s])][1], 0, index[s:e], out=dest[s:e])
+                if joined is not None:
+                    torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=dest)
+                else:
+                    self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
                 del out
+
+    def _buffer_rows(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
+        """Rows (of :meth:`_rows_space`) of a buffer's tokens in delivery order: the
+        carried ones, then its blocks'."""
+        maps, (_, first) = self._map(), self._rows_space()
+        parts = [carry]
+        for i in buf.blocks:
+            block = self._blocks[i]
+            tokens = block.keys() - self._offsets[block.shard]
+            parts.append(first[block.shard] + maps[block.shard][0].row_index(tokens, self._hook_index))
+        rows = np.concatenate(parts)
+        return rows[buf.perm] if buf.perm is not None else rows
+
+    def _gather_by_shard(self, rows: np.ndarray, dest: torch.Tensor) -> None:
+        """Fill ``dest`` with ``rows`` of the virtual row space, one gather per shard."""
+        import torch
+
+        maps, (_, first) = self._map(), self._rows_space()
+        shard = np.searchsorted(first, rows, side="right") - 1
+        for k in np.unique(shard):
+            at = np.flatnonzero(shard == k)
+            part = torch.index_select(maps[int(k)][1], 0, torch.from_numpy(rows[at] - first[k]))
+            dest.index_copy_(0, torch.from_numpy(at), part)
 
     def _buffer_keys(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Global token ids of a buffer in delivery order: the carried ones, then its blocks."""
@@ -527,7 +550,7 @@ class ActivationLoader:
             prefetcher.close()
         self._active.clear()
         self._spare = []
-        self._maps = None
+        self._maps = self._joined = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "
@@ -545,7 +568,6 @@ class _Filled:
     carry_len: int
     first_batch: int
     has_carry: bool
-    shards: np.ndarray  # shard index of each pool row (after the carry, unless has_carry)
 
 
 class _BatchMemory:

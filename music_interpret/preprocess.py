@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -417,13 +418,21 @@ class Normalizer:
 
     def apply_tensor_(self, t: torch.Tensor) -> torch.Tensor:
         """Normalise a float32 CPU tensor in place, on every core; the values of :meth:`apply_`."""
+        shift, scale = self._float32
+        if shift is not None:
+            t.sub_(shift)
+        if scale is not None:
+            t.mul_(scale)
+        return t
+
+    @cached_property
+    def _float32(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Shift and scale as float32 tensors (None where they change nothing)."""
         import torch
 
-        if self.shift.any():
-            t.sub_(torch.from_numpy(self.shift.astype(np.float32)))
-        if not (self.scale == 1).all():
-            t.mul_(torch.from_numpy(self.scale.astype(np.float32)))
-        return t
+        shift = torch.from_numpy(self.shift.astype(np.float32)) if self.shift.any() else None
+        scale = None if (self.scale == 1).all() else torch.from_numpy(self.scale.astype(np.float32))
+        return shift, scale
 
     def apply_into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Write the normalised ``x`` into the float array ``out`` (one pass when possible)."""

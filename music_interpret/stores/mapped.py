@@ -19,9 +19,10 @@ process with SIGBUS); stores are only ever replaced by renaming, which is safe.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -119,3 +120,133 @@ def map_store(info: StoreInfo) -> list[MappedShard]:
                 raise NotMappable(f"{shard}: mapped activations differ from the netCDF read")
         maps.append(mapped)
     return maps
+
+
+# -- every shard in one address range ------------------------------------------------------
+
+_HUGE = 2 << 20  # a huge page: shards placed congruent to it can be mapped with huge pages
+_MAP_FIXED = 0x10  # Linux
+_MAP_NORESERVE = 0x4000  # Linux
+
+
+@dataclass(frozen=True)
+class JoinedRows:
+    """The mapped rows of every shard in one (rows, d_model) array.
+
+    Shard ``k``'s mapped row ``r`` is ``rows[first[k] + r]``; rows between shards are
+    unmapped padding and must never be read. One array lets a batch that mixes shards
+    be a single gather, in any order.
+    """
+
+    rows: np.ndarray
+    first: np.ndarray  # int64 per shard
+
+
+def _first_row(row_bytes: int, target: int, modulus: int, lower: int) -> int | None:
+    """Smallest ``r >= lower`` with ``r * row_bytes % modulus == target % modulus``, or None."""
+    from math import gcd
+
+    g = gcd(row_bytes, modulus)
+    if target % g:
+        return None
+    m = modulus // g
+    r0 = (target % modulus) // g * pow(row_bytes // g, -1, m) % m if m > 1 else 0
+    return lower + (r0 - lower) % m
+
+
+class _Place(NamedTuple):
+    first: int  # the shard's first row in the joined range
+    start: int  # its mapping: start (bytes from the range's base) and length
+    length: int
+    copy: bool  # rows copied into anonymous memory rather than mapped from the file
+
+
+def _placements(maps: list[MappedShard], row_bytes: int, page: int) -> list[_Place]:
+    """Where each shard goes in the joined range.
+
+    A shard's file mapping must start on a page whose file offset is congruent to
+    its address (mod the page size, and where possible mod the huge page size).
+    Where no row satisfies that (rows at an offset that is not a whole number of rows
+    from a page boundary, as in small unaligned files), the rows are copied instead.
+    """
+    out, end = [], 0
+    for m in maps:
+        offset, size = int(m.rows.offset), m.rows.shape[0] * row_bytes
+        lead = offset % page
+        lower = -(-(end + lead) // row_bytes)
+        first = _first_row(row_bytes, offset, _HUGE, lower)
+        if first is None:
+            first = _first_row(row_bytes, offset, page, lower)
+        copy = first is None
+        if first is None:  # any row will do: the anonymous pages start before it
+            first = -(-end // row_bytes)
+            lead = first * row_bytes % page
+        start = first * row_bytes - lead
+        length = -(-(lead + size) // page) * page
+        out.append(_Place(first, start, length, copy))
+        end = start + length
+    return out
+
+
+def join_maps(maps: list[MappedShard], max_copy_bytes: int = 256 << 20) -> JoinedRows:
+    """Map every shard's rows again, side by side in one reserved address range (Linux).
+
+    Shards whose rows cannot be mapped in place (see :func:`_placements`) are copied,
+    up to ``max_copy_bytes`` in all.
+    """
+    import ctypes
+    import mmap as mm
+    import os
+    import weakref
+
+    if not sys.platform.startswith("linux") or sys.maxsize < 2**32 or not maps:
+        raise NotMappable("joined maps need 64-bit Linux")
+    d_model = maps[0].rows.shape[1]
+    row_bytes, page = 4 * d_model, mm.PAGESIZE
+    places = _placements(maps, row_bytes, page)
+    copied = sum(m.rows.nbytes for m, place in zip(maps, places, strict=True) if place.copy)
+    if copied > max_copy_bytes:
+        raise NotMappable(f"{copied} bytes of activations are not page-aligned (written by an older "
+                          "version?): too many to copy")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    failed = ctypes.c_void_p(-1).value
+    size = places[-1].start + places[-1].length + _HUGE
+    reserved = libc.mmap(None, size, 0, mm.MAP_PRIVATE | mm.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if reserved in (None, failed):
+        raise NotMappable(f"cannot reserve {size} bytes of address space: {os.strerror(ctypes.get_errno())}")
+    base = -(-reserved // _HUGE) * _HUGE
+    rw = mm.PROT_READ | mm.PROT_WRITE
+    try:
+        for m, place in zip(maps, places, strict=True):
+            if place.copy:
+                got = libc.mmap(base + place.start, place.length, rw,
+                                mm.MAP_PRIVATE | mm.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+            else:
+                offset = int(m.rows.offset)
+                fd = os.open(m.rows.filename, os.O_RDONLY)
+                try:
+                    got = libc.mmap(base + place.start, place.length, rw, mm.MAP_PRIVATE | _MAP_FIXED,
+                                    fd, offset - offset % page)
+                finally:
+                    os.close(fd)
+            if got != base + place.start:
+                raise NotMappable(f"{m.rows.filename}: {os.strerror(ctypes.get_errno())}")
+    except BaseException:
+        libc.munmap(reserved, size)
+        raise
+    n_rows = places[-1].first + maps[-1].rows.shape[0]
+    memory = (ctypes.c_char * (n_rows * row_bytes)).from_address(base)
+    weakref.finalize(memory, libc.munmap, reserved, size)  # unmapped with the last view of it
+    rows = np.frombuffer(memory, dtype="<f4").reshape(n_rows, d_model)
+    joined = JoinedRows(rows, np.asarray([p.first for p in places], np.int64))
+    for m, place in zip(maps, places, strict=True):
+        if place.copy:
+            rows[place.first : place.first + m.rows.shape[0]] = m.rows
+        ends = np.asarray(sorted({0, m.rows.shape[0] // 2, m.rows.shape[0] - 1}), np.int64)
+        if not np.array_equal(rows[place.first + ends], m.rows[ends], equal_nan=True):
+            raise NotMappable(f"{m.rows.filename}: joined rows differ from the shard's map")
+    return joined

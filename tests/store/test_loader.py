@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from music_interpret.errors import UserError
 from music_interpret.loader import ActivationLoader
 from music_interpret.preprocess import Normalizer, compute_stats, write_stats
-from music_interpret.stores.mapped import NotMappable, map_shard
+from music_interpret.stores.mapped import NotMappable, _first_row, join_maps, map_shard, map_store
+from music_interpret.stores.netcdf import check_store
 
 from . import HOOKS, make_store, synthetic
 
@@ -339,3 +341,62 @@ def test_batch_memory_not_reused_while_referenced(store: tuple[Path, dict], pref
         assert torch.equal(view, expected[i][:7])
     for i, arr in kept_arrays:
         np.testing.assert_array_equal(arr, expected[i].numpy()[:, :3])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="joined maps are Linux only")
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_joined_and_per_shard_gathers_identical(tmp_path: Path, data: np.ndarray, layout: str,
+                                                monkeypatch) -> None:
+    """One gather from the joined shards, or one per shard: bitwise the same batches.
+
+    (Chunks of 64 KiB or more are aligned to 4 KiB and can be joined; the smaller
+    chunks of the ``store`` fixture cannot, so it tests the per-shard gathers.)
+    """
+    path, _ = make_store(tmp_path / "s", data, SHARDS, layout=layout, chunk_tokens=1024)
+    joined = ActivationLoader(path, HOOKS[1], 300, seed=6, **SMALL)
+    assert joined._rows_space()[0] is not None
+    expected = list(joined)
+
+    def refuse(maps: object) -> None:
+        raise NotMappable("joined maps need 64-bit Linux")
+
+    monkeypatch.setattr("music_interpret.loader.join_maps", refuse)
+    per_shard = ActivationLoader(path, HOOKS[1], 300, seed=6, **SMALL)
+    assert per_shard.mapped and per_shard._rows_space()[0] is None
+    got = list(per_shard)
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="joined maps are Linux only")
+@pytest.mark.parametrize(("d_model", "layout"), [(24, "contiguous"), (1024, "chunked")])
+def test_join_maps_rows_equal_each_shards_map(tmp_path: Path, d_model: int, layout: str) -> None:
+    """Rows that do not divide the page size; a last shard too small to be aligned (copied)."""
+    sizes = (800, 700, 5)  # the first two hold 64 KiB or more: aligned
+    acts = synthetic(sum(sizes), d_model, seed=d_model)
+    path, _ = make_store(tmp_path / "s", acts, sizes, layout=layout, chunk_tokens=64)
+    maps = map_store(check_store(path))
+    assert [m.rows.offset % 4096 == 0 for m in maps] == [True, True, False]
+    joined = join_maps(maps)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for k, m in enumerate(maps):
+        for h in range(2):
+            tokens = np.arange(sizes[k])
+            got = joined.rows[joined.first[k] + m.row_index(tokens, h)]
+            np.testing.assert_array_equal(got, acts[starts[k] : starts[k + 1], h])
+    with pytest.raises(NotMappable, match="too many to copy"):
+        join_maps(maps, max_copy_bytes=100)
+
+
+def test_first_row_solves_the_congruence() -> None:
+    """Smallest row >= lower whose byte offset is congruent to the target (or None)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        row_bytes = int(rng.choice([64, 96, 2048, 3072, 4 * 769]))
+        modulus = int(rng.choice([4096, 1 << 16]))  # (a huge page: the same arithmetic)
+        target, lower = int(rng.integers(0, 1 << 24)), int(rng.integers(0, 5000))
+        got = _first_row(row_bytes, target, modulus, lower)
+        brute = next((r for r in range(lower, lower + modulus + 1)
+                      if (r * row_bytes - target) % modulus == 0), None)
+        assert got == brute, (row_bytes, target, modulus, lower)
