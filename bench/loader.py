@@ -11,7 +11,9 @@ of 4096 tokens:
   CPU), ``--epochs`` whole epochs timed separately: the first pages the memory maps
   in, later ones find them mapped (the steady state a training run sees; the speed-up
   goal is checked on it). Also with ``unit_mean_norm`` normalisation applied on the fly (statistics from
-  :func:`compute_stats`, whose time is reported too) unless ``--skip-normalized``;
+  :func:`compute_stats`, whose time is reported too) unless ``--skip-normalized``; and
+  with ``shuffle_run=--shuffle-run`` (16: batches of shuffled runs of 16 neighbouring
+  tokens rather than of single tokens, a faster but coarser shuffle, reported apart);
 * ``seed``: the older seed project's approach, a map-style ``torch.utils.data.Dataset``
   returning ONE token per ``__getitem__`` from memory-mapped ``.npy`` shards, batched by
   ``DataLoader(shuffle=True, batch_size=4096)`` (``num_workers=0``). Its memory maps are
@@ -129,13 +131,13 @@ def time_seed(files: list[Path], batch: int, n_batches: int, seed: int) -> dict[
 
 
 def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: int, prefetch: int | None,
-              seed: int, block_tokens: int, buffer_blocks: int) -> list[dict[str, Any]]:
+              seed: int, block_tokens: int, buffer_blocks: int, shuffle_run: int = 1) -> list[dict[str, Any]]:
     """One row per epoch: the first allocates the read buffers, later ones reuse them."""
     from music_interpret.loader import ActivationLoader
 
     loader = ActivationLoader(store, HOOK, batch, seed=seed, normalization=normalization,
                               stats=stats, prefetch=prefetch, block_tokens=block_tokens,
-                              buffer_blocks=buffer_blocks)
+                              buffer_blocks=buffer_blocks, shuffle_run=shuffle_run)
     rows = []
     for epoch in range(epochs):
         seen = np.zeros(loader.n_tokens, bool)
@@ -155,7 +157,8 @@ def time_ours(store: Path, batch: int, normalization: str, stats: Any, epochs: i
                      "cpu_percent": 100 * (time.process_time() - c0) / seconds,
                      "first_batch_s": first_batch_s, "extrapolated": False, "prefetch": loader.prefetch,
                      "mapped": loader.mapped,
-                     "block_tokens": block_tokens, "buffer_blocks": buffer_blocks})
+                     "block_tokens": block_tokens, "buffer_blocks": buffer_blocks,
+                     "shuffle_run": shuffle_run})
     loader.close()
     return rows
 
@@ -187,6 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in time_ours(data["store"], args.batch, "none", None, **kw):
             rows.append(row)
             print(_fmt_row(row), flush=True)
+        if args.shuffle_run > 1:
+            for row in time_ours(data["store"], args.batch, "none", None, **kw,
+                                 shuffle_run=args.shuffle_run):
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
         if not args.skip_normalized:
             from music_interpret.preprocess import compute_stats
 
@@ -207,7 +215,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seed_tok_s = next(r["tok_s"] for r in results["rows"] if r["approach"] == "seed")
     for r in results["rows"]:
         r["speedup_vs_seed"] = r["tok_s"] / seed_tok_s
-    ours = [r for r in results["rows"] if r["approach"] == "ours" and r["normalization"] == "none"]
+    ours = [r for r in results["rows"] if r["approach"] == "ours" and r["normalization"] == "none"
+            and r["shuffle_run"] == 1]
+    runs = [r for r in results["rows"] if r["approach"] == "ours" and r["shuffle_run"] > 1]
+    if runs:
+        results["speedup_shuffle_run"] = runs[-1]["speedup_vs_seed"]
     steady = ours[-1]  # the last epoch timed: read buffers already allocated
     results["speedup"] = steady["speedup_vs_seed"]
     results["speedup_first_epoch"] = ours[0]["speedup_vs_seed"]
@@ -223,7 +235,7 @@ HEADER = ("| loader | normalization | batches timed | tokens/s | CPU % | speedup
 
 def _fmt_row(r: dict[str, Any]) -> str:
     if r["approach"] == "ours":
-        name = "ActivationLoader (ours)"
+        name = "ActivationLoader (ours)" + (f", runs of {r['shuffle_run']}" if r["shuffle_run"] > 1 else "")
         timed = f"{r['batches']} (epoch {r['epoch'] + 1}{', pages the maps in' if r['epoch'] == 0 else ''})"
     else:
         name, timed = "seed Dataset + DataLoader", f"{r['batches']} (extrapolated)"
@@ -265,6 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-batches", type=int, default=16, help="timed batches of the seed loader")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs of ours (the first allocates)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle-run", type=int, default=16,
+                   help="also time ours with this shuffle_run (1: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--dir", help="where the temporary data go (default: the system temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the temporary data")

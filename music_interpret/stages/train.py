@@ -69,6 +69,7 @@ class TrainConfig:
     dense_threshold: float = 0.1
     block_tokens: int = 65_536
     buffer_blocks: int = 4
+    shuffle_run: int = 1
     device: str | None = None
     keep_checkpoints: bool = False
     sweep: dict[str, list[float]] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         for name in ("log_every", "checkpoint_every", "eval_tokens", "dead_window_tokens",
-                     "block_tokens", "buffer_blocks"):
+                     "block_tokens", "buffer_blocks", "shuffle_run"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.holdout_fraction < 1:
@@ -286,7 +287,7 @@ class _HookJob:
         return ActivationLoader(self.info.path, self.hook, batch_size, normalization=self.mode,
                                 stats=stats, filters={**self.cfg.filters, "song": songs},
                                 block_tokens=self.cfg.block_tokens, buffer_blocks=self.cfg.buffer_blocks,
-                                **kw)
+                                shuffle_run=self.cfg.shuffle_run, **kw)
 
     def _stats_scale(self) -> float | None:
         """Input scale implied by the statistics (for ``input_scaling: stats``)."""

@@ -400,3 +400,26 @@ def test_first_row_solves_the_congruence() -> None:
         brute = next((r for r in range(lower, lower + modulus + 1)
                       if (r * row_bytes - target) % modulus == 0), None)
         assert got == brute, (row_bytes, target, modulus, lower)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_shuffle_run_keeps_runs_of_neighbours(store: tuple[Path, dict], mmap: bool) -> None:
+    """Runs of consecutive tokens, shuffled: every token once, most batch rows follow their
+    predecessor, both paths bitwise equal; a state saved with another run length is refused."""
+    kw = {**SMALL, "seed": 3, "shuffle_run": 8}
+    batches = list(ActivationLoader(store[0], HOOKS[0], 256, mmap=mmap, **kw))
+    got = markers(batches)
+    assert np.array_equal(np.sort(got), np.arange(N))
+    steps = np.concatenate([np.diff(markers([b])) for b in batches])
+    assert (steps == 1).mean() > 0.8  # 7 of 8 inside a run, bar block and carry boundaries
+    assert (steps != 1).sum() > N / 8 * 0.8  # and the runs are shuffled
+    other = list(ActivationLoader(store[0], HOOKS[0], 256, mmap=not mmap, **kw))
+    for x, y in zip(batches, other, strict=True):
+        assert torch.equal(x, y)
+    loader = ActivationLoader(store[0], HOOKS[0], 256, **kw)
+    state = loader.state_dict()
+    assert state["shuffle_run"] == 8
+    with pytest.raises(ValueError, match="shuffle_run=8"):
+        ActivationLoader(store[0], HOOKS[0], 256, seed=3, **SMALL).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle_run must be positive"):
+        ActivationLoader(store[0], HOOKS[0], 256, shuffle_run=0)
