@@ -8,7 +8,7 @@ the pool with the same generator and cuts it into batches; the tokens that do no
 fill a batch carry into the next buffer. With ``shuffle_run`` r > 1 the pool is
 permuted in runs of r consecutive tokens (a batch then holds batch_size / r runs of
 neighbouring tokens): the gathers copy whole runs of rows, which is faster (about
-1.5x at r = 16 on the benchmark machine, see ``bench/README.md``), at the cost of
+1.7-1.9x at r = 16 on the benchmark machine, see ``bench/README.md``), at the cost of
 correlated neighbours inside a batch. The final partial batch of an epoch is
 delivered unless ``drop_last``. Every selected token is delivered exactly once per
 epoch, and the batch sequence depends only on (seed, epoch), down to the order of
