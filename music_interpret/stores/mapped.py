@@ -7,7 +7,11 @@ little-endian float32 rows in the file: h5py gives the chunks' byte offsets,
 :func:`map_store` maps the byte range that holds them read-only (copy-on-write) with
 :class:`numpy.memmap`, and :meth:`MappedShard.row_index` turns (token, hook) into a
 row of it. A training batch is then one gather from the page cache, with no HDF5
-read and no intermediate copy.
+read and no intermediate copy. On 64-bit Linux :func:`join_maps` maps every shard
+again, side by side in one reserved address range (``mmap`` with ``MAP_FIXED``
+through ctypes), so that a batch drawing from many shards is still one gather;
+each shard is placed where its file offset and its address agree modulo the huge
+page size, which keeps the kernel's huge-page mappings of the page cache.
 
 Mapping is refused (:class:`NotMappable`, with the reason) for compressed or filtered
 activations, chunks of another shape or not on whole rows, unallocated data, a range
@@ -240,7 +244,8 @@ def join_maps(maps: list[MappedShard], max_copy_bytes: int = 256 << 20) -> Joine
         raise
     n_rows = places[-1].first + maps[-1].rows.shape[0]
     memory = (ctypes.c_char * (n_rows * row_bytes)).from_address(base)
-    weakref.finalize(memory, libc.munmap, reserved, size)  # unmapped with the last view of it
+    unmap = weakref.finalize(memory, libc.munmap, reserved, size)  # with the last view of it
+    unmap.atexit = False  # at exit the OS unmaps it; no late reader can then touch freed pages
     rows = np.frombuffer(memory, dtype="<f4").reshape(n_rows, d_model)
     joined = JoinedRows(rows, np.asarray([p.first for p in places], np.int64))
     for m, place in zip(maps, places, strict=True):
