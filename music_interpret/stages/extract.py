@@ -264,7 +264,6 @@ class ExtractStage(Stage):
             stats["windows"] += len(idx)
         return out
 
-
     def _scratch(self, rows: int, width: int) -> Any:
         """A float32 CPU tensor (rows, width), reusing the memory of earlier calls."""
         import torch
