@@ -11,8 +11,9 @@ Each shard is written to ``.shard-NNNNN.nc.tmp`` and renamed when complete, then
 the manifest is updated; a shard file that is not in the manifest is not part of
 the store. Activations are stored uncompressed, aligned to 4 KiB: with the default
 ``layout: chunked`` in chunks of ``chunk_tokens`` tokens of one hook point (fast
-sequential and block reads of one hook), with ``layout: contiguous`` as one
-token-major block. Either way a shard's activations are one byte range that the
+sequential and block reads of one hook), with ``layout: contiguous`` (and for a
+shard of fewer tokens than one chunk, whatever the layout) as one token-major block.
+Either way a shard's activations are one byte range that the
 training loader memory-maps and gathers rows from (see
 :mod:`music_interpret.stores.mapped`). The small integer coordinates are
 zlib-compressed in chunks of ``COORD_CHUNK_FACTOR * chunk_tokens`` tokens.
@@ -211,8 +212,10 @@ class StoreWriter:
             hook = nc.createVariable("hook", str, ("hook",))
             hook[:] = np.asarray(m["hooks"], dtype=object)
             hook.long_name = "hook point"
-            layout = ({"contiguous": True} if m.get("layout", "chunked") == "contiguous"
-                      else {"chunksizes": (chunk, 1, m["d_model"])})
+            # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
+            # on a whole-row grid whatever d_model (aligned chunks of another size would not)
+            whole = m.get("layout", "chunked") == "contiguous" or n < self.config.chunk_tokens
+            layout = {"contiguous": True} if whole else {"chunksizes": (chunk, 1, m["d_model"])}
             var = nc.createVariable("activations", "f4", ("token", "hook", "d_model"), **layout)
             var.long_name = "residual stream activation"
             var[:] = np.ascontiguousarray(acts, dtype=np.float32)

@@ -423,3 +423,20 @@ def test_shuffle_run_keeps_runs_of_neighbours(store: tuple[Path, dict], mmap: bo
         ActivationLoader(store[0], HOOKS[0], 256, seed=3, **SMALL).load_state_dict(state)
     with pytest.raises(ValueError, match="shuffle_run must be positive"):
         ActivationLoader(store[0], HOOKS[0], 256, shuffle_run=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="joined maps are Linux only")
+def test_small_last_shard_keeps_an_odd_width_store_mapped(tmp_path: Path) -> None:
+    """d_model 768 (3 KiB rows do not divide 4 KiB): big chunked shards and a last shard
+    smaller than one chunk (stored contiguous) still map and join."""
+    sizes = (2048, 100)
+    acts = synthetic(sum(sizes), 768, seed=1)
+    path, _ = make_store(tmp_path / "s", acts, sizes, layout="chunked", chunk_tokens=1024)
+    maps = map_store(check_store(path))
+    assert [m.chunk for m in maps] == [1024, 0]
+    loader = ActivationLoader(path, HOOKS[1], 300, seed=2)
+    assert loader.mapped and loader._rows_space()[0] is not None
+    got = torch.cat(list(loader)).numpy()
+    order = got[:, 0].astype(np.int64)
+    np.testing.assert_array_equal(np.sort(order), np.arange(sum(sizes)))
+    np.testing.assert_array_equal(got, acts[order, 1])
