@@ -349,8 +349,8 @@ def test_joined_and_per_shard_gathers_identical(tmp_path: Path, data: np.ndarray
                                                 monkeypatch) -> None:
     """One gather from the joined shards, or one per shard: bitwise the same batches.
 
-    (Chunks of 64 KiB or more are aligned to 4 KiB and can be joined; the smaller
-    chunks of the ``store`` fixture cannot, so it tests the per-shard gathers.)
+    (Chunks of 64 KiB or more are aligned to 4 KiB and are mapped into the joined
+    range; the smaller, unaligned chunks of the ``store`` fixture are copied into it.)
     """
     path, _ = make_store(tmp_path / "s", data, SHARDS, layout=layout, chunk_tokens=1024)
     joined = ActivationLoader(path, HOOKS[1], 300, seed=6, **SMALL)
