@@ -91,9 +91,14 @@ class _Block:
     def n(self) -> int:
         return self.stop - self.start if self.rows is None else len(self.rows)
 
-    def keys(self) -> np.ndarray:
+    def tokens(self) -> np.ndarray:
+        """Token indices of the block in its shard."""
         local = np.arange(self.stop - self.start) if self.rows is None else self.rows
-        return self.key0 + local.astype(np.int64)
+        return self.start + local.astype(np.int64)
+
+    def keys(self) -> np.ndarray:
+        """Global token ids of the block."""
+        return self.tokens() + (self.key0 - self.start)
 
 
 @dataclass(frozen=True)
@@ -447,8 +452,8 @@ class ActivationLoader:
         parts = [carry]
         for i in buf.blocks:
             block = self._blocks[i]
-            tokens = block.keys() - self._offsets[block.shard]
-            parts.append(first[block.shard] + maps[block.shard][0].row_index(tokens, self._hook_index))
+            rows = maps[block.shard][0].row_index(block.tokens(), self._hook_index)
+            parts.append(first[block.shard] + rows)
         rows = np.concatenate(parts)
         return rows[buf.perm] if buf.perm is not None else rows
 

@@ -233,7 +233,7 @@ class ExtractStage(Stage):
         return _ShardPlan(songs, windows, coords, offsets, keeps, total)
 
     def _run_shard(self, adapter: Any, plan: _ShardPlan, hooks: list[str],
-                   stats: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
+                   stats: dict[str, Any], out: np.ndarray) -> np.ndarray:
         """Forward passes over the shard's windows, longest first; activations in song order.
 
         ``out``: memory for the result, (n_tokens, n_hooks, d_model) float32 (the
@@ -242,8 +242,6 @@ class ExtractStage(Stage):
         import torch
 
         shape = (len(hooks), adapter.d_model)
-        if out is None:
-            out = np.empty((plan.n_tokens, *shape), np.float32)
         target = torch.from_numpy(out)
         for idx in shard_batches(plan, self.config.batch_size, self.config.length_slack):
             codes, mask = pad_windows([plan.windows[i][2] for i in idx])

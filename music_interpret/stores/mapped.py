@@ -117,7 +117,7 @@ def map_store(info: StoreInfo) -> list[MappedShard]:
         n = int(entry["tokens"])
         mapped = map_shard(shard, n, len(info.hooks), info.d_model)
         ends = np.asarray(sorted({0, n // 2, n - 1}), np.int64)
-        for h in range(len(info.hooks)):
+        for h in range(len(info.hooks) if n else 0):  # (an empty shard has nothing to check)
             got = mapped.rows[mapped.row_index(ends, h)]
             want = np.concatenate([read_block(shard, h, int(t), int(t) + 1) for t in ends])
             if not np.array_equal(got, want, equal_nan=True):
@@ -251,7 +251,8 @@ def join_maps(maps: list[MappedShard], max_copy_bytes: int = 256 << 20) -> Joine
     for m, place in zip(maps, places, strict=True):
         if place.copy:
             rows[place.first : place.first + m.rows.shape[0]] = m.rows
-        ends = np.asarray(sorted({0, m.rows.shape[0] // 2, m.rows.shape[0] - 1}), np.int64)
+        n = m.rows.shape[0]
+        ends = np.asarray(sorted({0, n // 2, n - 1}) if n else [], np.int64)
         if not np.array_equal(rows[place.first + ends], m.rows[ends], equal_nan=True):
             raise NotMappable(f"{m.rows.filename}: joined rows differ from the shard's map")
     return joined
