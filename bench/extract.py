@@ -6,7 +6,12 @@
    I/O). Goal: the stage reaches >= 0.85 of it. A second reference runs the whole
    dataset's windows sorted globally in fixed batches of 8 (the least padding a
    fixed batch size allows, but it needs every window in memory at once): it shows
-   what the stage's per-shard length batching costs or saves. The three alternate; the
+   what the stage's per-shard length batching costs or saves. A third runs the stage's
+   batches the way the stage runs them on CPU: on its forward workers (two threads
+   sharing torch's threads, each taking the next batch; see ``ExtractConfig``). The goal
+   is checked against the plain loop (one batch at a time on every torch thread); the
+   ratio to the third shows what the rest of the stage (reading, planning, gathering,
+   writing) costs on top of the same forward passes. The four alternate; each
    ratio is the median over repeats of bare / stage within each repeat (runs next to
    each other share the machine's state, which on a shared VM drifts by 10-30%).
 2. Peak memory: peak RSS of the stage run in a fresh process on 1x and 4x the
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +125,12 @@ def forward_batches(adapter: Any, songs: int, policy: str,
 
 
 def bare_forward(model: Path, songs: int, policy: str = "stage",
-                 data: Path = DATA) -> tuple[float, int]:
-    """(seconds, tokens) of forward passes alone over prepared batches (see forward_batches)."""
+                 data: Path = DATA, workers: int = 1) -> tuple[float, int]:
+    """(seconds, tokens) of forward passes alone over prepared batches (see forward_batches).
+
+    ``workers`` > 1: that many threads take the batches as the stage's forward workers
+    do, sharing torch's threads out between them.
+    """
     import torch
 
     from music_interpret.adapters.mmt.adapter import MMTAdapter
@@ -128,11 +138,25 @@ def bare_forward(model: Path, songs: int, policy: str = "stage",
     adapter = MMTAdapter()
     adapter.load(model)
     batches, tokens = forward_batches(adapter, songs, policy, data)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for codes, mask in batches:
-            adapter.model.net.run(codes, mask, capture=HOOKS, logits=False)
-    return time.perf_counter() - t0, tokens
+
+    def forward(batch: tuple[Any, Any]) -> None:
+        with torch.no_grad():
+            adapter.model.net.run(*batch, capture=HOOKS, logits=False)
+
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, threads // workers))
+    try:
+        t0 = time.perf_counter()
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(forward, batches))
+        else:
+            for batch in batches:
+                forward(batch)
+        return time.perf_counter() - t0, tokens
+    finally:
+        torch.set_num_threads(threads)
 
 
 def replicated_dataset(tmp: Path, songs: int, copies: int) -> Path:
@@ -162,23 +186,35 @@ def throughput(tmp: Path, model: Path, songs: int, copies: int, repeats: int) ->
     """Stage vs bare forward on ``copies`` x ``songs`` demo songs (medians of ``repeats``)."""
     data = DATA if copies == 1 else replicated_dataset(tmp, songs, copies).parent
     n = songs * copies
-    stage, bare, glob = [], [], []
-    for i in range(repeats):  # alternate, so that load on the machine hits all three alike
+    from music_interpret.stages.extract import default_forward_workers
+
+    workers = default_forward_workers("cpu")
+    stage, bare, glob, same = [], [], [], []
+    for i in range(repeats):  # alternate, so that load on the machine hits all four alike
         stage.append(stage_throughput(tmp, model, n, f"s{copies}-{i}", data))
         bare.append(bare_forward(model, n, "stage", data))
         glob.append(bare_forward(model, n, "global", data))
-    s_sec, b_sec, g_sec = (float(np.median([s for s, _ in runs])) for runs in (stage, bare, glob))
+        same.append(bare_forward(model, n, "stage", data, workers))
+    s_sec, b_sec, g_sec, w_sec = (float(np.median([s for s, _ in runs])) for runs in (stage, bare, glob, same))
     tokens = stage[0][1]
-    assert tokens == bare[0][1] == glob[0][1], "stage and bare forward must see the same tokens"
-    paired = [b / s for (s, _), (b, _) in zip(stage, bare, strict=True)]
-    paired_glob = [g / s for (s, _), (g, _) in zip(stage, glob, strict=True)]
-    return {"songs": n, "tokens": tokens, "stage_tokens_per_s": tokens / s_sec,
+    assert tokens == bare[0][1] == glob[0][1] == same[0][1], "stage and bare forward must see the same tokens"
+
+    def ratio(reference: list[tuple[float, int]]) -> tuple[float, list[float]]:
+        paired = [b / s for (s, _), (b, _) in zip(stage, reference, strict=True)]
+        return float(np.median(paired)), paired
+
+    return {"songs": n, "tokens": tokens, "forward_workers": workers,
+            "stage_tokens_per_s": tokens / s_sec,
             "bare_forward_tokens_per_s": tokens / b_sec,
             "bare_forward_global_sort_tokens_per_s": tokens / g_sec,
-            "ratio": float(np.median(paired)), "ratio_vs_global_sort": float(np.median(paired_glob)),
-            "ratio_of_median_times": b_sec / s_sec, "paired_ratios": paired,
+            "bare_forward_same_workers_tokens_per_s": tokens / w_sec,
+            "ratio": ratio(bare)[0], "ratio_vs_global_sort": ratio(glob)[0],
+            "ratio_vs_same_workers": ratio(same)[0],
+            "ratio_of_median_times": b_sec / s_sec, "paired_ratios": ratio(bare)[1],
+            "paired_ratios_vs_same_workers": ratio(same)[1],
             "seconds": {"stage": [s for s, _ in stage], "bare": [s for s, _ in bare],
-                        "bare_global_sort": [s for s, _ in glob]}}
+                        "bare_global_sort": [s for s, _ in glob],
+                        "bare_same_workers": [s for s, _ in same]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'tokens/s':40}" + "".join(f"{k:>12}" for k in scales))
     for label, key in (("bare forward, same batches", "bare_forward_tokens_per_s"),
                        ("bare forward, global sort, batch 8", "bare_forward_global_sort_tokens_per_s"),
+                       ("bare forward, stage's forward workers", "bare_forward_same_workers_tokens_per_s"),
                        ("extract stage (end to end)", "stage_tokens_per_s"),
-                       ("stage / bare", "ratio"), ("stage / global-sort bare", "ratio_vs_global_sort")):
+                       ("stage / bare", "ratio"), ("stage / global-sort bare", "ratio_vs_global_sort"),
+                       ("stage / bare with its workers", "ratio_vs_same_workers")):
         print(f"{label:40}" + "".join(f"{v[key]:>12,.3f}" if v[key] < 10 else f"{v[key]:>12,.0f}"
                                       for v in scales.values()))
     print(f"goal: stage / bare >= 0.85 at {ns.scale}x the demo ({result['ratio']:.3f})")

@@ -192,3 +192,34 @@ def test_shard_buffers_are_not_reused_while_written(tmp_path, fix, monkeypatch):
     slow = run("slow")
     assert slow.attrs["n_shards"] == fast.attrs["n_shards"] >= 3
     np.testing.assert_array_equal(slow.activations.values, fast.activations.values)
+
+
+def test_forward_workers_give_the_same_store(tmp_path, fix):
+    """Batches run on several workers land in the same rows as on one; torch threads are restored."""
+    from music_interpret.config import load_pipeline
+    from music_interpret.engine import Engine
+    from music_interpret.plugins import get_registry
+
+    registry = get_registry()
+    threads = torch.get_num_threads()
+    stores = []
+    for workers in (1, 3):
+        extract = f"layers: [0, 1]\nmax_songs: 6\nbatch_size: 1\nforward_workers: {workers}\n" \
+                  "store: {name: netcdf, shard_tokens: 1000}"
+        pipeline = load_pipeline(write_pipeline(tmp_path, data="bach", extract=extract, run=f"w{workers}"), registry)
+        summary = Engine(pipeline, registry, log=lambda _m: None).run(force=True)["stages"]["extract"]["summary"]
+        assert summary["windows_this_run"] >= 2 * summary["shards"]  # several batches per shard
+        assert torch.get_num_threads() == threads
+        stores.append(mi.open_activations(tmp_path / "acts" / f"w{workers}", lazy=False))
+    one, many = stores
+    assert one.attrs["n_shards"] == many.attrs["n_shards"] >= 2
+    np.testing.assert_allclose(many.activations.values, one.activations.values, atol=2e-5, rtol=0)
+    for name in ("song", "song_token", "seq_pos", "event_type", "pitch", "window"):
+        assert (one[name].values == many[name].values).all()
+
+
+def test_forward_workers_must_be_positive(tmp_path):
+    pipeline = write_pipeline(tmp_path, extract="layers: [0]\nforward_workers: 0")
+    result = run_cli("run", str(pipeline))
+    assert result.returncode != 0 and "forward_workers" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
