@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard-mb", type=float, default=256.0, help="size of a shard file in MiB")
     p.add_argument("--max-songs", type=int, default=None, help="only the first N songs")
+    p.add_argument("--forward-workers", type=int, default=None,
+                   help="threads running forward batches side by side (default: 2 on CPU, 1 on GPU)")
     return p
 
 
@@ -35,8 +37,9 @@ def run(argv: list[str] | None = None) -> int:
         "layers": ns.layers, "hooks": ns.hooks, "events": ns.events, "batch_size": ns.batch_size,
         "output": str(out), "store": {"name": "netcdf", "shard_mb": ns.shard_mb},
     }
-    if ns.max_songs is not None:
-        extract["max_songs"] = ns.max_songs
+    for key in ("max_songs", "forward_workers"):
+        if getattr(ns, key) is not None:
+            extract[key] = getattr(ns, key)
     run_seed(seed_pipeline(ns, ["extract"], {"extract": extract}), ["extract"], ns.force, ns.root)
     print(out)
     return 0

@@ -1,11 +1,13 @@
 """The ``extract`` stage: run the model over the dataset and store activations.
 
-Songs are grouped into shards of about ``shard_tokens`` stored tokens (written in
-the background while the next shard is computed). Inside a
+Songs are grouped into shards of about ``shard_tokens`` stored tokens. Inside a
 shard, the songs' windows are sorted by length and cut into batches of similar
-lengths (:func:`length_batches`: little padding); the activations of the tokens each window owns are scattered back into
-song order and the shard is written in one go. Memory therefore holds one shard at
-a time, whatever the dataset size. After a crash the store's manifest lists the
+lengths (:func:`length_batches`: little padding), which the forward workers take in
+turn; the activations of the tokens each window owns are scattered back into song
+order and the shard is written in one go. Three things overlap: the forward passes
+of shard k, the planning (reading, tokenizing, windowing) of shard k+1 and the
+writing of shard k-1. Memory therefore holds two shards' activations and one plan,
+whatever the dataset size. After a crash the store's manifest lists the
 complete shards; the next run with the same configuration continues after the
 last of them, and because batches never cross a shard boundary the result is
 bitwise the one an uninterrupted run writes.
@@ -156,26 +158,34 @@ class ExtractStage(Stage):
         t0 = time.perf_counter()
         stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
         bar = ctx.progress(total=len(names), initial=start, unit="song", desc="extract")
-        song = start
-        # shard k is written by a background thread while shard k+1 is computed; writes stay
-        # in order (each waits for the previous one), so at most two shards are in memory
-        with self._workers(ctx.device), \
+        # shard k's forward passes run on the workers while the main thread plans shard
+        # k+1, and shard k-1 is written by a background thread; writes stay in order (each
+        # waits for the previous one), so at most two shards' activations are in memory
+        with self._workers(ctx.device) as forward, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
             pending: Future[Any] | None = None
             buffers: list[np.ndarray | None] = [None, None]  # one computed, one being written
-            while song < len(names):
-                plan = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats)
+            plan = self._plan_shard(adapter, dataset, names, start, shard_tokens, stats) \
+                if start < len(names) else None
+            while plan is not None:
                 buffers[0] = _room(buffers[0], plan.n_tokens, (len(hooks), adapter.d_model))
-                acts = self._run_shard(adapter, plan, hooks, stats, buffers[0][: plan.n_tokens])
+                acts = buffers[0][: plan.n_tokens]
+                running = self._submit_shard(forward, adapter, plan, hooks, acts)
+                song = plan.songs[-1] + 1
+                upcoming = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats) \
+                    if song < len(names) else None
+                for done in running:
+                    seconds, windows = done.result()
+                    stats["forward_seconds"] += seconds
+                    stats["windows"] += windows
                 buffers.reverse()
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(writer.write_shard, acts, plan.coords, plan.songs[0],
-                                      plan.songs[-1] + 1)
-                song = plan.songs[-1] + 1
+                pending = pool.submit(writer.write_shard, acts, plan.coords, plan.songs[0], song)
                 stats["tokens"] += plan.n_tokens
                 bar.update(len(plan.songs))
                 bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
+                plan = upcoming
             if pending is not None:
                 pending.result()
         bar.close()
@@ -193,25 +203,21 @@ class ExtractStage(Stage):
         return summary
 
     @contextmanager
-    def _workers(self, device: str) -> Iterator[None]:
-        """Forward workers for this run (see ``ExtractConfig``); torch's thread count is
-        shared out between them and restored afterwards."""
+    def _workers(self, device: str) -> Iterator[ThreadPoolExecutor]:
+        """The forward workers of this run (see ``ExtractConfig``); with several, torch's
+        threads are shared out between them for the run and restored afterwards."""
         import torch
 
         self._local = threading.local()
         threads = torch.get_num_threads()
         n = self.config.forward_workers or default_forward_workers(device)
-        if n == 1:
-            self._forward_pool = None
-            yield
-            return
-        torch.set_num_threads(max(1, threads // n))
+        if n > 1:
+            torch.set_num_threads(max(1, threads // n))
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="forward")
         try:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="forward") as pool:
-                self._forward_pool = pool
-                yield
-        finally:
-            self._forward_pool = None
+            yield pool
+        finally:  # on an error, batches not yet started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
     def _plan_shard(self, adapter: Any, dataset: Any, names: list[str], first: int,
@@ -265,27 +271,21 @@ class ExtractStage(Stage):
         coords["program"] = np.where(note_program >= 0, note_program, meta["program"])
         return _ShardPlan(songs, windows, coords, offsets, keeps, total)
 
-    def _run_shard(self, adapter: Any, plan: _ShardPlan, hooks: list[str],
-                   stats: dict[str, Any], out: np.ndarray) -> np.ndarray:
-        """Forward passes over the shard's windows, longest first; activations in song order.
+    def _submit_shard(self, forward: ThreadPoolExecutor, adapter: Any, plan: _ShardPlan,
+                      hooks: list[str], out: np.ndarray) -> list[Future[tuple[float, int]]]:
+        """Queue the shard's forward batches, longest windows first, on the workers.
 
-        ``out``: memory for the result, (n_tokens, n_hooks, d_model) float32 (the
-        stage reuses it across shards rather than page in fresh memory for each).
-        With several forward workers, batches go to whichever worker is free; each
-        writes its tokens' rows of ``out`` (disjoint rows), so the result does not
-        depend on which worker ran which batch.
+        ``out``: memory for the result, (n_tokens, n_hooks, d_model) float32 (the stage
+        reuses it across shards rather than page in fresh memory for each). Each batch
+        writes its tokens' rows of ``out`` (disjoint rows, in song order), so the result
+        does not depend on which worker ran which batch. Each future gives (seconds of
+        the forward pass and gather, windows).
         """
         import torch
 
         target = torch.from_numpy(out)
         batches = shard_batches(plan, self.config.batch_size, self.config.length_slack)
-        pool = self._forward_pool
-        done = pool.map(lambda idx: self._run_batch(adapter, plan, idx, hooks, target), batches) \
-            if pool is not None else (self._run_batch(adapter, plan, idx, hooks, target) for idx in batches)
-        for seconds, windows in done:
-            stats["forward_seconds"] += seconds
-            stats["windows"] += windows
-        return out
+        return [forward.submit(self._run_batch, adapter, plan, idx, hooks, target) for idx in batches]
 
     def _run_batch(self, adapter: Any, plan: _ShardPlan, idx: list[int], hooks: list[str],
                    target: Any) -> tuple[float, int]:
