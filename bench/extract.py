@@ -87,9 +87,9 @@ def _padded(groups: list[list[Any]]) -> list[tuple[Any, Any]]:
     """(codes, mask) tensors of window groups, padded by the stage's own function."""
     import torch
 
-    from music_interpret.stages.extract import pad_windows
+    from music_interpret.adapters.mmt.windows import pad_codes
 
-    return [tuple(torch.from_numpy(a) for a in pad_windows(group)) for group in groups]
+    return [tuple(torch.from_numpy(a) for a in pad_codes([w.codes for w in group])) for group in groups]
 
 
 def forward_batches(adapter: Any, songs: int, policy: str,
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal: stage / bare >= 0.85 at {ns.scale}x the demo ({result['ratio']:.3f})")
     print(f"peak RSS: {rss_1x:.0f} MiB at {ns.memory_songs} songs, "
           f"{rss_4x:.0f} MiB at 4 x {ns.memory_songs} songs")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    from music_interpret.engine import to_jsonable, write_json_atomic
+
+    write_json_atomic(RESULTS, to_jsonable(result))  # temporary name, then rename
     print(f"wrote {RESULTS}")
     failures = []
     if result["ratio"] < result["goal_ratio"]:

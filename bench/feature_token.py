@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[0]["seconds"] / rows[0]["tokens"])
     print(table(results))
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        from music_interpret.engine import to_jsonable, write_json_atomic
+
+        write_json_atomic(RESULTS, to_jsonable(results))  # temporary name, then rename
     return 0
 
 

@@ -486,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        from music_interpret.engine import to_jsonable, write_json_atomic
+
+        write_json_atomic(args.out, to_jsonable(results))  # temporary name, then rename
         print(f"\nwrote {args.out}")
     for failure in results["failures"]:
         print(f"FAIL: {failure}", file=sys.stderr)

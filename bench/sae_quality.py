@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        "param": v[2], "values": v[3]}
                                                    for k, v in SWEEPS.items()},
                    "curves": curves, "verdict": verdict}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        from music_interpret.engine import to_jsonable, write_json_atomic
+
+        write_json_atomic(RESULTS, to_jsonable(results))  # temporary name, then rename
         plot(curves, PLOT)
         print(f"results: {RESULTS}, {PLOT}")
     return 0

@@ -305,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if ok else 'NOT met'}); dense step only: {results['cpu_speedup_dense']:.2f}x; "
           f"last third of the run: {results['cpu_speedup_last_third']:.2f}x")
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        from music_interpret.engine import to_jsonable, write_json_atomic
+
+        write_json_atomic(args.out, to_jsonable(results))  # temporary name, then rename
         print(f"results: {args.out}")
     return 0 if ok else 1
 

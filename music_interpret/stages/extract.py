@@ -292,7 +292,9 @@ class ExtractStage(Stage):
         """One forward batch; its kept tokens' activations go to their rows of ``target``."""
         import torch
 
-        codes, mask = pad_windows([plan.windows[i][2] for i in idx])
+        from ..adapters.mmt.windows import pad_codes
+
+        codes, mask = pad_codes([plan.windows[i][2].codes for i in idx])
         t0 = time.perf_counter()
         acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), hooks)
         # flat (row * T + position) of every kept token, and its destination row
@@ -352,17 +354,6 @@ def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> 
         out.append(slice(i, j))
         i = j
     return out
-
-
-def pad_windows(windows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (B, T, 6) int64, mask (B, T) bool) of windows padded to the longest."""
-    t = max(len(w.codes) for w in windows)
-    codes = np.zeros((len(windows), t, 6), np.int64)
-    mask = np.zeros((len(windows), t), bool)
-    for j, w in enumerate(windows):
-        codes[j, : len(w.codes)] = w.codes
-        mask[j, : len(w.codes)] = True
-    return codes, mask
 
 
 def shard_batches(plan: _ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:

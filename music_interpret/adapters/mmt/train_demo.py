@@ -29,6 +29,7 @@ import numpy as np
 from ...errors import UserError
 from . import representation as rep
 from .dataset import NoteDataset, open_dataset
+from .windows import pad_codes
 
 FIELDS = ("type", "beat", "position", "pitch", "duration", "instrument")
 
@@ -53,12 +54,7 @@ def collate(seqs: Sequence[np.ndarray]) -> tuple[Any, Any]:
     """Zero-pad code arrays (T_i, 6) into a batch; returns (codes, mask) tensors."""
     import torch
 
-    t = max(len(s) for s in seqs)
-    codes = np.zeros((len(seqs), t, 6), np.int64)
-    mask = np.zeros((len(seqs), t), bool)
-    for i, s in enumerate(seqs):
-        codes[i, : len(s)] = s
-        mask[i, : len(s)] = True
+    codes, mask = pad_codes(list(seqs))
     return torch.from_numpy(codes), torch.from_numpy(mask)
 
 

@@ -128,3 +128,14 @@ def song_windows(
             return out
         step = stride if stride is not None else max(1, (b - a) // 2)
         a = min(a + step, b)  # never skip past the first note not yet owned
+
+
+def pad_codes(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad code arrays (T_i, 6) into one batch: (codes (B, T, 6) int64, mask (B, T) bool)."""
+    t = max(len(s) for s in seqs)
+    codes = np.zeros((len(seqs), t, 6), np.int64)
+    mask = np.zeros((len(seqs), t), bool)
+    for i, s in enumerate(seqs):
+        codes[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    return codes, mask
