@@ -141,7 +141,7 @@ class UnitStats:
         self.lo = np.zeros(n_units, np.float32)
         self.hi = np.ones(n_units, np.float32)
         self.hist = np.zeros((n_units, self.n_bins), np.int64)
-        self.midrank: Any = None  # torch (units, n_bins) mid-rank / N, after pass 1
+        self.midrank: Any = None  # torch float64 (units, n_bins) mid-rank / N, after pass 1
         shape = (n_labels, n_units)
         self.fires = np.zeros(shape)
         self.sums = np.zeros(shape)
@@ -198,11 +198,12 @@ class UnitStats:
         n = self.hist.sum(axis=1, keepdims=True).astype(np.float64)
         below = np.cumsum(self.hist, axis=1) - self.hist
         mid = (below + (self.hist + 1) / 2.0) / np.maximum(n, 1)
-        self.midrank = torch.from_numpy(mid.astype(np.float32))
+        self.midrank = torch.from_numpy(mid)  # float64, like the rank sums (see add_pass2)
 
     def add_pass2(self, y: Any, a: Any) -> None:
         """Accumulate label sums: ``y`` (n, labels) one-hot float32, ``a`` (n, units)."""
         yt = y.T.contiguous()
+        yt64 = yt.double()
         for s in range(0, self.n_units, UNIT_BLOCK):
             e = min(self.n_units, s + UNIT_BLOCK)
             blk = a[:, s:e]
@@ -210,7 +211,9 @@ class UnitStats:
             ranks = self.midrank[s:e].reshape(-1).take(self.flat_bins(blk, s, e))
             self.fires[:, s:e] += (yt @ fired).double().numpy()
             self.sums[:, s:e] += (yt @ blk).double().numpy()
-            self.rank_sums[:, s:e] += (yt @ ranks).double().numpy()
+            # in float64: float32 sums of ranks round differently for other chunkings, and the
+            # AUROC formula subtracts two large terms (1e-5 relative error otherwise)
+            self.rank_sums[:, s:e] += (yt64 @ ranks).numpy()
             self.total_fires[s:e] += fired.sum(0).double().numpy()
             if self.sparse:
                 self.total_pos[s:e] += blk.sum(0).double().numpy()
