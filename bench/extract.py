@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal: stage / bare >= 0.85 at {ns.scale}x the demo ({result['ratio']:.3f})")
     print(f"peak RSS: {rss_1x:.0f} MiB at {ns.memory_songs} songs, "
           f"{rss_4x:.0f} MiB at 4 x {ns.memory_songs} songs")
-    from music_interpret.engine import to_jsonable, write_json_atomic
+    from music_interpret.jsonio import to_jsonable, write_json_atomic
 
     write_json_atomic(RESULTS, to_jsonable(result))  # temporary name, then rename
     print(f"wrote {RESULTS}")

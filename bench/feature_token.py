@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[0]["seconds"] / rows[0]["tokens"])
     print(table(results))
     if not args.quick:
-        from music_interpret.engine import to_jsonable, write_json_atomic
+        from music_interpret.jsonio import to_jsonable, write_json_atomic
 
         write_json_atomic(RESULTS, to_jsonable(results))  # temporary name, then rename
     return 0

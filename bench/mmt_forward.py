@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     if not args.quick:
-        from music_interpret.engine import to_jsonable, write_json_atomic
+        from music_interpret.jsonio import to_jsonable, write_json_atomic
 
         write_json_atomic(args.out, to_jsonable(results))  # temporary name, then rename
         print(f"\nwrote {args.out}")

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "param": v[2], "values": v[3]}
                                                    for k, v in SWEEPS.items()},
                    "curves": curves, "verdict": verdict}
-        from music_interpret.engine import to_jsonable, write_json_atomic
+        from music_interpret.jsonio import to_jsonable, write_json_atomic
 
         write_json_atomic(RESULTS, to_jsonable(results))  # temporary name, then rename
         plot(curves, PLOT)

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if ok else 'NOT met'}); dense step only: {results['cpu_speedup_dense']:.2f}x; "
           f"last third of the run: {results['cpu_speedup_last_third']:.2f}x")
     if not args.quick:
-        from music_interpret.engine import to_jsonable, write_json_atomic
+        from music_interpret.jsonio import to_jsonable, write_json_atomic
 
         write_json_atomic(args.out, to_jsonable(results))  # temporary name, then rename
         print(f"results: {args.out}")

@@ -36,6 +36,7 @@ def open_activations(
     parallel: bool = False,
     chunk_tokens: int | None = None,
     load_coords: bool = True,
+    verify: bool = False,
 ) -> Any:
     """One ``xarray.Dataset`` over every shard of the store at ``path``.
 
@@ -45,11 +46,12 @@ def open_activations(
     song table is ``song_name`` / ``song_source`` over ``songs``. With ``load_coords``
     (default) the coordinates are read into memory even when the activations stay
     lazy (about 30 bytes a token), so that selections such as
-    ``ds.where(ds.event_type == 3, drop=True)`` work directly.
+    ``ds.where(ds.event_type == 3, drop=True)`` work directly. ``verify`` first reads every
+    shard and compares it with the checksum recorded when it was written.
     """
     import xarray as xr
 
-    info = check_store(path)
+    info = check_store(path, verify_checksums=verify)
     if hooks is not None:
         for hook in hooks:
             info.hook_index(hook)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, UserError
+from .errors import Interrupted, UserError
 
-EXIT_OK, EXIT_USER, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_USER, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
 
 
 def _err(message: str) -> None:
@@ -21,23 +23,45 @@ def _err(message: str) -> None:
         print(f"error: {line}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Interrupted` (a KeyboardInterrupt) in the main thread, so that a
+    terminated run ends exactly like one stopped with Ctrl-C."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report(exc: BaseException, resume_hint: str) -> int:
+    """Print a user error or an interruption as one line per problem; the exit status."""
+    if isinstance(exc, UserError):
+        if os.environ.get("MUSIC_INTERPRET_DEBUG"):
+            traceback.print_exception(exc)
+        _err(str(exc))
+        return exc.exit_code
+    print(f"interrupted: {resume_hint}", file=sys.stderr)
+    return 128 + exc.signal if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+
+
 def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn user errors into one-line messages and a non-zero exit code."""
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
-            return func(args)
-        except ConfigError as exc:
-            _err(str(exc))
-            return EXIT_USER
-        except UserError as exc:
-            if os.environ.get("MUSIC_INTERPRET_DEBUG"):
-                traceback.print_exc()
-            _err(str(exc))
-            return exc.exit_code
-        except KeyboardInterrupt:
-            print("interrupted: no output was published for the unfinished stage", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            with sigterm_as_interrupt():
+                return func(args)
+        except (UserError, KeyboardInterrupt) as exc:
+            return report(exc, "no output was published for the unfinished stage")
 
     return wrapper
 
@@ -85,9 +109,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
 @guarded
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_pipeline
+    from .engine import preflight
+    from .errors import ConfigError
     from .plugins import get_registry
 
-    pipeline = load_pipeline(Path(args.pipeline), get_registry(), args.set)
+    registry = get_registry()
+    pipeline = load_pipeline(Path(args.pipeline), registry, args.set)
+    problems = preflight(pipeline, registry)
+    if problems:
+        raise ConfigError(problems)
     stages = ", ".join(pipeline.header.stages)
     print(f"{args.pipeline}: valid (run {pipeline.header.run!r}; stages: {stages}; "
           f"output: {pipeline.run_dir})")
@@ -102,10 +132,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     registry = get_registry()
     pipeline = load_pipeline(Path(args.pipeline), registry, args.set)
-    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
     manifest = Engine(pipeline, registry).run(only=only, force=args.force)
-    done = [n for n, e in manifest["stages"].items() if e.get("status") == "done"]
-    skipped = [n for n, e in manifest["stages"].items() if e.get("status") == "skipped"]
+    examined = [manifest["stages"][n] for n in manifest["examined"]]
+    done = [e for e in examined if e.get("status") == "done"]
+    skipped = [e for e in examined if e.get("status") == "skipped"]
     print(f"run {pipeline.header.run!r} complete: {len(done)} stage(s) run, {len(skipped)} skipped; "
           f"manifest: {pipeline.run_dir / 'manifest.json'}")
     return EXIT_OK
@@ -165,4 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (``... | head``): no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -30,6 +31,9 @@ if typing.TYPE_CHECKING:
 STANDARD_STAGES = ("extract", "preprocess", "train", "analyze", "report")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu|hpu|npu|mtia)(:\d+)?)$")
+_KEY_PART_RE = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]|(\.)")
+MAX_YAML_VALUES = 1_000_000  # values a document may expand to through aliases
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,8 +53,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a YAML file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                        f"at offset {exc.start}); save the file as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
@@ -58,11 +68,50 @@ def load_yaml(path: Path) -> dict[str, Any]:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}{where}: invalid YAML: {problem}") from None
+    check_expanded_size(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {_kind(data)}")
     return data
+
+
+def check_expanded_size(data: Any, where: str, limit: int = MAX_YAML_VALUES) -> None:
+    """Refuse a document whose aliases expand it beyond ``limit`` values, or that refers to itself.
+
+    The loader shares aliased values instead of copying them, but everything downstream
+    (fingerprints, the manifest) would expand them: ``a: &a [x, x]``, ``b: &b [*a, *a]``, ...
+    grows exponentially. Sizes are counted once per shared value, so the check is linear.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(value: Any) -> int:
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if not isinstance(value, (dict, list)):
+            return 1
+        if key in active:
+            raise UserError(f"{where}: a YAML alias refers to the value that contains it")
+        active.add(key)
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        total = size(data)
+    except RecursionError:
+        raise UserError(f"{where}: the YAML document is nested too deeply") from None
+    if total > limit:
+        raise UserError(f"{where}: the YAML document expands to more than {limit:,} values "
+                        "through aliases; refusing it")
 
 
 def parse_scalar(text: str) -> Any:
@@ -73,24 +122,59 @@ def parse_scalar(text: str) -> Any:
         return text
 
 
+def _key_parts(assignment: str, key: str) -> list[str | int]:
+    """``a.b[0].c`` -> ``['a', 'b', 0, 'c']``."""
+    parts: list[str | int] = []
+    pos, expect_name = 0, True
+    while pos < len(key):
+        m = _KEY_PART_RE.match(key, pos)
+        if m is None or (m.group(3) and expect_name) or (m.group(1) and not expect_name):
+            raise UserError(f"--set {assignment!r}: cannot read the key path at {key[pos:]!r} "
+                            "(write section.key, or list[INDEX].key)")
+        if m.group(1):
+            parts.append(m.group(1))
+        elif m.group(2):
+            parts.append(int(m.group(2)))
+        expect_name = bool(m.group(3))
+        pos = m.end()
+    if not parts or expect_name or not isinstance(parts[0], str):
+        raise UserError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    return parts
+
+
+def _path_text(parts: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(parts))
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``key.path=value`` to the raw mapping ``data`` in place."""
+    """Apply ``key.path=value`` (list items as ``key[0]``) to the raw mapping ``data`` in place."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
-    parts = key.strip().split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
+    parts = _key_parts(assignment, key.strip())
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = _path_text(parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise UserError(f"--set {assignment!r}: {_path_text(parts[:i])} is not a list")
+            if not -len(node) <= part < len(node):
+                raise UserError(f"--set {assignment!r}: {where} does not exist "
+                                f"({_path_text(parts[:i])} has {len(node)} item(s))")
+        elif not isinstance(node, dict):
+            raise UserError(f"--set {assignment!r}: {_path_text(parts[:i])} is not a mapping")
+        if last:
+            node[part] = parse_scalar(value)
+            return
+        child = node[part] if isinstance(part, int) else node.get(part)
         if child is None or isinstance(child, str):
+            if isinstance(parts[i + 1], int):
+                raise UserError(f"--set {assignment!r}: {where} is not a list")
             # a plugin given by name becomes {name: ...} so that options can be set
             child = {} if child is None else {"name": child}
             node[part] = child
-        elif not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise UserError(f"--set {assignment!r}: {where} is not a mapping")
         node = child
-    node[parts[-1]] = parse_scalar(value)
 
 
 def _kind(value: Any) -> str:
@@ -158,7 +242,7 @@ class Converter:
                 elif isinstance(f.default, Path):
                     values[name] = self._path(f.default)
                     if f.metadata.get("input"):
-                        self._check_input(values[name], sub)
+                        self._check_input(values[name], sub, f.metadata["input"])
                 continue
             before = len(self.errors)
             value = self.convert(raw[name], hints[name], sub, f.metadata)
@@ -207,7 +291,9 @@ class Converter:
             self.error(where, f"expected {' or '.join(_type_name(o) for o in options)}, got {_kind(value)}")
             return None
         if origin is Literal:
-            if value in args:
+            if isinstance(value, bool) and ("on" if value else "off") in args:
+                return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+            if value in args and not isinstance(value, bool):
                 return value
             self.error(where, f"expected one of {', '.join(map(repr, args))}, got {_kind(value)}"
                        + _suggest(str(value), [str(a) for a in args]))
@@ -241,10 +327,13 @@ class Converter:
                 return int(value)
             self.error(where, f"expected an integer, got {_kind(value)}")
         elif tp is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-                return float(value)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric or (isinstance(value, str) and _FLOAT_RE.match(value.strip())):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+                self.error(where, f"expected a finite number, got {value!r}")
+                return None
             self.error(where, f"expected a number, got {_kind(value)}")
         elif tp is str:
             if isinstance(value, str):
@@ -258,7 +347,7 @@ class Converter:
                 return None
             path = self._path(value)
             if meta.get("input"):
-                self._check_input(path, where)
+                self._check_input(path, where, meta["input"])
             return path
         else:
             if isinstance(value, tp):
@@ -270,9 +359,11 @@ class Converter:
         path = Path(str(value)).expanduser()
         return path if path.is_absolute() else (self.base_dir / path)
 
-    def _check_input(self, path: Path, where: str) -> None:
+    def _check_input(self, path: Path, where: str, kind: Any = True) -> None:
         if not path.exists():
             self.error(where, f"no such file or directory: {path}")
+        elif kind == "dir" and not path.is_dir():
+            self.error(where, f"{path} is a file; expected a folder")
 
     # -- plugins -----------------------------------------------------------
     def plugin_ref(self, value: Any, kind: str, where: str) -> PluginRef | None:
@@ -329,7 +420,7 @@ def _type_name(tp: Any) -> str:
 class ModelSection:
     """Which trained model to analyse."""
 
-    path: Path = field(metadata={"input": True})
+    path: Path = field(metadata={"input": "dir"})
     adapter: PluginRef = field(default="mmt", metadata={"plugin": "model_adapter"})  # type: ignore[assignment]
 
 
@@ -337,7 +428,7 @@ class ModelSection:
 class DataSection:
     """Which note dataset to run the model on."""
 
-    path: Path = field(metadata={"input": True})
+    path: Path = field(metadata={"input": "dir"})
     split: Literal["all", "train", "valid", "test"] = "all"
 
 
@@ -391,6 +482,10 @@ def parse_pipeline(
     header = conv.build(PipelineHeader, header_raw, "")
     if header is not None and not _RUN_NAME_RE.match(header.run):
         conv.error("run", f"{header.run!r} is not a valid run name (letters, digits, '_', '-', '.')")
+    if header is not None:
+        problem = device_problem(header.device)
+        if problem:
+            conv.error("device", problem)
     stages = raw.get("stages", list(STANDARD_STAGES))
     stages = [s for s in stages if isinstance(s, str)] if isinstance(stages, list) else []
     for i, name in enumerate(stages):
@@ -416,10 +511,32 @@ def parse_pipeline(
                 if getattr(header, needed, None) is None and needed not in _error_keys(conv):
                     conv.error(needed, f"required by stage {name!r} but missing")
     if conv.errors:
-        raise ConfigError(_unique(conv.errors))
+        problems = _unique(conv.errors)
+        only_unavailable = all("is not available in this installation" in p for p in problems)
+        raise ConfigError(problems, exit_code=3 if only_unavailable else 2)
     assert header is not None
     header.output_dir = header.output_dir.resolve()
     return Pipeline(header, configs, source, raw)
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot be used here (None when it can); imports torch only for accelerators."""
+    if not _DEVICE_RE.match(device):
+        return (f"unknown device {device!r}" + _suggest(device, ["auto", "cpu", "cuda", "cuda:0", "mps"])
+                + " (auto, cpu, cuda, cuda:N, mps, xpu)")
+    kind = device.split(":")[0]
+    if kind in ("auto", "cpu", "meta"):
+        return None
+    import torch
+
+    backend = getattr(torch, kind, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    if not available:
+        return f"device {device!r} is not available on this machine (use auto or cpu)"
+    count = getattr(backend, "device_count", lambda: 1)()
+    if ":" in device and int(device.split(":")[1]) >= count:
+        return f"device {device!r} does not exist: this machine has {count} {kind} device(s)"
+    return None
 
 
 def _error_keys(conv: Converter) -> set[str]:

@@ -11,8 +11,6 @@ fingerprint still matches, so that stages able to resume can do so.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +18,8 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +27,26 @@ from typing import Any
 
 from . import __version__
 from .config import Pipeline
-from .errors import StageUnavailable, UserError
+from .errors import ConfigError, DiskFull, StageFailed, StageUnavailable, UserError
+from .jsonio import dumps, fingerprint, to_jsonable, write_bytes_atomic, write_json_atomic
+from .outputs import (
+    MARKER,
+    PARTIAL_MARKER,
+    output_lock,
+    overlap_problems,
+    ownership_problem,
+    partial_dir,
+    read_marker,
+    read_partial_marker,
+    run_lock,
+    write_partial_marker,
+)
 from .plugins import PluginRegistry
 
-MARKER = ".stage.json"
-PARTIAL_MARKER = ".fingerprint"
+__all__ = ["MARKER", "Engine", "StageContext", "fingerprint", "preflight", "to_jsonable",
+           "write_json_atomic"]
+
+MANIFEST_RESERVE = 4096  # spare bytes kept in manifest.json, so that a full disk can still record the end
 
 
 def now() -> str:
@@ -40,41 +54,14 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, paths and tuples to plain JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def fingerprint(data: Any) -> str:
-    """sha256 of the canonical JSON of ``data``."""
-    blob = json.dumps(to_jsonable(data), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 class InputHasher:
-    """sha256 of files and folders, cached by (size, mtime) in the run folder."""
+    """sha256 of the contents of files and folders.
+
+    A cache in the run folder skips re-reading a file whose size, modification time,
+    change time, inode and device are all unchanged. The change time cannot be set
+    back by a user (a rewrite that restores the size and modification time still
+    moves it), so a changed file is always read again.
+    """
 
     def __init__(self, cache_file: Path) -> None:
         self.cache_file = cache_file
@@ -86,16 +73,15 @@ class InputHasher:
     def file(self, path: Path, resolved: Path | None = None) -> str:
         """Hash of one file; ``resolved``: its absolute path when the caller knows it."""
         st = path.stat()
-        key = str(resolved or path.resolve())
+        key = os.fsencode(resolved or path.resolve()).decode("utf-8", "backslashreplace")
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
         hit = self.cache.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        h = hashlib.sha256()
+        if isinstance(hit, list) and hit[:-1] == stamp:
+            return str(hit[-1])
         with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        self.cache[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-        return h.hexdigest()
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        self.cache[key] = [*stamp, digest]
+        return digest
 
     def path(self, path: Path) -> str:
         """Hash of a file, or of a folder's files (relative names and contents)."""
@@ -107,7 +93,7 @@ class InputHasher:
         root = path.resolve()
         for sub in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = sub.relative_to(path)
-            h.update(str(rel).encode())
+            h.update(os.fsencode(rel))
             h.update(self.file(sub, root / rel).encode())
         return h.hexdigest()
 
@@ -141,12 +127,9 @@ class StageContext:
     @property
     def device(self) -> str:
         """``cpu``/``cuda``/...; ``auto`` picks CUDA when available."""
-        device = self.pipeline.header.device
-        if device != "auto":
-            return device
-        import torch
+        from .resources import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.pipeline.header.device)
 
     def output_of(self, stage: str) -> Path:
         """Published output folder of an earlier stage; UserError when it has not run."""
@@ -174,14 +157,6 @@ def stage_output_dir(cls: type, pipeline: Pipeline, config: Any) -> Path:
     return pipeline.run_dir / cls.name
 
 
-def read_marker(out_dir: Path) -> dict[str, Any] | None:
-    """The completion marker of a published stage output, or None."""
-    try:
-        return json.loads((out_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def versions(registry: PluginRegistry) -> dict[str, Any]:
     """Versions of Python, key libraries and loaded plugin distributions."""
     info: dict[str, Any] = {
@@ -197,16 +172,71 @@ def versions(registry: PluginRegistry) -> dict[str, Any]:
     return info
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Refuse to run two processes on the same run folder at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{run_dir}: another run is using this folder") from None
-        yield
+def stage_outputs(pipeline: Pipeline, registry: PluginRegistry) -> dict[str, Path]:
+    """Resolved output folder of every available stage of the pipeline."""
+    outs = {}
+    for name in pipeline.header.stages:
+        cls = registry.find("stage", name)
+        if cls is not None:
+            outs[name] = stage_output_dir(cls, pipeline, pipeline.stage_configs.get(name)).resolve()
+    return outs
+
+
+def preflight(pipeline: Pipeline, registry: PluginRegistry, stages: list[str] | None = None) -> list[str]:
+    """Everything ``run`` would refuse about ``stages`` (default: all), before anything runs.
+
+    Output folders that may not be replaced or that overlap inputs, the run folder or
+    other outputs; a run folder that is a file; and each stage's own :meth:`check`.
+    """
+    header = pipeline.header
+    names = list(header.stages if stages is None else stages)
+    problems = []
+    for path in (header.output_dir, pipeline.run_dir):
+        if path.exists() and not path.is_dir():
+            problems.append(f"output_dir: {path} is a file, not a folder")
+            return problems
+    outs = stage_outputs(pipeline, registry)
+    inputs = {f"{key}.path": section.path.resolve()
+              for key, section in (("model", header.model), ("data", header.data)) if section is not None}
+    for line in overlap_problems(outs, header.stages, names, inputs, pipeline.run_dir.resolve()):
+        problems.append(line)
+    for name in names:
+        if name in outs and (problem := ownership_problem(name, outs[name])):
+            problems.append(f"{_output_key(pipeline, name)}: {problem}")
+        cls = registry.find("stage", name)
+        if cls is not None:
+            check = getattr(cls(pipeline.stage_configs.get(name)), "check", None)
+            if callable(check):
+                problems.extend(check(pipeline, registry))
+    return list(dict.fromkeys(problems))
+
+
+def _output_key(pipeline: Pipeline, name: str) -> str:
+    """``<stage>.output`` when the pipeline sets it, else the stage's name."""
+    config = pipeline.stage_configs.get(name)
+    return f"{name}.output" if getattr(config, "output", None) is not None else name
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the run manifest atomically, with ``MANIFEST_RESERVE`` spare bytes of blanks.
+
+    When the disk is full the atomic write (which needs new blocks) fails; the text is
+    then written in place into the blocks the file already holds, if it fits.
+    """
+    text = dumps(manifest)
+    body = text.rstrip("\n")
+    pad = MANIFEST_RESERVE - len(body.encode()) % MANIFEST_RESERVE + MANIFEST_RESERVE
+    try:
+        write_bytes_atomic(path, (body + " " * (pad - 1) + "\n").encode())
+    except DiskFull:
+        data = text.encode()
+        size = path.stat().st_size if path.exists() else 0
+        if len(data) > size:
+            raise
+        with open(path, "r+b") as fh:  # the same size: no new blocks
+            fh.write(data[:-1] + b" " * (size - len(data)) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 class Engine:
@@ -222,6 +252,8 @@ class Engine:
         stages = list(self.pipeline.header.stages)
         if only is None:
             return stages
+        if not only:
+            raise UserError(f"--stages: no stage named (stages: {', '.join(stages)})")
         for name in only:
             if name not in stages:
                 raise UserError(f"--stages: {name!r} is not a stage of this pipeline "
@@ -229,18 +261,29 @@ class Engine:
         return [s for s in stages if s in only]
 
     def run(self, only: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-        """Run the selected stages in pipeline order; returns the manifest."""
+        """Run the selected stages in pipeline order; returns the manifest.
+
+        ``manifest["examined"]`` lists the stages this call ran or skipped.
+        """
         selected = self._selected(only)
         for name in selected:
             if self.registry.find("stage", name) is None:
                 raise StageUnavailable(f"stage {name!r} is not available in this installation: "
                                        "no installed plugin provides it")
+        problems = preflight(self.pipeline, self.registry, selected)
+        if problems:
+            raise ConfigError(problems)
         run_dir = self.pipeline.run_dir
-        with run_lock(run_dir):
+        outs = stage_outputs(self.pipeline, self.registry)
+        with run_lock(run_dir), contextlib.ExitStack() as locks:
+            for name in selected:
+                locks.enter_context(output_lock(outs[name]))
             hasher = InputHasher(run_dir / ".hash-cache.json")
             manifest = self._start_manifest(hasher)
+            manifest["examined"] = []
             upstream: dict[str, Path] = {}
             upstream_fp: dict[str, str] = {}
+            failure: BaseException | None = None
             try:
                 for name in self.pipeline.header.stages:
                     cls = self.registry.get("stage", name) if name in selected else self.registry.find("stage", name)
@@ -251,21 +294,30 @@ class Engine:
                         marker = read_marker(out_dir)
                         upstream_fp[name] = marker["fingerprint"] if marker else "absent"
                         continue
+                    manifest["examined"].append(name)
                     upstream_fp[name] = self._run_stage(
                         cls, config, out_dir, dict(upstream), dict(upstream_fp), hasher, manifest,
                         force, f"[{selected.index(name) + 1}/{len(selected)}]",
                     )
                 manifest["status"] = "complete"
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                failure = exc
                 manifest["status"] = "interrupted"
                 raise
             except BaseException as exc:
+                failure = exc
                 manifest["status"] = "failed"
                 manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 raise
             finally:
                 manifest["finished_at"] = now()
-                write_json_atomic(self.manifest_path, manifest)
+                try:
+                    write_manifest(self.manifest_path, manifest)
+                except (OSError, UserError) as exc:
+                    if failure is None:
+                        raise
+                    # the stage's own error is the one to report
+                    self.log(f"warning: could not record the end of the run in {self.manifest_path}: {exc}")
                 hasher.save()
         return manifest
 
@@ -291,6 +343,17 @@ class Engine:
             "stages": previous,
         }
 
+    def _notify(self, hook: str, **kwargs: Any) -> None:
+        """Call every plugin's observer ``hook``; one that raises is reported, never fatal."""
+        caller = getattr(self.registry.hook, hook)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - an observer must not stop the run
+                text = str(exc).strip().splitlines()
+                self.log(f"warning: plugin {impl.plugin_name}: {hook} raised {type(exc).__name__}"
+                         + (f": {text[0]}" if text else "") + " (ignored)")
+
     def _run_stage(
         self,
         cls: type,
@@ -304,7 +367,7 @@ class Engine:
         label: str,
     ) -> str:
         name = cls.name
-        work_dir = out_dir.with_name(out_dir.name + ".partial")
+        work_dir = partial_dir(out_dir)
         ctx = StageContext(name, config, self.pipeline, self.registry, out_dir, work_dir, upstream, force)
         stage = cls(config)
         header = self.pipeline.header
@@ -322,19 +385,23 @@ class Engine:
         entry: dict[str, Any] = {"output": str(out_dir), "fingerprint": fp, "inputs": inputs}
         manifest["stages"][name] = entry
         marker = read_marker(out_dir)
-        if not force and marker and marker.get("fingerprint") == fp:
-            entry.update(status="skipped", reason="up to date", summary=marker.get("summary"))
+        if not force and marker and marker.get("fingerprint") == fp and marker.get("stage") == name:
+            entry.update(status="skipped", reason="up to date", summary=marker.get("summary"),
+                         published=_published(marker))
             self.log(f"{label} {name}: skipped (output up to date: {out_dir})")
-            self.registry.hook.mi_stage_end(stage=name, run_dir=str(ctx.run_dir), status="skipped", seconds=0.0)
+            self._notify("mi_stage_end", stage=name, run_dir=str(ctx.run_dir), status="skipped", seconds=0.0)
             return fp
-        self._prepare_work_dir(work_dir, fp, force)
+        created = self._prepare_work_dir(out_dir, fp, name, force)
         self.log(f"{label} {name}: running")
         entry.update(status="running", started_at=now())
-        write_json_atomic(self.manifest_path, manifest)
-        self.registry.hook.mi_stage_start(stage=name, run_dir=str(ctx.run_dir), config=config)
+        write_manifest(self.manifest_path, manifest)
+        self._notify("mi_stage_start", stage=name, run_dir=str(ctx.run_dir), config=config)
         t0 = time.perf_counter()
         try:
-            summary = stage.run(ctx)
+            try:
+                summary = stage.run(ctx)
+            except SystemExit as exc:  # a stage that exits has failed, whatever its code
+                raise StageFailed(f"stage {name!r} failed: it called sys.exit({exc.code!r})") from None
         except KeyboardInterrupt:
             entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 3))
             self.log(f"{label} {name}: interrupted; partial output kept in {work_dir}")
@@ -342,38 +409,69 @@ class Engine:
         except BaseException as exc:
             entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                          error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-            self.registry.hook.mi_stage_error(stage=name, run_dir=str(ctx.run_dir), error=exc)
+            if created:
+                _drop_if_empty(work_dir)
+            self._notify("mi_stage_error", stage=name, run_dir=str(ctx.run_dir), error=exc)
             raise
         seconds = time.perf_counter() - t0
-        self._publish(work_dir, out_dir, {"stage": name, "fingerprint": fp, "finished_at": now(),
-                                          "seconds": round(seconds, 3), "summary": to_jsonable(summary)})
-        entry.update(status="done", seconds=round(seconds, 3), summary=to_jsonable(summary))
+        published = self._publish(name, work_dir, out_dir, {
+            "stage": name, "fingerprint": fp, "publish_id": uuid.uuid4().hex, "finished_at": now(),
+            "seconds": round(seconds, 3), "summary": to_jsonable(summary)})
+        entry.update(status="done", seconds=round(seconds, 3), summary=to_jsonable(summary),
+                     published=published)
         self.log(f"{label} {name}: done in {seconds:.1f}s -> {out_dir}")
-        self.registry.hook.mi_stage_end(stage=name, run_dir=str(ctx.run_dir), status="done", seconds=seconds)
+        self._notify("mi_stage_end", stage=name, run_dir=str(ctx.run_dir), status="done", seconds=seconds)
         return fp
 
     @staticmethod
-    def _prepare_work_dir(work_dir: Path, fp: str, force: bool) -> None:
-        """Reuse a partial folder of the same fingerprint (resume); start afresh otherwise."""
+    def _prepare_work_dir(out_dir: Path, fp: str, stage: str, force: bool) -> bool:
+        """Reuse the partial folder of ``out_dir`` if it has the same fingerprint (resume);
+        start afresh otherwise. Only a partial folder of this stage (carrying its marker)
+        is ever removed. Returns True when the folder was created now.
+        """
+        work_dir = partial_dir(out_dir)
         if work_dir.exists():
-            try:
-                same = (work_dir / PARTIAL_MARKER).read_text().strip() == fp
-            except OSError:
-                same = False
-            if force or not same:
+            problem = ownership_problem(stage, out_dir)
+            if problem:
+                raise UserError(problem)
+            marker = read_partial_marker(work_dir)
+            if force or marker is None or marker[0] != fp:
                 shutil.rmtree(work_dir)
+        created = not work_dir.exists()
         work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / PARTIAL_MARKER).write_text(fp + "\n")
+        write_partial_marker(work_dir, fp, stage)
+        return created
 
     @staticmethod
-    def _publish(work_dir: Path, out_dir: Path, marker: dict[str, Any]) -> None:
-        """Marker into the work folder, then swap it into place."""
+    def _publish(stage: str, work_dir: Path, out_dir: Path, marker: dict[str, Any]) -> dict[str, Any]:
+        """Marker into the work folder, then swap it into place; returns what was published.
+
+        An existing output is replaced only when it carries this stage's marker (checked
+        again here: the folder may have changed while the stage ran).
+        """
+        problem = ownership_problem(stage, out_dir)
+        if problem:
+            raise UserError(f"{problem}; the finished output stays in {work_dir}")
         (work_dir / PARTIAL_MARKER).unlink(missing_ok=True)
         write_json_atomic(work_dir / MARKER, marker)
         if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
             os.replace(work_dir, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(work_dir, out_dir)
+        return _published(read_marker(out_dir) or {})
+
+
+def _published(marker: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of a published output: its marker's identity."""
+    return {"fingerprint": marker.get("fingerprint"), "publish_id": marker.get("publish_id"),
+            "finished_at": marker.get("finished_at")}
+
+
+def _drop_if_empty(work_dir: Path) -> None:
+    """Remove a partial folder that holds nothing but its marker (the stage wrote nothing)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in work_dir.iterdir()] == [PARTIAL_MARKER]:
+            shutil.rmtree(work_dir)

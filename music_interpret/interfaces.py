@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # heavy imports stay out of start-up
     import numpy as np
     import torch
 
+    from .config import Pipeline
     from .engine import StageContext
+    from .plugins import PluginRegistry
 
 KINDS = ("model_adapter", "activation_store", "dictionary_learner", "analyzer", "stage")
 
@@ -55,10 +57,24 @@ class Batch:
     offset: Sequence[int] = field(default_factory=list)
 
 
+@dataclass
+class ModelInfo:
+    """What a model folder holds, told without loading its weights."""
+
+    d_model: int
+    hook_points: list[str]
+    n_parameters: int
+
+
 class ModelAdapter(Plugin, ABC):
     """Wraps a trained model: loading, data, hook points, patching, token metadata."""
 
     kind = "model_adapter"
+
+    def describe(self, model_dir: Path, device: str = "cpu") -> ModelInfo:
+        """Width, hook points and size of the model in ``model_dir`` without loading its weights;
+        raises ``UserError`` for what :meth:`load` would refuse (used by ``validate``)."""
+        raise NotImplementedError
 
     @abstractmethod
     def load(self, model_dir: Path, device: str = "cpu") -> None:
@@ -140,6 +156,11 @@ class Stage(Plugin, ABC):
 
     def inputs(self, ctx: StageContext) -> list[Path]:
         """Files whose content decides the stage's result (hashed into its fingerprint)."""
+        return []
+
+    def check(self, pipeline: Pipeline, registry: PluginRegistry) -> list[str]:
+        """Problems :meth:`run` would meet that can be found before anything runs (one line
+        each, naming the key or file); ``validate`` and ``run`` call it first."""
         return []
 
     @abstractmethod

@@ -244,7 +244,12 @@ def compute_stats(
             for start, stop in _blocks(n, block_tokens):
                 for h in hooks:
                     block = readers[h].read(k, start, stop)
-                    norms[h][offset + start : offset + stop] = accs[h].add(block)
+                    row_norms = accs[h].add(block)
+                    if not np.isfinite(row_norms).all():
+                        bad = int(np.flatnonzero(~np.isfinite(row_norms))[0]) + start
+                        raise UserError(f"{shard}: token {bad} has NaN or infinite activations at "
+                                        f"hook point {h}; the store is broken (extract it again)")
+                    norms[h][offset + start : offset + stop] = row_norms
                     if progress is not None:
                         progress.update(stop - start)
             offset += n
@@ -471,7 +476,7 @@ class Normalizer:
 def write_normalization(path: str | Path, stats: xr.Dataset, mode: str,
                         stats_file: str = STATS_FILE) -> Path:
     """``normalization.json``: the mode and, per hook, how its parameters come from stats."""
-    from .engine import write_json_atomic
+    from .jsonio import write_json_atomic
 
     hooks = [str(h) for h in stats["hook"].values]
     data = {

@@ -10,11 +10,10 @@ the engine, so skip-if-done, resume and the run manifest work the same way.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UserError
+from .errors import UserError
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -57,16 +56,12 @@ def run_seed(raw: dict[str, Any], only: list[str], force: bool, base: Path) -> d
 
 
 def guarded_main(func: Any, argv: list[str] | None) -> int:
-    """Run ``func(argv)``; print user errors as one line each."""
+    """Run ``func(argv)``; user errors and interruptions exactly as ``python -m music_interpret``
+    reports them (one line each, same exit statuses, SIGTERM handled like Ctrl-C)."""
+    from .cli import report, sigterm_as_interrupt
+
     try:
-        return int(func(argv))
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():
+            return int(func(argv))
+    except (UserError, KeyboardInterrupt) as exc:
+        return report(exc, "rerun the same command to resume")

@@ -99,7 +99,7 @@ def build_pipeline(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from .engine import to_jsonable
+    from .jsonio import to_jsonable
 
     ns = build_parser().parse_args(argv)
     raw = build_pipeline(ns)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..engine import write_json_atomic
 from ..errors import UserError
+from ..jsonio import temporary_name, write_json_atomic, writing
 from .dictionary import Dictionary
 
 FORMAT = "music-interpret-dictionary"
@@ -33,9 +33,12 @@ def _save_tensors(model: Dictionary, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: getattr(model, k).detach().float().cpu().contiguous() for k in KEYS}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    with writing(path, tmp):
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def save_dictionary(out_dir: str | Path, model: Dictionary, config: dict[str, Any],
@@ -80,13 +83,21 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
     cfg = read_config(folder)
     try:
         tensors = load_file(str(folder / WEIGHTS), device=str(device))
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"{folder / WEIGHTS}: unreadable weights ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder / WEIGHTS}: unreadable weights, truncated or damaged "
+                        f"({reason})") from None
     model = Dictionary(cfg["d_in"], cfg["d_sae"], k=cfg.get("k"),
                        apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
     missing = [k for k in KEYS if k not in tensors]
     if missing:
         raise UserError(f"{folder / WEIGHTS}: missing tensors {', '.join(missing)}")
+    shapes = {"W_enc": (model.d_in, model.d_sae), "b_enc": (model.d_sae,),
+              "W_dec": (model.d_sae, model.d_in), "b_dec": (model.d_in,)}
+    bad = [f"{k} {tuple(tensors[k].shape)} (expected {shapes[k]})" for k in KEYS
+           if tuple(tensors[k].shape) != shapes[k]]
+    if bad:
+        raise UserError(f"{folder / WEIGHTS}: tensor shapes disagree with {CONFIG}: {', '.join(bad)}")
     model.load_state_dict({k: tensors[k] for k in KEYS})
     model.config = cfg  # type: ignore[assignment]
     return model.to(device).eval()

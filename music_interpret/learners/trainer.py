@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..jsonio import temporary_name, writing
 from . import distributed as D
 from . import metrics as M
 from .dictionary import Dictionary, Learner
@@ -142,13 +143,14 @@ class Trainer:
 
     def _member_state(self, m: _Member) -> dict[str, Any]:
         return {"model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
-                "input_scale": m.scale, "since_fired": m.tracker.since_fired}
+                "input_scale": m.scale, "since_fired": m.tracker.since_fired, "tokens": m.tokens}
 
     def _restore(self, m: _Member, state: dict[str, Any]) -> None:
         m.model.load_state_dict(state["model"])
         m.opt.load_state_dict(state["optimizer"])
         m.tracker.since_fired.copy_(state["since_fired"])
         m.scale = float(state["input_scale"])
+        m.tokens = int(state.get("tokens", 0))  # tokens trained before the resume
 
     def _prepare(self, m: _Member, start: int) -> None:
         """Writer, compilation, autocast, DDP wrapper and accumulators of a member."""
@@ -170,6 +172,8 @@ class Trainer:
         return repr(self.learner.config)
 
     def _save(self, step: int, payload: dict[str, Any]) -> None:
+        """Write the checkpoint atomically; the one before it is kept as ``<name>.prev``, so
+        that a checkpoint damaged later still leaves one to resume from."""
         self.last_checkpoint_step = step
         if not self.dist.main:
             return
@@ -180,19 +184,42 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.checkpoint)
+        tmp = temporary_name(self.checkpoint)
+        with writing(self.checkpoint, tmp):
+            torch.save(state, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            if self.checkpoint.exists():
+                os.replace(self.checkpoint, self._previous)
+            os.replace(tmp, self.checkpoint)
+
+    @property
+    def _previous(self) -> Path:
+        return self.checkpoint.with_name(self.checkpoint.name + ".prev")
 
     def _load(self) -> dict[str, Any] | None:
-        if not self.checkpoint.exists():
-            return None
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        if state.get("learner") != self.learner.name or state.get("learner_config") != self._config_key():
-            return None  # another recipe: start afresh
-        return state
+        """The newest loadable checkpoint of this recipe (the previous one when the latest is
+        damaged), or None to start afresh; UserError when checkpoints exist but none loads."""
+        problems = []
+        for path in (self.checkpoint, self._previous):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("not a training checkpoint")
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
+                problems.append(str(path))
+                print(f"train {self.s.name}: warning: cannot read the checkpoint {path} "
+                      f"({type(exc).__name__}); trying an older one", file=sys.stderr, flush=True)
+                continue
+            if state.get("learner") != self.learner.name or state.get("learner_config") != self._config_key():
+                return None  # another recipe: start afresh
+            return state
+        if problems:
+            raise UserError(f"{self.checkpoint}: damaged checkpoint and no usable earlier one; rerun "
+                            f"with --force, or delete {self.checkpoint.parent}, to start afresh")
+        return None
 
     def _resume_common(self, state: dict[str, Any]) -> int:
         """Loader position and RNG states of a checkpoint; returns its step."""

@@ -117,6 +117,38 @@ class ExtractStage(Stage):
         base = pipeline.source.parent if pipeline.source else Path.cwd()
         return base / "data" / "activations" / pipeline.header.run
 
+    def check(self, pipeline: Pipeline, registry: Any) -> list[str]:
+        """The model folder and its hook points, the dataset's song list, before anything runs."""
+        from ..adapters.mmt.dataset import open_dataset
+        from ..resources import resolve_device
+
+        header = pipeline.header
+        if header.model is None or header.data is None:
+            return []
+        problems = []
+        try:
+            info = header.model.adapter.build(registry).describe(header.model.path, resolve_device(header.device))
+        except NotImplementedError:
+            info = None
+        except UserError as exc:
+            problems.append(f"model.path: {exc}")
+            info = None
+        if info is not None:
+            layers = sum(h.startswith("resid_post.") for h in info.hook_points)
+            bad = [layer for layer in self.config.layers if layer >= layers]
+            if bad:
+                problems.append(f"extract.layers: layer(s) {', '.join(map(str, bad))} do not exist "
+                                f"(the model has {layers} layers: 0-{layers - 1})")
+            missing = [h for h in self.config.hooks if h not in info.hook_points]
+            if missing:
+                problems.append(f"extract.hooks: {', '.join(missing)} do not exist in this model "
+                                f"(available: {', '.join(info.hook_points)})")
+        try:
+            open_dataset(header.data.path, header.data.split)
+        except UserError as exc:
+            problems.append(f"data.path: {exc}")
+        return problems
+
     def run(self, ctx: Any) -> dict[str, Any]:
         from ..adapters.mmt.dataset import open_dataset
         from ..adapters.mmt.representation import INSTRUMENT_NAMES
@@ -131,6 +163,7 @@ class ExtractStage(Stage):
             adapter.check_encoding(encoding, dataset.encoding_path)
         hooks = cfg.hook_points(adapter.hook_points())
         names = list(dataset.names)[: cfg.max_songs]
+        self._names, self._dtype = names, getattr(adapter.config, "dtype", "float32")
         sources = [_source(dataset, n) for n in names]
         store = cfg.store.build(ctx.registry)
         attrs = {
@@ -308,8 +341,21 @@ class ExtractStage(Stage):
                 picked = torch.index_select(flat, 0, src, out=self._scratch(len(src), width))
             else:
                 picked = flat.index_select(0, src.to(flat.device)).float().cpu()
+            if not bool(torch.isfinite(picked).all()):
+                self._non_finite(plan, name, picked, dest)
             target[:, h].index_copy_(0, dest, picked)
         return time.perf_counter() - t0, len(idx)
+
+    def _non_finite(self, plan: _ShardPlan, hook: str, picked: Any, dest: Any) -> None:
+        """Refuse activations that are NaN or infinite, naming the hook point and the song."""
+        import torch
+
+        rows = (~torch.isfinite(picked)).any(dim=1).nonzero().flatten()
+        row = int(dest[int(rows[0])])
+        song = self._names[int(plan.coords["song"][row])]
+        raise UserError(f"extract: {len(rows)} token(s) of song {song!r} have NaN or infinite "
+                        f"activations at hook point {hook} (overflow in dtype "
+                        f"{self._dtype}? a broken checkpoint?); nothing was stored for them")
 
     def _scratch(self, rows: int, width: int) -> Any:
         """A float32 CPU tensor (rows, width) of this thread, reusing its earlier memory."""
@@ -378,6 +424,6 @@ def _version() -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    from ..engine import to_jsonable
+    from ..jsonio import to_jsonable
 
     return to_jsonable(value)

@@ -104,7 +104,7 @@ class ReportStage(Stage):
 
 def _stage_dir(ctx: Any, name: str) -> Path | None:
     """Published output of stage ``name`` (from this pipeline, else ``<run>/<name>``)."""
-    from ..engine import MARKER
+    from ..outputs import MARKER
 
     for path in (ctx.upstream.get(name), Path(ctx.run_dir) / name):
         if path is not None and (Path(path) / MARKER).exists():

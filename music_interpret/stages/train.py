@@ -144,6 +144,50 @@ class TrainStage(Stage):
         except (OSError, ValueError, KeyError):
             raise UserError(f"{stats_dir / NORMALIZATION_FILE}: unreadable normalisation file") from None
 
+    # -- checks before anything runs ----------------------------------------------------
+
+    def check(self, pipeline: Any, registry: Any) -> list[str]:
+        """``train.device`` and whether the dictionaries fit in the device's memory."""
+        from ..config import device_problem
+        from ..resources import memory_problem, resolve_device
+
+        cfg: TrainConfig = self.config
+        if cfg.device is not None and (problem := device_problem(cfg.device)):
+            return [f"train.device: {problem}"]
+        d_in = self._planned_d_in(pipeline, registry)
+        if d_in is None or cfg.learner is None:
+            return []
+        lc = cfg.learner.config
+        d_sae = lc.d_sae or lc.expansion * d_in
+        members = max([len(v) for v in cfg.sweep.values()] or [1])
+        # weights, gradients and Adam's two moments, plus about four (batch, d_sae) tensors a step
+        need = 4 * members * (4 * (2 * d_in * d_sae + d_sae + d_in) + 4 * lc.batch_size * d_sae)
+        device = resolve_device(cfg.device or pipeline.header.device)
+        what = (f"train.learner.d_sae: {members} dictionary(ies) of {d_sae:,} latents on "
+                f"{d_in}-dimensional activations with batches of {lc.batch_size}")
+        problem = memory_problem(need, what, device)
+        return [problem] if problem else []
+
+    def _planned_d_in(self, pipeline: Any, registry: Any) -> int | None:
+        """d_model of the store to train on: from its manifest, else from the model folder."""
+        store = self.config.store
+        if store is None and "extract" in pipeline.header.stages:
+            extract = registry.find("stage", "extract")
+            if extract is not None:
+                store = extract.output_dir(pipeline, pipeline.stage_configs.get("extract"))
+        if store is not None:
+            try:
+                return int(json.loads((Path(store) / "store.json").read_text())["d_model"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        model = pipeline.header.model
+        if model is None:
+            return None
+        try:
+            return int(model.adapter.build(registry).describe(model.path).d_model)
+        except (NotImplementedError, UserError):
+            return None
+
     # -- run ------------------------------------------------------------------------------
 
     def run(self, ctx: Any) -> dict[str, Any]:
@@ -217,7 +261,7 @@ class TrainStage(Stage):
     def _train_sweep(self, ctx: Any, info: Any, hook: str, learner: Any, device: str,
                      seed: int) -> dict[str, Any]:
         """Train one dictionary per swept value on shared batches (see the module doc)."""
-        from ..engine import write_json_atomic
+        from ..jsonio import write_json_atomic
         from ..learners.io import save_dictionary
         from ..learners.sweep import curve, sweep_learners
 
@@ -388,7 +432,7 @@ class _HookJob:
     def describe(self, result: Any, ctx: Any) -> dict[str, Any]:
         """The ``config.json`` fields beyond the architecture."""
         from .. import __version__
-        from ..engine import to_jsonable
+        from ..jsonio import to_jsonable
 
         m = self.info.manifest
         attrs = m.get("attrs", {})

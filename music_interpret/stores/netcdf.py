@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..engine import write_json_atomic
-from ..errors import UserError
+from ..checksums import checksum_matches, file_checksum
+from ..errors import DiskFull, UserError
 from ..interfaces import ActivationStore
+from ..jsonio import is_disk_full, write_json_atomic
 
 FORMAT = "music-interpret-activations"
 FORMAT_VERSION = 1
@@ -191,9 +192,12 @@ class StoreWriter:
 
     def write_shard(self, acts: np.ndarray, coords: Mapping[str, np.ndarray],
                     song_start: int, song_stop: int) -> Path:
-        """Write one shard: ``acts`` (n_tokens, n_hooks, d_model) float32 and token coordinates."""
-        import netCDF4
+        """Write one shard: ``acts`` (n_tokens, n_hooks, d_model) float32 and token coordinates.
 
+        The file is written under a temporary name, synced, checksummed and renamed; only
+        then does the manifest list it. On any failure the temporary file is removed (a
+        full disk is reported as :class:`DiskFull` naming the shard).
+        """
         m = self.manifest
         n = acts.shape[0]
         if acts.shape[1:] != (len(m["hooks"]), m["d_model"]):
@@ -201,6 +205,31 @@ class StoreWriter:
         index = self.n_shards
         final = self.path / shard_name(index)
         tmp = self.path / f".{final.name}.tmp"
+        try:
+            self._write_file(tmp, acts, coords, index, song_start, song_stop)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            checksum = file_checksum(tmp)
+            os.replace(tmp, final)
+        except BaseException as exc:
+            # netCDF-C reports a full disk as a bare "HDF error": told by the free space
+            full = is_disk_full(exc, self.path, need=acts.nbytes + (1 << 20))
+            tmp.unlink(missing_ok=True)
+            if full:
+                raise DiskFull(f"no space left on device while writing {final}") from None
+            raise
+        m["shards"].append({"file": final.name, "tokens": int(n), "song_start": int(song_start),
+                            "song_stop": int(song_stop), "checksum": checksum})
+        write_json_atomic(self.path / MANIFEST, m)
+        return final
+
+    def _write_file(self, tmp: Path, acts: np.ndarray, coords: Mapping[str, np.ndarray],
+                    index: int, song_start: int, song_stop: int) -> None:
+        """The shard's netCDF file, written to ``tmp``."""
+        import netCDF4
+
+        m = self.manifest
+        n = acts.shape[0]
         chunk = max(1, min(self.config.chunk_tokens, n))
         with NC_LOCK, _aligned(netCDF4), netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             nc.createDimension("token", n)
@@ -234,13 +263,6 @@ class StoreWriter:
             names[:] = np.asarray(m["songs"], dtype=object)
             srcs = nc.createVariable("song_source", str, ("songs",))
             srcs[:] = np.asarray(m["song_sources"], dtype=object)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        m["shards"].append({"file": final.name, "tokens": int(n), "song_start": int(song_start),
-                            "song_stop": int(song_stop)})
-        write_json_atomic(self.path / MANIFEST, m)
-        return final
 
     def _global_attrs(self, index: int, song_start: int, song_stop: int) -> dict[str, Any]:
         m = self.manifest
@@ -306,8 +328,15 @@ class StoreInfo:
         return self.manifest["hooks"].index(hook)
 
 
-def check_store(path: Path | str, require_complete: bool = True, verify_shards: bool = True) -> StoreInfo:
-    """Validate a store folder; every problem is a one-line UserError naming the file."""
+def check_store(path: Path | str, require_complete: bool = True, verify_shards: bool = True,
+                verify_checksums: bool = False) -> StoreInfo:
+    """Validate a store folder; every problem is a one-line UserError naming the file.
+
+    ``verify_shards`` opens every shard and checks its identity and sizes against the
+    manifest; ``verify_checksums`` also reads every shard's bytes and compares them with
+    the checksum recorded when it was written (stores written before checksums existed
+    have none to compare).
+    """
     path = Path(path)
     if path.is_file() and path.name == MANIFEST:
         path = path.parent
@@ -327,9 +356,13 @@ def check_store(path: Path | str, require_complete: bool = True, verify_shards: 
     if not manifest["shards"]:
         raise UserError(f"{path}: the store has no shards")
     shards = tuple(path / s["file"] for s in manifest["shards"])
-    if verify_shards:
+    if verify_shards or verify_checksums:
         for entry, shard in zip(manifest["shards"], shards, strict=True):
             _check_shard(shard, entry, manifest)
+            recorded = entry.get("checksum")
+            if verify_checksums and recorded and not checksum_matches(shard, recorded):
+                raise UserError(f"{shard}: the file changed after it was written (checksum "
+                                f"mismatch with {MANIFEST}); extract the store again")
     return StoreInfo(path, manifest, shards)
 
 

@@ -42,6 +42,12 @@ class Count(Stage):
         learner: PluginRef = field(default="toy_sae", metadata={"plugin": "dictionary_learner"})
         sleep: float = 0.0
         fail: bool = False
+        exit_code: int | None = None
+        output: Path | None = None
+
+    @staticmethod
+    def output_dir(pipeline, config):
+        return config.output if config.output is not None else pipeline.run_dir / "count"
 
     def run(self, ctx):
         with open(self.config.log, "a") as fh:
@@ -54,6 +60,10 @@ class Count(Stage):
                 time.sleep(self.config.sleep)
         if self.config.fail:
             raise RuntimeError("count failed on purpose")
+        if self.config.exit_code is not None:
+            import sys
+
+            sys.exit(self.config.exit_code)
         return {"n": self.config.n, "l1": self.config.learner.config.l1_coeff}
 
 
@@ -125,4 +135,24 @@ class Fine(DictionaryLearner):
 @hookimpl
 def mi_dictionary_learners():
     return [OtherToy, Fine]
+'''
+
+RAISING_OBSERVER = '''
+"""An observer plugin whose hooks all raise."""
+from music_interpret.hookspecs import hookimpl
+
+
+@hookimpl
+def mi_stage_start(stage, run_dir, config):
+    raise RuntimeError("observer broke at start")
+
+
+@hookimpl
+def mi_stage_end(stage, run_dir, status, seconds):
+    raise ValueError("observer broke at end")
+
+
+@hookimpl
+def mi_stage_error(stage, run_dir, error):
+    raise RuntimeError("observer broke on error")
 '''

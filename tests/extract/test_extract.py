@@ -78,12 +78,16 @@ def test_notes_only(tmp_path, fix):
 
 
 def test_unknown_hook_point_is_one_line(tmp_path):
-    pipeline = write_pipeline(tmp_path, extract="layers: [7]")
-    result = run_cli("run", str(pipeline))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: extract: hook point(s) resid_post.7 do not exist in this model (available: "
-        "resid_pre.0, resid_mid.0, resid_post.0, resid_pre.1, resid_mid.1, resid_post.1, final_norm)")
+    """validate and run both refuse a layer the model lacks before anything runs."""
+    pipeline = write_pipeline(tmp_path, extract="layers: [7]\nhooks: [resid_mid.5]")
+    for command in ("validate", "run"):
+        result = run_cli(command, str(pipeline))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "error: extract.layers: layer(s) 7 do not exist (the model has 2 layers: 0-1)",
+            "error: extract.hooks: resid_mid.5 do not exist in this model (available: resid_pre.0, "
+            "resid_mid.0, resid_post.0, resid_pre.1, resid_mid.1, resid_post.1, final_norm)"]
+    assert not (tmp_path / "acts").exists() and not list(tmp_path.glob("**/*.partial"))
     bad = write_pipeline(tmp_path, extract="hooks: [resid_post]", run="y")
     result = run_cli("validate", str(bad))
     assert result.returncode == 2 and "extract: hooks: 'resid_post' is not a hook point name" in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UserError
-from ...interfaces import Batch, ModelAdapter
+from ...interfaces import Batch, ModelAdapter, ModelInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,6 +67,28 @@ class MMTAdapter(ModelAdapter):
                 )
         self._model, self._train_args, self._device = model, args, device
         self._sha256 = sha256_file(Path(model_dir) / CHECKPOINT)
+
+    def describe(self, model_dir: Path, device: str = "cpu") -> ModelInfo:
+        """Width, hook points and parameter count from ``train-args.json`` alone; checks that
+        the checkpoint file exists and that the model fits in ``device``'s memory."""
+        from .loading import (
+            CHECKPOINT,
+            TRAIN_ARGS,
+            check_model_memory,
+            config_from_args,
+            read_train_args,
+        )
+        from .model import hook_point_names
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"{model_dir}: MMT model directory not found")
+        args = read_train_args(model_dir / TRAIN_ARGS)
+        if not (model_dir / CHECKPOINT).is_file():
+            raise UserError(f"{model_dir / CHECKPOINT}: MMT checkpoint not found")
+        cfg = config_from_args(args)
+        n_parameters = check_model_memory(cfg, model_dir / TRAIN_ARGS, device)
+        return ModelInfo(cfg.dim, hook_point_names(cfg.layers), n_parameters)
 
     @property
     def model(self) -> MMTModel:

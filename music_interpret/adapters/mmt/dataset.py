@@ -14,6 +14,7 @@ Each song is an int64 array (N, 5): beat, position, pitch, duration, program.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import UserError
+from .representation import RESOLUTION
 
 CSV_HEADER = "beat,position,pitch,duration,program"
 NOTE_COLUMNS = tuple(CSV_HEADER.split(","))
@@ -181,8 +183,19 @@ def _scan_notes(notes_dir: Path) -> dict[str, Path]:
     for suffix in reversed(_SUFFIXES):  # later suffixes overwrite: .npy wins
         for file in notes_dir.glob(f"*{suffix}"):
             if file.is_file():
+                _check_utf8_name(file)
                 files[file.name[: -len(suffix)]] = file
     return {name: files[name] for name in sorted(files)}
+
+
+def _check_utf8_name(file: Path) -> None:
+    """Song names are stored as text: refuse a file name that is not valid UTF-8."""
+    try:
+        file.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(file.name).decode("utf-8", "backslashreplace")
+        raise UserError(f"notes file {file.parent / shown}: the file name is not valid UTF-8; "
+                        "rename it (song names are stored as text)") from None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -231,13 +244,15 @@ def validate_notes(array: np.ndarray, source: str | Path = "<notes>") -> np.ndar
         raise UserError(
             f"notes file {source}: negative {NOTE_COLUMNS[col]} {notes[row, col]} in row {row}"
         )
-    for col in (NOTE_COLUMNS.index("pitch"), NOTE_COLUMNS.index("program")):
-        over = np.nonzero(notes[:, col] > _MAX_MIDI)[0]
+    limits = {"position": RESOLUTION - 1, "pitch": _MAX_MIDI, "program": _MAX_MIDI}
+    for name, limit in limits.items():
+        col = NOTE_COLUMNS.index(name)
+        over = np.nonzero(notes[:, col] > limit)[0]
         if over.size:
             row = int(over[0])
             raise UserError(
-                f"notes file {source}: {NOTE_COLUMNS[col]} {notes[row, col]} in row {row}"
-                f" exceeds {_MAX_MIDI}"
+                f"notes file {source}: {name} {notes[row, col]} in row {row} exceeds {limit}"
+                + (f" (onsets are in 1/{RESOLUTION} of a beat)" if name == "position" else "")
             )
     return np.ascontiguousarray(notes)
 

@@ -116,6 +116,40 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def count_parameters(cfg: MMTConfig) -> int:
+    """Parameters and buffers of the model ``cfg`` describes, counted without allocating them."""
+    import torch
+
+    from .model import MMTModel
+
+    with torch.device("meta"):
+        model = MMTModel(cfg)
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def check_model_memory(cfg: MMTConfig, args_path: Path, device: str, itemsize: int = 4) -> int:
+    """Refuse a ``train-args.json`` whose model would not fit in memory (before building it);
+    returns the model's parameter count."""
+    from ...resources import check_memory
+
+    n = count_parameters(cfg)
+    # the checkpoint's tensors and the model's are held at once while loading
+    check_memory(n * (4 + itemsize), f"{args_path}: the model it describes ({n:,} parameters, "
+                 f"max_seq_len {cfg.max_seq_len}, dim {cfg.dim}, {cfg.layers} layers)", device)
+    return n
+
+
+def check_finite(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint holding NaN or infinite weights, naming the first such tensor."""
+    import torch
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s); "
+                            "the checkpoint is broken (a diverged or corrupted training run?)")
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -152,8 +186,10 @@ def load_mmt(
         raise UserError(f"{model_dir}: MMT model directory not found")
     args_path, ckpt_path = model_dir / TRAIN_ARGS, model_dir / CHECKPOINT
     args = read_train_args(args_path)
-    state = read_checkpoint(ckpt_path)
     cfg = config_from_args(args)
+    check_model_memory(cfg, args_path, device, torch_dtype.itemsize)
+    state = read_checkpoint(ckpt_path)
+    check_finite(state, ckpt_path)
     model = MMTModel(cfg)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

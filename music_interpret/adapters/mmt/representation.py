@@ -214,6 +214,10 @@ def encode_song(
     return codes
 
 
+#: ``N_TOKENS`` with no limit on the beat (song-level codes of songs longer than MAX_BEAT)
+SONG_N_TOKENS = (N_TOKENS[0], np.iinfo(np.int64).max, *N_TOKENS[2:])
+
+
 def check_codes(codes: np.ndarray, n_tokens: tuple[int, ...] | list[int] = N_TOKENS) -> np.ndarray:
     """Return ``codes`` as int64 (T, 6), raising ``UserError`` on a bad shape or code."""
     codes = np.asarray(codes)
@@ -270,8 +274,9 @@ def token_metadata(codes: np.ndarray) -> dict[str, np.ndarray]:
     * ``instrument_name``: ``INSTRUMENT_NAMES[instrument]`` ("" where none)
 
     Codes 0 ("none") inside a note or instrument row also give -1 / "".
+    Beat codes are not limited to ``MAX_BEAT``: whole songs carry their own beats.
     """
-    codes = check_codes(codes)
+    codes = check_codes(codes, SONG_N_TOKENS)
     etype = codes[:, 0]
     is_note = etype == NOTE
     has_inst = is_note | (etype == INSTRUMENT)
