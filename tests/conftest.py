@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def available_devices() -> list[str]:
+    """``cpu``, plus ``cuda`` where a GPU is visible: tests of every stage run on each, so
+    the same suite catches device bugs on a GPU machine."""
+    import torch
+
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+DEVICES = available_devices()
+
+
 def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
                       version: str = "1.0.0") -> Path:
     """Install a distribution into ``site`` the way pip lays one out (dist-info + modules)."""
@@ -38,6 +49,12 @@ def run_cli(*args: str, site: Path | None = None, cwd: Path | None = None,
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "music_interpret", *args], capture_output=True,
                           text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Each available device in turn (see :func:`available_devices`)."""
+    return request.param
 
 
 @pytest.fixture

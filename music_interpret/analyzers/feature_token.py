@@ -463,7 +463,7 @@ class FeatureTokenAnalyzer(Analyzer):
         for hook in ctx.dictionaries:
             dictionary = ctx.load_dictionary(hook)
             labels, results = feature_token_stats(
-                info, hook, dictionary.encode, int(dictionary.d_sae), cfg, max_tokens,
+                info, hook, dictionary.encode_host, int(dictionary.d_sae), cfg, max_tokens,
                 ctx.progress)
             n_tokens = labels.n_tokens
             attrs = {"hook": hook, "store_id": info.manifest.get("store_id", ""),

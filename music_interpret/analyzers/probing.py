@@ -334,7 +334,7 @@ class ProbeAnalyzer(Analyzer):
         bar = ctx.progress(total=len(hooks) * len(attributes), desc="probe")
         for h, hook in enumerate(hooks):
             dictionary = ctx.load_dictionary(hook)
-            raw, latents = read_rows(info, hook, sample.index, dictionary.encode)
+            raw, latents = read_rows(info, hook, sample.index, dictionary.encode_host)
             for a, attr in enumerate(attributes):
                 res = probe_attribute(sample.codes[attr], test, sample.song, raw, latents,
                                       cfg, ctx.seed)

@@ -67,6 +67,16 @@ class Dictionary(nn.Module):
         """Codes (..., d_sae) of activations (..., d_in)."""
         return self.activate(self.pre_acts(x))
 
+    @torch.no_grad()
+    def encode_host(self, x: torch.Tensor | Any) -> torch.Tensor:
+        """Codes of activations held on the host (a CPU tensor or array), computed on the
+        dictionary's device and returned as a float32 CPU tensor: the one place where
+        analyses move activations to a dictionary on another device and codes back."""
+        device = self.W_enc.device
+        t = torch.as_tensor(x)
+        t = t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
+        return self.encode(t.to(device, self.W_enc.dtype, non_blocking=True)).float().cpu()
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction (..., d_in) from codes (..., d_sae)."""
         if f.dim() == 2 and f.device.type == "cpu":

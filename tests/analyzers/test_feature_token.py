@@ -36,17 +36,17 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return planted_store(tmp / "store"), planted_dictionary(tmp / "dict")
 
 
-def run(planted: tuple[Path, Path], **cfg: object) -> tuple[object, dict]:
+def run(planted: tuple[Path, Path], device: str = "cpu", **cfg: object) -> tuple[object, dict]:
     from music_interpret.stores.netcdf import check_store
 
     store, folder = planted
-    d = load_dictionary(folder)
-    return feature_token_stats(check_store(store), HOOK, d.encode, D_SAE,
+    d = load_dictionary(folder, device)
+    return feature_token_stats(check_store(store), HOOK, d.encode_host, D_SAE,
                                FeatureTokenConfig(**{"attributes": ATTRS, **cfg}))
 
 
-def test_planted_latents_are_recovered(planted: tuple[Path, Path]) -> None:
-    labels, res = run(planted)
+def test_planted_latents_are_recovered(planted: tuple[Path, Path], device: str) -> None:
+    labels, res = run(planted, device)
     lat = res["latent"]
     for i, pc in enumerate(PITCH_CLASSES):
         assert lat["best_label"][i] == f"pitch_class={pc}"
@@ -65,9 +65,9 @@ def test_planted_latents_are_recovered(planted: tuple[Path, Path]) -> None:
     assert [raw["best_label"][i] for i in range(12)] == [f"pitch_class={p}" for p in PITCH_CLASSES]
 
 
-def test_streaming_is_chunk_independent(planted: tuple[Path, Path]) -> None:
-    _, a = run(planted, chunk_tokens=37)
-    _, b = run(planted, chunk_tokens=5000)
+def test_streaming_is_chunk_independent(planted: tuple[Path, Path], device: str) -> None:
+    _, a = run(planted, device, chunk_tokens=37)
+    _, b = run(planted, device, chunk_tokens=5000)
     # raw values are read bit-identically; the encoder's matmul may round differently for
     # other batch shapes, moving a latent value across a bin edge (AUROC off by ~1e-5)
     for kind, atol in (("neuron", 1e-6), ("latent", 1e-4)):

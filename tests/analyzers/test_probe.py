@@ -41,12 +41,12 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return planted_store(tmp / "store"), planted_dictionary(tmp / "dict")
 
 
-def test_planted_signal_and_baselines(planted: tuple[Path, Path]) -> None:
+def test_planted_signal_and_baselines(planted: tuple[Path, Path], device: str) -> None:
     store, folder = planted
     info, cfg = check_store(store), ProbeConfig(**CFG)
     sample = sample_tokens(info, cfg.attributes, cfg.max_tokens, seed=0)
     test = song_split(info, sample.song, cfg.test_fraction, seed=0)
-    raw, latents = read_rows(info, HOOK, sample.index, load_dictionary(folder).encode)
+    raw, latents = read_rows(info, HOOK, sample.index, load_dictionary(folder, device).encode_host)
     res = probe_attribute(sample.codes["pitch_class"], test, sample.song, raw, latents, cfg, 0)
     assert res is not None and res["n_classes"] == 12
     assert not set(res["train_songs"]) & set(res["test_songs"])  # no song on both sides

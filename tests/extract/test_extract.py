@@ -47,10 +47,11 @@ def test_coordinates_match_the_source_notes(tmp_path, fix):
     assert "sha256" in ds.attrs["source"] and json.loads(ds.attrs["model_config"])["dim"] == 64
 
 
-def test_activations_equal_a_direct_forward(tmp_path, fix):
+def test_activations_equal_a_direct_forward(tmp_path, fix, device):
     pipeline = write_pipeline(tmp_path, model="rpe-tiny", data="bach",
                               extract="hooks: [resid_pre.0, resid_post.2, final_norm]\nmax_songs: 5\nbatch_size: 3\n"
                                       "store: {name: netcdf, shard_tokens: 200}")
+    pipeline.write_text(f"device: {device}\n" + pipeline.read_text())
     assert run_cli("run", str(pipeline)).returncode == 0
     ds = mi.open_activations(tmp_path / "acts" / "x", lazy=False)
     # one shard per song or so: the stage's two reused shard buffers alternate several times

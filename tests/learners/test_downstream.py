@@ -84,7 +84,7 @@ def test_identity_recovers_everything_and_the_mean_nothing(evaluator: Downstream
     mean = evaluator.evaluate(Constant(evaluator.mean_activation()))
     assert mean["recovered"]["total"] == pytest.approx(0.0, abs=1e-4)
     assert mean["spliced"]["total"] == pytest.approx(mean["ablated"]["total"], abs=1e-5)
-    noisy = evaluator.evaluate(Constant(torch.zeros(evaluator.mean_activation().shape)))
+    noisy = evaluator.evaluate(Constant(torch.zeros_like(evaluator.mean_activation())))
     assert noisy["spliced"]["total"] > noisy["clean"]["total"]
     assert ident["tokens"] > 0 and 1 <= ident["windows"] <= 4 and ident["targets"] < ident["tokens"]
     tags = scalars(ident)
@@ -114,14 +114,14 @@ def test_recovered_edge_cases() -> None:
     assert recovered(1.0, float("nan"), 3.0) is None
 
 
-def test_train_stage_reports_downstream(tmp_path: Path) -> None:
+def test_train_stage_reports_downstream(tmp_path: Path, device: str) -> None:
     """extract (fixture model) then train with downstream: metrics.json and TensorBoard."""
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(textwrap.dedent(f"""
         run: ds
         output_dir: {tmp_path / 'reports'}
         stages: [extract, train]
-        device: cpu
+        device: {device}
         model: {{path: {MODEL}}}
         data: {{path: {DATA}}}
         extract: {{layers: [1], max_songs: 8, output: {tmp_path / 'acts'}}}

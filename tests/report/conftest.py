@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEVICES
+
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "mmt"
 ANALYZERS = ("feature_token", "probe", "top_examples")
 
@@ -41,7 +43,7 @@ def registry() -> object:
     return PluginRegistry(extra=[extra])
 
 
-def build_run(tmp: Path, *, songs: int = 4) -> Path:
+def build_run(tmp: Path, *, songs: int = 4, device: str = "cpu") -> Path:
     """Run the whole pipeline on a few fixture songs; returns the run folder."""
     from music_interpret.config import load_pipeline
     from music_interpret.engine import Engine
@@ -56,7 +58,7 @@ def build_run(tmp: Path, *, songs: int = 4) -> Path:
     path.write_text(textwrap.dedent(f"""
         run: small
         output_dir: {tmp / 'reports'}
-        device: cpu
+        device: {device}
         stages: [extract, preprocess, train, analyze, report]
         model: {{path: {FIX / 'models' / 'bach' / 'ape-tiny'}}}
         data: {{path: {FIX / 'data' / 'bach' / 'processed'}}}
@@ -72,6 +74,7 @@ def build_run(tmp: Path, *, songs: int = 4) -> Path:
     return pipeline.run_dir
 
 
-@pytest.fixture(scope="session")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_run(tmp_path_factory.mktemp("report"))
+@pytest.fixture(scope="session", params=DEVICES)
+def small_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole chain on every available device (the analyzers and report included)."""
+    return build_run(tmp_path_factory.mktemp(f"report-{request.param}"), device=request.param)
