@@ -80,6 +80,48 @@ train(opts, on_step=lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == kill_
 """
 
 
+@pytest.mark.parametrize("rel_pos_emb", [False, True])
+def test_bf16_hot_path_has_no_fp32_matmuls(rel_pos_emb: bool) -> None:
+    """Under bf16 autocast every matmul and attention kernel of a training step (forward
+    and backward, right-padded batch) takes bf16 inputs, and attention stays on SDPA's
+    fused kernel (no math-path fallback) when attention dropout is 0."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from music_interpret.adapters.mmt import representation as rep
+    from music_interpret.adapters.mmt.model import MMTConfig, MMTModel, field_losses
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            leaves = tree_leaves((args, kwargs or {}))
+            dtypes = tuple(t.dtype for t in leaves
+                           if isinstance(t, torch.Tensor) and t.is_floating_point())  # fmt: skip
+            self.ops.append((func.overloadpacket.__name__, dtypes))
+            return func(*args, **(kwargs or {}))
+
+    cfg = MMTConfig(64, 1, 2, 64, rep.N_TOKENS, rel_pos_emb=rel_pos_emb, dropout=0.1,
+                    attn_dropout=0.0)  # fmt: skip
+    model = MMTModel(cfg).train()
+    codes = torch.ones(2, 32, 6, dtype=torch.long)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[1, 20:] = False
+    with Record() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model.net.run(codes, mask)
+            loss = field_losses(logits, codes, mask)["total"]
+        loss.backward()
+    heavy = [(n, d) for n, d in rec.ops if n in ("mm", "addmm", "bmm", "baddbmm") or "attention" in n]
+    assert any(n == "_scaled_dot_product_flash_attention_for_cpu_backward" for n, _ in heavy)
+    assert not any("math" in n for n, _ in heavy)
+    for name, dtypes in heavy:
+        matrices = dtypes[:-1] if name.endswith("attention_for_cpu_backward") else dtypes
+        assert set(matrices) == {torch.bfloat16}, (name, dtypes)  # (the logsumexp is fp32)
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     kw = {"steps": 10, "valid_steps": 3, "checkpoint_steps": 2, "patience": 0}
     reference = train(_opts(tmp_path / "ref", **kw), log=_quiet)

@@ -157,7 +157,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = F.linear(x, self.qkv_weight()).view(b, t, 3, self.heads, DIM_HEAD)
         if rotary is not None:  # x-transformers 0.25.9 rotates q, k and v
-            qkv = _apply_rotary(qkv, *rotary)
+            cos, sin = rotary  # in the projection's dtype (bf16 under autocast)
+            qkv = _apply_rotary(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         p = self.dropout if self.training else 0.0
         if masking.attn_mask is None:

@@ -449,6 +449,26 @@ def stop_reason(opts: TrainOptions, p: Progress) -> str | None:
     return None
 
 
+def train_step(model: MMTModel, opt: torch.optim.Optimizer, sched: Any, codes: torch.Tensor,
+               mask: torch.Tensor, precision: str, clip: float) -> float:  # fmt: skip
+    """One optimiser step on a padded batch; returns its loss (sum of the six fields)."""
+    import torch
+
+    from .model import field_losses
+
+    device = next(model.parameters()).device
+    codes, mask = codes.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits, _ = model.net.run(codes, mask)
+        loss = field_losses(logits, codes, mask)["total"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 EvaluateFn = Callable[["MMTModel", Sequence[np.ndarray], int, str], dict[str, float]]
 
 
@@ -482,7 +502,7 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
     import torch
 
     from .loading import config_from_args
-    from .model import MMTModel, field_losses
+    from .model import MMTModel
 
     started = time.perf_counter()
     device = resolve_device(opts.device)
@@ -567,17 +587,9 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
                 else corpus.train_notes[i]
             seqs.append(rep.encode_song(notes, opts.max_beat, opts.max_seq_len))
         codes, mask = collate(seqs)
-        codes, mask = codes.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits, _ = model.net.run(codes, mask)
-            loss = field_losses(logits, codes, mask)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_norm_clip)
-        opt.step()
-        sched.step()
+        loss = train_step(model, opt, sched, codes, mask, precision, opts.grad_norm_clip)
         p.step += 1
-        p.running_sum += float(loss.detach())
+        p.running_sum += loss
         p.running_n += 1
         n_tok = sum(len(s) for s in seqs)
         p.tokens += n_tok
