@@ -26,6 +26,7 @@ from music_interpret.adapters.mmt.training import (
     lr_factor,
     train,
 )
+from music_interpret.engine import run_lock
 from music_interpret.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,3 +241,5 @@ def test_refuses_foreign_folders_and_resumes_its_own(tmp_path: Path, capsys) -> 
     assert _history(after) == _history(json.loads(before))
     with pytest.raises(UserError, match="not a folder"):
         train(_opts(ours / "train-args.json"), log=_quiet)
+    with run_lock(ours / "checkpoints"), pytest.raises(UserError, match="another run"):
+        train(TrainOptions(**vars(train_demo.build_parser().parse_args(argv))), log=_quiet)

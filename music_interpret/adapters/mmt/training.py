@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...engine import write_json_atomic
+from ...engine import run_lock, write_json_atomic
 from ...errors import UserError
 from . import representation as rep
 from .baselines import FIELDS, baselines
@@ -353,7 +353,7 @@ def prepare_out(out: Path, identity: dict[str, Any]) -> bool:
                             "rerun with the same options to continue, or give a new folder")
         return True
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints" / ".gitignore").write_text("last.pt\n.*.tmp\n")
+    (out / "checkpoints" / ".gitignore").write_text("last.pt\n.lock\n.*.tmp\n")
     write_json_atomic(out / RUN_FILE, identity)
     return False
 
@@ -492,13 +492,14 @@ def train(
     try:
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        return _train(opts, evaluate_fn or evaluate, on_step, log)
+        with contextlib.ExitStack() as stack:
+            return _train(opts, evaluate_fn or evaluate, on_step, log, stack)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int], None] | None,
-           log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+           log: Callable[[str], None], stack: contextlib.ExitStack) -> dict[str, Any]:  # fmt: skip
     import torch
 
     from .loading import config_from_args
@@ -510,6 +511,9 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
     corpus = load_corpus(opts)
     out = Path(opts.out)
     resume = prepare_out(out, run_identity(opts, corpus, precision))
+    stack.enter_context(run_lock(out / "checkpoints"))  # one process per folder
+    for stale in [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]:
+        stale.unlink()  # left by a killed run
     args = train_args(opts, corpus.train_set, precision)
     write_json_atomic(out / "train-args.json", args)
 
