@@ -6,7 +6,9 @@ an MMT of dim 256, 6 layers, 4 heads of 64, 1024 positions, dropout 0.1, on full
 batches of 8 x 1024 tokens (random valid codes, no padding). The configurations
 (precision x threads) take turns, one step each per round, so that the load of other
 jobs on a shared machine spreads over all of them; each row is the median over
-``--repeats`` rounds after one warm-up step. Two more rows time attention dropout 0.1
+``--repeats`` rounds after one warm-up step, with the best round and the process CPU
+time per step (on a machine shared with other jobs, the CPU time of a one-thread row
+shows what the step costs when it has a core to itself). Two more rows time attention dropout 0.1
 (MMT's default, which takes SDPA's CPU path off the fused kernel) at one thread.
 
 Run: ``python -m bench mmt_train [--quick]``; results go to ``bench/results/mmt_train.json``.
@@ -15,6 +17,7 @@ Run: ``python -m bench mmt_train [--quick]``; results go to ``bench/results/mmt_
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -46,21 +49,21 @@ def _setup(precision: str, attn_dropout: float, args: argparse.Namespace) -> dic
                          for n in n_tokens], dim=-1)  # fmt: skip
     mask = torch.ones(args.batch, args.length, dtype=torch.bool)
     return {"model": model, "opt": opt, "sched": sched, "codes": codes, "mask": mask,
-            "precision": precision, "times": []}  # fmt: skip
+            "precision": precision, "times": [], "cpu": []}  # fmt: skip
 
 
-def _step(run: dict[str, Any], threads: int) -> float:
+def _step(run: dict[str, Any], threads: int) -> tuple[float, float]:
     import torch
 
     from music_interpret.adapters.mmt.training import train_step
 
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train_step(run["model"], run["opt"], run["sched"], run["codes"], run["mask"],
                run["precision"], 1.0)  # fmt: skip
     if run["model"].net.norm.weight.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _rounds(configs: list[tuple[str, int, float]], repeats: int, args) -> list[dict[str, Any]]:
@@ -69,10 +72,11 @@ def _rounds(configs: list[tuple[str, int, float]], repeats: int, args) -> list[d
         _step(runs[c], c[1])
     for r in range(repeats):
         for c in configs:
-            dt = _step(runs[c], c[1])
+            dt, cpu = _step(runs[c], c[1])
             runs[c]["times"].append(dt)
+            runs[c]["cpu"].append(cpu)
             print(f"  round {r + 1}/{repeats} {c[0]} threads {c[1]} attn_dropout {c[2]}: "
-                  f"{dt:.2f} s", flush=True)
+                  f"{dt:.2f} s ({cpu:.2f} s CPU)", flush=True)
     tokens = args.batch * args.length
     rows = []
     for (precision, threads, attn_dropout), run in runs.items():
@@ -81,7 +85,9 @@ def _rounds(configs: list[tuple[str, int, float]], repeats: int, args) -> list[d
             "precision": precision, "threads": threads, "attn_dropout": attn_dropout,
             "seconds_per_step": round(med, 3), "tokens_per_second": round(tokens / med),
             "best_tokens_per_second": round(tokens / min(run["times"])),
+            "cpu_seconds_per_step": round(statistics.median(run["cpu"]), 3),
             "times": [round(t, 3) for t in run["times"]],
+            "cpu_times": [round(t, 3) for t in run["cpu"]],
         })  # fmt: skip
     return rows
 
@@ -114,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dropout_repeats:
         rows += _rounds([("fp32", 1, 0.1), ("bf16", 1, 0.1)], args.dropout_repeats, args)
     torch.set_num_threads(threads_before)
-    print(f"{'precision':<9} {'threads':>7} {'attn drop':>9} {'s/step':>7} {'tokens/s':>9}")
+    print(f"{'precision':<9} {'threads':>7} {'attn drop':>9} {'s/step':>7} {'tokens/s':>9} "
+          f"{'best':>7} {'CPU s/step':>10}")
     for r in rows:
         print(f"{r['precision']:<9} {r['threads']:>7} {r['attn_dropout']:>9} "
-              f"{r['seconds_per_step']:>7.2f} {r['tokens_per_second']:>9,}")
+              f"{r['seconds_per_step']:>7.2f} {r['tokens_per_second']:>9,} "
+              f"{r['best_tokens_per_second']:>7,} {r['cpu_seconds_per_step']:>10.2f}")
     results = {
-        "machine": machine(), "torch": torch.__version__, "device": args.device,
+        "machine": machine(), "loadavg_at_end": os.getloadavg(), "torch": torch.__version__, "device": args.device,
         "cpu_bf16": cpu_has_bf16(), "model": {"dim": args.dim, "layers": args.layers,
         "heads": args.heads, "max_seq_len": 1024, "dropout": 0.1},
         "batch": [args.batch, args.length], "repeats": args.repeats, "rows": rows,

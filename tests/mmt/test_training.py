@@ -243,3 +243,11 @@ def test_refuses_foreign_folders_and_resumes_its_own(tmp_path: Path, capsys) -> 
         train(_opts(ours / "train-args.json"), log=_quiet)
     with run_lock(ours / "checkpoints"), pytest.raises(UserError, match="another run"):
         train(TrainOptions(**vars(train_demo.build_parser().parse_args(argv))), log=_quiet)
+
+
+def test_a_non_finite_loss_stops_with_a_message(tmp_path: Path, monkeypatch) -> None:
+    from music_interpret.adapters.mmt import training
+
+    monkeypatch.setattr(training, "train_step", lambda *args: float("nan"))
+    with pytest.raises(UserError, match="training loss is nan.*holds step 0"):
+        train(_opts(tmp_path / "run", steps=4, valid_steps=2), log=_quiet)
