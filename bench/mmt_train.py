@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.length, args.repeats, args.dropout_repeats = 128, 1, 1
+    host = machine()
     threads_before = torch.get_num_threads()
     configs = [(prec, t, 0.0) for t in args.threads for prec in ("fp32", "bf16")]
     rows = _rounds(configs, args.repeats, args)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['seconds_per_step']:>7.2f} {r['tokens_per_second']:>9,} "
               f"{r['best_tokens_per_second']:>7,} {r['cpu_seconds_per_step']:>10.2f}")
     results = {
-        "machine": machine(), "loadavg_at_end": os.getloadavg(), "torch": torch.__version__, "device": args.device,
+        "machine": host, "loadavg_at_end": os.getloadavg(), "torch": torch.__version__, "device": args.device,
         "cpu_bf16": cpu_has_bf16(), "model": {"dim": args.dim, "layers": args.layers,
         "heads": args.heads, "max_seq_len": 1024, "dropout": 0.1},
         "batch": [args.batch, args.length], "repeats": args.repeats, "rows": rows,
