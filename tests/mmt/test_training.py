@@ -241,6 +241,12 @@ def test_refuses_foreign_folders_and_resumes_its_own(tmp_path: Path, capsys) -> 
     assert _history(after) == _history(json.loads(before))
     with pytest.raises(UserError, match="not a folder"):
         train(_opts(ours / "train-args.json"), log=_quiet)
+    capsys.readouterr()
+    assert train_demo.main([*argv[:1], str(tmp_path / "new"), "--seed", "-1"]) == 2
+    if not torch.cuda.is_available():
+        assert train_demo.main([*argv[:1], str(tmp_path / "new"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == err.count("\n") and not (tmp_path / "new").exists()
     with run_lock(ours / "checkpoints"), pytest.raises(UserError, match="another run"):
         train(TrainOptions(**vars(train_demo.build_parser().parse_args(argv))), log=_quiet)
 

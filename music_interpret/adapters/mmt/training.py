@@ -122,7 +122,7 @@ class TrainOptions:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("patience", "threads", "checkpoint_steps", "eval_batch_size"):
+        for name in ("patience", "threads", "checkpoint_steps", "eval_batch_size", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "attn_dropout"):
