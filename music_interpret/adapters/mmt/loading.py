@@ -150,6 +150,20 @@ def check_finite(state: dict[str, Any], path: Path) -> None:
                             "the checkpoint is broken (a diverged or corrupted training run?)")
 
 
+def upcast_half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with float16 and bfloat16 tensors converted to float32 (the rest as is).
+
+    Our trainer can store ``best_model.pt`` in half precision (``--save-dtype``); MMT's
+    own checkpoints are float32 and pass through untouched.
+    """
+    import torch
+
+    half = (torch.float16, torch.bfloat16)
+    if not any(v.dtype in half for v in state.values()):
+        return state
+    return {k: v.float() if v.dtype in half else v for k, v in state.items()}
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
@@ -177,6 +191,8 @@ def load_mmt(
     """Load ``<model_dir>/train-args.json`` and ``checkpoints/best_model.pt``.
 
     Returns ``(model, train_args)``; the model is in eval mode on ``device``.
+    Half-precision checkpoints (float16/bfloat16 parameters) are upcast to float32
+    first, the dtype being read from the tensors themselves.
     """
     from .model import MMTModel
 
@@ -208,7 +224,7 @@ def load_mmt(
             f"(checkpoint vs expected {cfg.describe()}, n_tokens {list(cfg.n_tokens)}): "
             f"{_short(bad, 3, group=False)}"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(upcast_half(state), strict=True)
     try:
         model = model.to(device=device, dtype=torch_dtype)
     except (RuntimeError, AssertionError) as err:
