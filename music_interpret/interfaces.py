@@ -71,6 +71,12 @@ class ModelAdapter(Plugin, ABC):
 
     kind = "model_adapter"
 
+    def input_embeddings(self) -> tuple[list[str], torch.Tensor]:
+        """The loaded model's input embedding rows as directions of the residual stream:
+        (names such as ``pitch=C4``, matrix (rows, d_model)). Analyses use them as the
+        control "does the stream still carry the token's own input?"."""
+        raise NotImplementedError
+
     def describe(self, model_dir: Path, device: str = "cpu") -> ModelInfo:
         """Width, hook points and size of the model in ``model_dir`` without loading its weights;
         raises ``UserError`` for what :meth:`load` would refuse (used by ``validate``)."""

@@ -3,23 +3,42 @@
 Each attribute is an integer-coded array over tokens (``int16``) with value labels:
 code ``c >= 0`` means ``labels[c]``, :data:`NA` (-1) means "n/a" (the attribute does
 not apply to that token, e.g. the pitch of an instrument token). The registry
-:data:`ATTRIBUTES` maps a name to its :class:`Attribute`:
+:data:`ATTRIBUTES` maps a name to its :class:`Attribute`.
+
+**At t and at t+1.** MMT at token t predicts token t+1, and every token embeds its own
+six fields, so an attribute of token t mostly tells whether the residual stream still
+carries its input. Every attribute ``X`` therefore also exists as ``next.X``: the same
+attribute of the token that follows t *in the model's input window* (what the model is
+predicting at t). ``next.X`` is n/a where the window ends after t (the last note a
+non-final window owns is followed there by an artificial end-of-song); after a song's
+last note, ``next.event_type`` is end-of-song.
+
+Attributes of the token itself:
 
 * ``event_type``: start-of-song, instrument, start-of-notes, note, end-of-song (every token).
 * ``pitch`` (MIDI, labelled ``C4`` = 60), ``pitch_class`` (C..B), ``octave`` (-1..9).
-* ``position``: onset inside the beat in 1/12 beat (0..11).
-* ``beat_mod4``: song beat modulo 4 (0..3). The meter is **not stored**, so this is
-  the beat in the bar only for pieces in 4/4 (or 2/4) that start on a downbeat.
+* ``position``: onset inside the beat in twelfths of a beat (0..11; ``3`` is the second
+  sixteenth, ``6`` the second eighth).
+* ``beat_step``: beats from the previous token's onset in the window (0..3, ``4+``).
+* ``beat_mod4``: song beat modulo 4. It is the beat in the bar only for pieces in 4/4
+  (or 2/4) that start on a downbeat; ``metric_strength`` uses the real metre.
 * ``duration``: snapped to MMT's known durations, labelled in beats (``1/2``, ``1``, ``3/2``).
 * ``instrument``: MMT instrument name (instrument and note tokens).
-* ``interval_from_prev`` / ``interval_to_next``: semitones from the previous note to this
-  one / from this note to the next, clipped to +-12 (``<=-12`` .. ``>=+12``);
-  ``prev_pitch_class`` / ``next_pitch_class``. "Previous" and "next" are the neighbouring
-  note tokens of the same song and instrument in token order (a voice in the chorales;
-  in a chord played by one instrument, the neighbouring chord note).
+* ``voice_interval_from_prev`` / ``voice_interval_to_next``: semitones from the previous
+  note to this one / from this note to the next, clipped to +-12;
+  ``voice_prev_pitch_class`` / ``voice_next_pitch_class``. "Previous" and "next" are the
+  neighbouring note tokens of the same song and instrument in token order (a voice in
+  the chorales; in a chord played by one instrument, the neighbouring chord note). The
+  names without ``voice_`` of earlier versions are accepted as aliases.
+* Music theory (:mod:`~music_interpret.analyzers.theory`, computed over the whole
+  song's notes): ``key`` (the piece's), ``local_key`` (within 4 beats either side),
+  ``scale_degree`` (relative to the local key), ``chord_root``, ``chord_quality`` and
+  ``roman_numeral`` of the sonority at the note's onset, ``voice_role`` (alone, top,
+  bass, inner), and ``metric_strength`` (downbeat, strong, beat, offbeat) from the time
+  signatures the dataset records (n/a without them).
 
 Non-note tokens are n/a for every note attribute; shards hold whole songs, so the
-neighbour attributes computed per shard are exact.
+song-level attributes computed per shard are exact.
 """
 
 from __future__ import annotations
@@ -27,20 +46,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
 from ..adapters.mmt.representation import DURATION_TO_CODE, INSTRUMENT_NAMES, KNOWN_DURATIONS
 from ..errors import UserError
 from ..stores.netcdf import EVENT_TYPES, StoreInfo, read_coords
+from . import theory
 
 NA = -1
 NA_LABEL = "n/a"
 NOTE = 3  # event_type code of a note
+EOS = 4  # event_type code of end-of-song
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MAX_INTERVAL = 12
+MAX_STEP = 4
+NEXT = "next."
 BEAT_NOTE = ("beat_mod4 is the song beat modulo 4: the store holds no meter, so it is the "
-             "beat in the bar only for 4/4 (or 2/4) pieces that start on a downbeat")
+             "beat in the bar only for 4/4 (or 2/4) pieces that start on a downbeat; "
+             "metric_strength uses the time signatures where the dataset records them")
+ALIASES = {"interval_from_prev": "voice_interval_from_prev",
+           "interval_to_next": "voice_interval_to_next",
+           "prev_pitch_class": "voice_prev_pitch_class",
+           "next_pitch_class": "voice_next_pitch_class"}
 
 Coords = Mapping[str, np.ndarray]
 
@@ -51,15 +80,25 @@ class UnknownAttribute(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Attribute:
-    """One per-token attribute: value labels and how to compute its codes from coordinates."""
+    """One per-token attribute: value labels and how to compute its codes from coordinates.
+
+    ``when`` is ``"t"`` for an attribute of the token itself and ``"t+1"`` for one of the
+    token the model predicts (``next.X``).
+    """
 
     name: str
     labels: tuple[str, ...]
     doc: str
     compute: Callable[[Coords], np.ndarray]
+    when: str = "t"
 
     def label(self, code: int) -> str:
         return NA_LABEL if code < 0 else self.labels[code]
+
+    @property
+    def base(self) -> str:
+        """The attribute of the token itself (``pitch`` for ``next.pitch``)."""
+        return self.name[len(NEXT):] if self.name.startswith(NEXT) else self.name
 
 
 def _note_mask(c: Coords) -> np.ndarray:
@@ -164,38 +203,162 @@ def _position(c: Coords) -> np.ndarray:
     return np.where(_note_mask(c) & (pos >= 0) & (pos < 12), pos, NA).astype(np.int16)
 
 
+def next_index(c: Coords) -> tuple[np.ndarray, np.ndarray]:
+    """(next, ends): for every token, the index of the token after it in its model window
+    (-1 where it is not stored or the window ends there), and whether the song ends after
+    it (its next token is the song's real end-of-song, stored or not)."""
+    cached = c.get("_next") if isinstance(c, dict) else None
+    if cached is not None:
+        return cached
+    n = len(c["event_type"])
+    song = np.asarray(c["song"]).astype(np.int64)
+    pos = np.asarray(c["song_token"]).astype(np.int64)
+    window = np.asarray(c.get("window", np.zeros(n))).astype(np.int64)
+    order = np.lexsort((pos, song))
+    nxt = np.full(n, -1, np.int64)
+    follows = (song[order[1:]] == song[order[:-1]]) & (pos[order[1:]] == pos[order[:-1]] + 1) \
+        & (window[order[1:]] == window[order[:-1]])
+    nxt[order[:-1][follows]] = order[1:][follows]
+    # the song's last note: its next token is the song's end, stored or not
+    ends = np.zeros(n, bool)
+    notes = np.flatnonzero(_note_mask(c))
+    if len(notes):
+        last = {}
+        for i in notes[np.lexsort((pos[notes], song[notes]))]:
+            last[song[i]] = i
+        ends[list(last.values())] = True
+    etype = np.asarray(c["event_type"])
+    ends[(nxt >= 0) & (etype[np.maximum(nxt, 0)] == EOS)] = True
+    if isinstance(c, dict):
+        c["_next"] = (nxt, ends)  # type: ignore[index]
+    return nxt, ends
+
+
+def _beat_step(c: Coords) -> np.ndarray:
+    """Beats from the onset of the previous note token in the window (0..3, 4+)."""
+    nxt, _ = next_index(c)
+    prev = np.full(len(nxt), -1, np.int64)
+    prev[nxt[nxt >= 0]] = np.flatnonzero(nxt >= 0)
+    beat = np.asarray(c["beat"]).astype(np.int64)
+    note = _note_mask(c)
+    ok = note & (prev >= 0) & note[np.maximum(prev, 0)]
+    step = np.clip(beat - beat[np.maximum(prev, 0)], 0, MAX_STEP)
+    return np.where(ok, step, NA).astype(np.int16)
+
+
+def _song_theory(c: Coords) -> dict[str, np.ndarray]:
+    """Theory codes of every token (-1 off notes), computed song by song; cached in ``c``."""
+    cached = c.get("_theory") if isinstance(c, dict) else None
+    if cached is not None:
+        return cached
+    n = len(c["event_type"])
+    names = ("key", "local_key", "scale_degree", "chord_root", "chord_quality",
+             "roman_numeral", "voice_role", "metric_strength")
+    out = {k: np.full(n, NA, np.int64) for k in names}
+    notes = np.flatnonzero(_note_mask(c))
+    song = np.asarray(c["song"]).astype(np.int64)
+    meters = c.get("_meters") or {}
+    if len(notes):
+        onset_all = (np.asarray(c["beat"]).astype(np.int64) * theory.TICKS
+                     + np.maximum(np.asarray(c["position"]).astype(np.int64), 0))
+        for s_id in np.unique(song[notes]):
+            idx = notes[song[notes] == s_id]
+            onset = onset_all[idx]
+            pitch = np.asarray(c["pitch"])[idx].astype(np.int64)
+            dur = np.maximum(np.asarray(c["duration"])[idx].astype(np.int64), 1)
+            key = theory.piece_key(pitch, dur)
+            local = theory.local_keys(onset, pitch, dur)
+            root, quality = theory.chords(onset, pitch, dur)
+            out["key"][idx] = key
+            out["local_key"][idx] = local
+            out["scale_degree"][idx] = theory.scale_degrees(pitch, local)
+            out["chord_root"][idx] = root
+            out["chord_quality"][idx] = quality
+            out["roman_numeral"][idx] = theory.roman_numerals(root, quality, local)
+            out["voice_role"][idx] = theory.voice_roles(onset, pitch, dur)
+            out["metric_strength"][idx] = theory.metric_strength(onset, meters.get(int(s_id)))
+    if isinstance(c, dict):
+        c["_theory"] = out  # type: ignore[index]
+    return out
+
+
+def _theory(name: str) -> Callable[[Coords], np.ndarray]:
+    return lambda c: _song_theory(c)[name].astype(np.int16)
+
+
 _INTERVALS = tuple(_interval_label(i) for i in range(-MAX_INTERVAL, MAX_INTERVAL + 1))
 
-ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
+BASE_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("event_type", EVENT_TYPES, "MMT event type (every token)", _event_type),
     Attribute("pitch", tuple(_pitch_name(p) for p in range(128)), "MIDI pitch (C4 = 60)", _pitch),
     Attribute("pitch_class", PITCH_CLASSES, "pitch class",
               lambda c: _where_note(c, np.asarray(c["pitch"]) % 12)),
     Attribute("octave", tuple(str(o) for o in range(-1, 10)), "octave (C4 = middle C)",
               lambda c: _where_note(c, np.clip(np.asarray(c["pitch"]), 0, 127) // 12)),
-    Attribute("position", tuple(str(p) for p in range(12)), "onset inside the beat, 1/12 beat",
-              _position),
+    Attribute("position", tuple(str(p) for p in range(12)),
+              "onset inside the beat in twelfths of a beat (3: the second sixteenth)", _position),
+    Attribute("beat_step", ("0", "1", "2", "3", f"{MAX_STEP}+"),
+              "beats from the previous note token's onset in the window", _beat_step),
     Attribute("beat_mod4", ("0", "1", "2", "3"), BEAT_NOTE, _beat_mod4),
     Attribute("duration", tuple(_duration_label(d) for d in KNOWN_DURATIONS),
               "duration in beats, snapped to MMT's known durations", _duration),
     Attribute("instrument", ("none", *INSTRUMENT_NAMES[1:]), "MMT instrument", _instrument),
-    Attribute("interval_from_prev", _INTERVALS,
+    Attribute("voice_interval_from_prev", _INTERVALS,
               "semitones from the previous note of the same instrument (clipped to +-12)",
               lambda c: _interval(c, "prev")),
-    Attribute("interval_to_next", _INTERVALS,
+    Attribute("voice_interval_to_next", _INTERVALS,
               "semitones to the next note of the same instrument (clipped to +-12)",
               lambda c: _interval(c, "next")),
-    Attribute("prev_pitch_class", PITCH_CLASSES,
+    Attribute("voice_prev_pitch_class", PITCH_CLASSES,
               "pitch class of the previous note of the same instrument",
               lambda c: _neighbour_pc(c, "prev")),
-    Attribute("next_pitch_class", PITCH_CLASSES,
+    Attribute("voice_next_pitch_class", PITCH_CLASSES,
               "pitch class of the next note of the same instrument",
               lambda c: _neighbour_pc(c, "next")),
-)}
+    Attribute("key", theory.KEYS, "key of the whole piece (Krumhansl-Kessler)", _theory("key")),
+    Attribute("local_key", theory.KEYS, "key of the notes within 4 beats of the onset",
+              _theory("local_key")),
+    Attribute("scale_degree", theory.DEGREES, "pitch class relative to the local key's tonic",
+              _theory("scale_degree")),
+    Attribute("chord_root", theory.PITCH_CLASSES, "root of the chord sounding at the onset",
+              _theory("chord_root")),
+    Attribute("chord_quality", theory.CHORD_QUALITIES, "quality of the chord sounding at the onset",
+              _theory("chord_quality")),
+    Attribute("roman_numeral", theory.ROMAN_NUMERALS,
+              "chord at the onset relative to the local key", _theory("roman_numeral")),
+    Attribute("voice_role", theory.VOICE_ROLES,
+              "the note among those sounding at its onset (alone, top, bass, inner)",
+              _theory("voice_role")),
+    Attribute("metric_strength", theory.METRIC,
+              "downbeat, strong beat, other beat or offbeat under the recorded time signature",
+              _theory("metric_strength")),
+)
+
+
+def _at_next(base: Attribute) -> Callable[[Coords], np.ndarray]:
+    def compute(c: Coords) -> np.ndarray:
+        codes = base.compute(c)
+        nxt, ends = next_index(c)
+        out = np.where(nxt >= 0, codes[np.maximum(nxt, 0)], NA)
+        if base.name == "event_type":
+            out = np.where(ends, EOS, out)
+        return out.astype(np.int16)
+
+    return compute
+
+
+def _next_attribute(base: Attribute) -> Attribute:
+    return Attribute(NEXT + base.name, base.labels,
+                     f"{base.doc}, of the token after t in the model window (what t predicts)",
+                     _at_next(base), when="t+1")
+
+
+ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
+    *BASE_ATTRIBUTES, *(_next_attribute(a) for a in BASE_ATTRIBUTES))}
 
 #: coordinates the attributes read
-COORD_NAMES = ("song", "song_token", "event_type", "beat", "position", "pitch", "duration",
-               "instrument")
+COORD_NAMES = ("song", "song_token", "window", "seq_pos", "event_type", "beat", "position",
+               "pitch", "duration", "instrument")
 
 
 def attribute_names() -> list[str]:
@@ -207,6 +370,7 @@ def resolve_attributes(names: Sequence[str] | None, where: str = "attributes") -
     """``names`` checked against the registry (all attributes when empty or None)."""
     if not names:
         return attribute_names()
+    names = [ALIASES.get(n, n) for n in names]
     unknown = [n for n in names if n not in ATTRIBUTES]
     if unknown:
         raise UnknownAttribute(f"{where}: unknown attribute(s) {', '.join(map(repr, unknown))} "
@@ -216,16 +380,22 @@ def resolve_attributes(names: Sequence[str] | None, where: str = "attributes") -
     return list(names)
 
 
-def compute_attributes(coords: Coords, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def compute_attributes(coords: Coords, names: Sequence[str] | None = None,
+                       meters: Mapping[int, Sequence[tuple[float, int, int]]] | None = None,
+                       ) -> dict[str, np.ndarray]:
     """Codes (int16, -1 = n/a) of each attribute in ``names`` for the tokens of ``coords``.
 
-    ``coords`` must hold whole songs for the neighbour attributes to be exact.
+    ``coords`` must hold whole songs for the song-level attributes to be exact;
+    ``meters`` maps a song index to its time signatures ``(start beat, numerator,
+    denominator)`` (``metric_strength`` is n/a for songs without).
     """
-    work = dict(coords)
+    work: dict[str, Any] = dict(coords)
+    work["_meters"] = dict(meters or {})
     return {name: ATTRIBUTES[name].compute(work) for name in resolve_attributes(names)}
 
 
 def iter_store_attributes(info: StoreInfo, names: Sequence[str], max_tokens: int | None = None,
+                          meters: Mapping[int, Sequence[tuple[float, int, int]]] | None = None,
                           ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """``(shard, n_tokens, codes)`` per shard of a store, stopping after ``max_tokens`` tokens
     (the first ones in store order); codes are computed on whole shards, then cut."""
@@ -235,6 +405,6 @@ def iter_store_attributes(info: StoreInfo, names: Sequence[str], max_tokens: int
             return
         coords = read_coords(shard, COORD_NAMES)
         n = min(left, len(coords["song"]))
-        codes = compute_attributes(coords, names)
+        codes = compute_attributes(coords, names, meters)
         yield index, n, {k: v[:n] for k, v in codes.items()}
         left -= n

@@ -34,6 +34,52 @@ class AnalysisContext:
     train_dir: Path | None = None
     progress_factory: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model_adapter: Any = None  # the pipeline's PluginRef of the model adapter
+    registry: Any = None
+
+    def adapter(self, device: str | None = None) -> Any:
+        """The pipeline's model adapter, loaded (once per device); None without a model."""
+        if self.model_adapter is None or self.registry is None or self.model_dir is None:
+            return None
+        device = device or self.device
+        cache = self.extra.setdefault("_adapters", {})
+        if device not in cache:
+            adapter = self.model_adapter.build(self.registry)
+            adapter.load(self.model_dir, device=device)
+            cache[device] = adapter
+        return cache[device]
+
+    def input_embeddings(self) -> tuple[list[str], Any] | None:
+        """The model's input-embedding rows (names, (rows, d_model) CPU tensor), or None when
+        there is no model or its adapter does not offer them."""
+        adapter = self.adapter("cpu")
+        if adapter is None:
+            return None
+        try:
+            names, rows = adapter.input_embeddings()
+        except NotImplementedError:
+            return None
+        return names, rows.detach().float().cpu()
+
+    def song_meters(self) -> dict[int, list[tuple[float, int, int]]]:
+        """Time signatures ``(start beat, numerator, denominator)`` per store song index, from
+        the dataset's ``sources.json`` (``meters`` of each song) where it records them."""
+        if self.data_dir is None:
+            return {}
+        from ..adapters.mmt.dataset import open_dataset
+
+        try:
+            sources = open_dataset(self.data_dir, self.data_split).sources or {}
+        except UserError:
+            return {}
+        songs = sources.get("songs", sources) if isinstance(sources, dict) else {}
+        out = {}
+        for index, name in enumerate(self.store.songs):
+            info = songs.get(name) if isinstance(songs, dict) else None
+            meters = info.get("meters") if isinstance(info, dict) else None
+            if meters:
+                out[index] = [(float(b), int(n), int(d)) for b, n, d in meters]
+        return out
 
     @cached_property
     def store(self) -> StoreInfo:

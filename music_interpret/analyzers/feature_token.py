@@ -1,64 +1,80 @@
-"""``feature_token``: which musical attribute values each latent (and each raw dimension) codes for.
+"""``feature_token``: which musical labels each latent codes for, and which of them survive controls.
 
-For every unit u (dictionary latent, and as a baseline every raw dimension of the hook
-point) and every label l = ``attribute=value`` (see :mod:`.attributes`):
+For every unit u -- dictionary latent, and as controls the raw dimensions, projections
+on the model's input-embedding rows, density-matched random directions and a
+random-init dictionary (:mod:`.controls`) -- and every label l = ``attribute=value``
+(:mod:`.attributes`, at t and at t+1), over the selected tokens (note tokens by default):
 
-* ``firing_rate[u, l]``: fraction of the tokens with label l on which the unit is > 0;
-* ``mean_activation[u, l]``: its mean activation on those tokens;
-* ``auroc[u, l]``: AUROC of the unit's activation for "token has label l" against every
-  other token of the selection (tokens where the attribute is n/a included).
+* ``firing_rate[u, l]``, ``mean_activation[u, l]`` on the label's tokens;
+* ``auroc[u, l]`` of the activation for "token has label l" against every other
+  selected token (streaming, exact for the binned values: :mod:`.unitstats`), and
+  ``score`` (two-sided for the signed control units);
+* ``precision_mass`` / ``precision_fire``: the share of the unit's positive activation
+  mass / of its firings that falls on the label's tokens.
 
-Streaming AUROC (memory independent of the token count, no tokens x units matrix):
-the Mann-Whitney form AUROC = (sum of the positives' mid-ranks - n+(n+ + 1)/2) / (n+ n-)
-needs only one number per (unit, label) -- the sum of the positives' mid-ranks -- once
-every unit's distribution is known. Pass 1 therefore builds an exact per-unit histogram
-with ``bins`` fixed bins (from a small calibration sample: latents get one bin for exact
-zeros, where ties are real ties, and ``bins`` bins linear in sqrt(a / max) above; raw
-dimensions ``bins`` linear bins over the sample's range, out-of-range values in the end
-bins). Pass 2 maps every activation to its bin's mid-rank and adds, per chunk, one-hot
-labels (tokens x labels) @ mid-ranks (tokens x units) -- one matrix product, like the
-firing counts and activation sums. The result equals the AUROC of the binned values
-exactly (ties inside a bin count 1/2); against the unbinned AUROC the error is at most
-1/2 * sum_b pos_b neg_b / (n+ n-) <= 1/2 * (largest count of a bin other than the zero
-bin) / max(n+, n-), reported for the best label as ``best_score_error``. The price is
-reading and encoding the activations twice.
-
-Per unit: ``best_label`` = the label with the highest AUROC (its ``best_score``), and
-``monosemanticity`` = share of the unit's positive activation mass (sum of max(a, 0)
-over tokens) that falls on tokens with its best label: 1 when it fires only there.
+Per latent: its best label overall, at t and at t+1, and whether it is a **finding**
+(:mod:`.findings`): AUROC >= ``min_auroc``, precision >= ``min_precision`` and a margin
+>= ``margin`` over every control's best score for that label. A permutation null (labels
+rolled within shards, ``null_shifts`` times) gives the count of latents reaching
+``min_auroc`` by chance. Outputs per hook: ``<hook>.nc`` (xarray, latent x label, and
+the controls' best score per label), ``<hook>_summary.csv``, ``<hook>_findings.csv`` and
+``findings.json``, ``summary.md``.
 """
 
 from __future__ import annotations
 
 import csv
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import UserError
 from ..interfaces import Analyzer
-from .attributes import ATTRIBUTES, BEAT_NOTE, iter_store_attributes, resolve_attributes
+from ..jsonio import write_json_atomic
+from .attributes import BEAT_NOTE, resolve_attributes
+from .controls import (
+    CONTROL_GROUPS,
+    UnitGroup,
+    embedding_group,
+    neuron_group,
+    random_group,
+    random_sae_group,
+)
+from .findings import FindingRule, control_scores, find, findings_rows, null_summary
+from .labelspace import TOKENS, LabelSpace, read_rows
+from .unitstats import UnitStats
 
-CALIB_BLOCKS = 16
-CALIB_BLOCK_TOKENS = 1024
-UNIT_BLOCK = 1024  # units handled at once inside a chunk (bounds the temporaries)
+CALIB_PIECES = 16
+CALIB_PIECE_TOKENS = 1024
 GOOD_SCORE = 0.9
 MAX_BINS = 4096
 
 
 @dataclass
 class FeatureTokenConfig:
-    """Options of ``feature_token``."""
+    """Options of ``feature_token``.
+
+    ``tokens``: ``notes`` (note tokens only, the default) or ``all``. ``controls``: the
+    control groups computed (all by default; ``embedding`` needs the pipeline's model).
+    A finding needs AUROC >= ``min_auroc``, ``precision_mass`` >= ``min_precision`` and a
+    margin >= ``margin`` over every control. ``null_shifts``: permutation-null label sets.
+    """
 
     attributes: list[str] = field(default_factory=list)  # empty: every known attribute
+    tokens: Literal["notes", "all"] = "notes"
     max_tokens: int | None = None  # first tokens of the store (also capped by analyze.max_tokens)
     chunk_tokens: int = 4096
     bins: int = 256
     min_count: int = 20  # labels on fewer tokens (or on all but fewer) are left out
+    controls: list[str] = field(default_factory=lambda: list(CONTROL_GROUPS))
+    min_auroc: float = 0.9
+    margin: float = 0.02
+    min_precision: float = 0.5
+    null_shifts: int = 8
+    seed: int | None = None  # of the random controls and null shifts (default: the run's)
     top_n: int = 20  # rows per hook in summary.md
 
     def __post_init__(self) -> None:
@@ -70,224 +86,23 @@ class FeatureTokenConfig:
             raise ValueError(f"bins must be at most {MAX_BINS}, got {self.bins}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-
-
-# -- labels -----------------------------------------------------------------------------
-
-
-@dataclass
-class LabelSpace:
-    """The ``attribute=value`` labels kept for a selection of tokens, and their counts."""
-
-    attributes: list[str]
-    attribute: list[str]
-    value: list[str]
-    codes: list[int]
-    counts: np.ndarray  # tokens per label
-    n_tokens: int
-    index: dict[str, np.ndarray]  # attribute -> code -> label index (-1: not kept)
+        if self.tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(TOKENS)}, got {self.tokens!r}")
+        unknown = [c for c in self.controls if c not in CONTROL_GROUPS]
+        if unknown:
+            raise ValueError(f"controls: unknown {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(CONTROL_GROUPS)})")
+        if not 0.5 <= self.min_auroc <= 1 or not 0 <= self.min_precision <= 1 or self.margin < 0:
+            raise ValueError("min_auroc must be in [0.5, 1], min_precision in [0, 1], margin >= 0")
+        if self.null_shifts < 0:
+            raise ValueError(f"null_shifts must be >= 0, got {self.null_shifts}")
 
     @property
-    def names(self) -> list[str]:
-        return [f"{a}={v}" for a, v in zip(self.attribute, self.value, strict=True)]
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def matrix(self, codes: dict[str, np.ndarray]) -> np.ndarray:
-        """(n, attributes) label index of each token per attribute (-1: no kept label)."""
-        cols = []
-        for name in self.attributes:
-            c = codes[name].astype(np.int64)
-            table = self.index[name]
-            cols.append(np.where(c >= 0, table[np.maximum(c, 0)], -1))
-        return np.stack(cols, axis=1)
-
-    @classmethod
-    def scan(cls, info: Any, attributes: Sequence[str], max_tokens: int | None,
-             min_count: int) -> LabelSpace:
-        """Count every attribute value over the selection (coordinates only) and keep the
-        labels on at least ``min_count`` tokens and off at least ``min_count`` tokens."""
-        totals = {a: np.zeros(len(ATTRIBUTES[a].labels), np.int64) for a in attributes}
-        n = 0
-        for _, used, codes in iter_store_attributes(info, attributes, max_tokens):
-            n += used
-            for a in attributes:
-                c = codes[a]
-                totals[a] += np.bincount(c[c >= 0], minlength=len(totals[a]))
-        attribute, value, kept, counts, index = [], [], [], [], {}
-        for a in attributes:
-            table = np.full(len(totals[a]), -1, np.int64)
-            for code, count in enumerate(totals[a]):
-                if count >= min_count and n - count >= min_count:
-                    table[code] = len(kept)
-                    attribute.append(a)
-                    value.append(ATTRIBUTES[a].labels[code])
-                    kept.append(code)
-                    counts.append(int(count))
-            index[a] = table
-        return cls(list(attributes), attribute, value, kept, np.asarray(counts, np.int64), n, index)
-
-
-# -- per-unit accumulators --------------------------------------------------------------
-
-
-class UnitStats:
-    """Streaming label statistics of ``n_units`` units (latents or raw dimensions)."""
-
-    def __init__(self, n_units: int, n_labels: int, bins: int, *, sparse: bool) -> None:
-        self.n_units, self.n_labels, self.bins, self.sparse = n_units, n_labels, bins, sparse
-        self.n_bins = bins + 1 if sparse else bins  # sparse: bin 0 holds the exact zeros
-        self.lo = np.zeros(n_units, np.float32)
-        self.hi = np.ones(n_units, np.float32)
-        self.hist = np.zeros((n_units, self.n_bins), np.int64)
-        self.midrank: Any = None  # torch float64 (units, n_bins) mid-rank / N, after pass 1
-        shape = (n_labels, n_units)
-        self.fires = np.zeros(shape)
-        self.sums = np.zeros(shape)
-        self.pos_sums = np.zeros(shape) if not sparse else self.sums
-        self.rank_sums = np.zeros(shape)
-        self.total_fires = np.zeros(n_units)
-        self.total_pos = np.zeros(n_units)
-
-    def calibrate(self, blocks: Iterable[Any]) -> None:
-        """Fix the bins from sample blocks (n, units) of activations (torch tensors)."""
-        lo = np.full(self.n_units, np.inf, np.float32)
-        hi = np.full(self.n_units, -np.inf, np.float32)
-        for b in blocks:
-            if len(b):
-                lo = np.minimum(lo, b.amin(0).numpy())
-                hi = np.maximum(hi, b.amax(0).numpy())
-        if self.sparse:
-            fallback = float(hi.max()) if np.any(hi > 0) else 1.0
-            self.hi = np.where(hi > 0, hi, fallback).astype(np.float32)
-        elif np.all(np.isfinite(lo)):
-            pad = np.maximum(hi - lo, 1e-6) * 0.05
-            self.lo, self.hi = (lo - pad).astype(np.float32), (hi + pad).astype(np.float32)
-
-    def flat_bins(self, a: Any, s: int, e: int) -> Any:
-        """``unit * n_bins + bin`` (int64 tensor) of activations ``a`` (n, e - s) of units s..e."""
-        import torch
-
-        B = self.bins
-        if self.sparse:  # bin 0: a <= 0; bins 1..B: linear in sqrt(a / hi)
-            inv = torch.from_numpy(1.0 / self.hi[s:e])
-            b = (a * inv).clamp_(0.0, 1.0).sqrt_().mul_(B).floor_().clamp_max_(B - 1).add_(1)
-            b.masked_fill_(a <= 0, 0.0)
-        else:
-            lo = torch.from_numpy(self.lo[s:e])
-            scale = torch.from_numpy(B / (self.hi[s:e] - self.lo[s:e]))
-            b = (a - lo).mul_(scale).clamp_(0.0, B - 1).floor_()
-        # integers stay exact in float32 (< 2**24) since n_bins * UNIT_BLOCK is far below
-        b.add_(torch.arange(e - s, dtype=torch.float32).mul_(self.n_bins))
-        return b.long()
-
-    def add_pass1(self, a: Any) -> None:
-        """Histogram the units' activations ``a`` (n, units) float32 tensor."""
-        import torch
-
-        for s in range(0, self.n_units, UNIT_BLOCK):
-            e = min(self.n_units, s + UNIT_BLOCK)
-            counts = torch.bincount(self.flat_bins(a[:, s:e], s, e).view(-1),
-                                    minlength=(e - s) * self.n_bins)
-            self.hist[s:e] += counts.view(e - s, self.n_bins).numpy()
-
-    def finish_pass1(self) -> None:
-        import torch
-
-        n = self.hist.sum(axis=1, keepdims=True).astype(np.float64)
-        below = np.cumsum(self.hist, axis=1) - self.hist
-        mid = (below + (self.hist + 1) / 2.0) / np.maximum(n, 1)
-        self.midrank = torch.from_numpy(mid)  # float64, like the rank sums (see add_pass2)
-
-    def add_pass2(self, y: Any, a: Any) -> None:
-        """Accumulate label sums: ``y`` (n, labels) one-hot float32, ``a`` (n, units)."""
-        yt = y.T.contiguous()
-        yt64 = yt.double()
-        for s in range(0, self.n_units, UNIT_BLOCK):
-            e = min(self.n_units, s + UNIT_BLOCK)
-            blk = a[:, s:e]
-            fired = (blk > 0).float()
-            ranks = self.midrank[s:e].reshape(-1).take(self.flat_bins(blk, s, e))
-            self.fires[:, s:e] += (yt @ fired).double().numpy()
-            self.sums[:, s:e] += (yt @ blk).double().numpy()
-            # in float64: float32 sums of ranks round differently for other chunkings, and the
-            # AUROC formula subtracts two large terms (1e-5 relative error otherwise)
-            self.rank_sums[:, s:e] += (yt64 @ ranks).numpy()
-            self.total_fires[s:e] += fired.sum(0).double().numpy()
-            if self.sparse:
-                self.total_pos[s:e] += blk.sum(0).double().numpy()
-            else:
-                pos = blk.clamp_min(0)
-                self.pos_sums[:, s:e] += (yt @ pos).double().numpy()
-                self.total_pos[s:e] += pos.sum(0).double().numpy()
-
-    def results(self, labels: LabelSpace) -> dict[str, np.ndarray]:
-        """firing_rate, mean_activation, auroc (labels, units) and per-unit summaries."""
-        n = labels.n_tokens
-        pos = labels.counts.astype(np.float64)[:, None]
-        neg = n - pos
-        with np.errstate(invalid="ignore", divide="ignore"):
-            auroc = (self.rank_sums * n - pos * (pos + 1) / 2) / (pos * neg)
-            approx = self.hist[:, 1:] if self.sparse else self.hist
-            bound = 0.5 * approx.max(axis=1)[None, :] / np.maximum(pos, neg)
-            share = self.pos_sums / self.total_pos[None, :]
-        alive = self.total_fires > 0
-        best = np.argmax(np.where(np.isfinite(auroc), auroc, -np.inf), axis=0)
-        units = np.arange(self.n_units)
-        names = np.asarray(labels.names, dtype=object)
-        return {
-            "firing_rate": self.fires / pos,
-            "mean_activation": self.sums / pos,
-            "auroc": auroc,
-            "best": best,
-            "best_label": np.where(alive, names[best], ""),
-            "best_attribute": np.where(alive, np.asarray(labels.attribute, object)[best], ""),
-            "best_value": np.where(alive, np.asarray(labels.value, object)[best], ""),
-            "best_score": np.where(alive, auroc[best, units], np.nan),
-            "best_score_error": np.where(alive, bound[best, units], np.nan),
-            "monosemanticity": np.where(alive, share[best, units], np.nan),
-            "density": self.total_fires / max(n, 1),
-        }
+    def rule(self) -> FindingRule:
+        return FindingRule(self.min_auroc, self.margin, self.min_precision)
 
 
 # -- the streaming passes ---------------------------------------------------------------
-
-
-Encoder = Callable[[np.ndarray], list[Any]]
-
-
-def _chunks(info: Any, labels: LabelSpace, attributes: Sequence[str], max_tokens: int | None,
-            chunk: int):
-    """(shard, start, stop, label matrix slice) over the selection, chunk by chunk."""
-    for shard, used, codes in iter_store_attributes(info, attributes, max_tokens):
-        lab = labels.matrix(codes)
-        for s in range(0, used, chunk):
-            e = min(used, s + chunk)
-            yield shard, s, e, lab[s:e]
-
-
-def _calibration(reader: Any, info: Any, n_tokens: int, piece: int) -> Iterator[np.ndarray]:
-    """A deterministic sample: up to ``CALIB_BLOCKS`` evenly spaced blocks of the selection,
-    in pieces of at most ``piece`` tokens."""
-    sizes = [int(s["tokens"]) for s in info.manifest["shards"]]
-    starts = np.cumsum([0, *sizes])
-    blk = min(CALIB_BLOCK_TOKENS, n_tokens)
-    for g in np.unique(np.linspace(0, n_tokens - blk, CALIB_BLOCKS).astype(np.int64)):
-        shard = int(np.searchsorted(starts, g, side="right") - 1)
-        s = int(g - starts[shard])
-        e = min(sizes[shard], s + blk)
-        for a in range(s, e, piece):
-            yield reader.read(shard, a, min(e, a + piece))
-
-
-def _n_chunks(info: Any, n_tokens: int, chunk: int) -> int:
-    total, left = 0, n_tokens
-    for entry in info.manifest["shards"]:
-        used = min(left, int(entry["tokens"]))
-        total += math.ceil(used / chunk)
-        left -= used
-    return total
 
 
 def one_hot(lab: np.ndarray, n_labels: int) -> Any:
@@ -300,154 +115,326 @@ def one_hot(lab: np.ndarray, n_labels: int) -> Any:
     return y
 
 
-def feature_token_stats(info: Any, hook: str, encode: Callable[[Any], Any] | None,
-                        d_sae: int, cfg: FeatureTokenConfig, max_tokens: int | None = None,
-                        progress: Callable[..., Any] | None = None,
+@dataclass
+class Units:
+    """One group of units and its running statistics."""
+
+    group: UnitGroup
+    stats: UnitStats
+
+    def values(self, x: Any) -> Any:
+        return self.group.encode(x).float() if self.group.encode is not None else x
+
+
+@dataclass
+class LatentSource:
+    """The dictionary to analyse: ``encode`` (host float32 (n, d_model) -> (n, d_sae)
+    CPU float32), its size, and its top-k (None for ReLU dictionaries)."""
+
+    encode: Callable[[Any], Any]
+    d_sae: int
+    k: int | None = None
+
+
+def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[Any], Any] | None,
+                        d_sae: int | None, cfg: FeatureTokenConfig, max_tokens: int | None = None,
+                        progress: Callable[..., Any] | None = None, *,
+                        embeddings: tuple[list[str], Any] | None = None, seed: int = 0,
+                        meters: dict[int, Any] | None = None,
                         ) -> tuple[LabelSpace, dict[str, dict[str, np.ndarray]]]:
-    """Label statistics of the latents (``encode``: float32 tensor (n, d_model) -> (n, d_sae))
-    and of the raw dimensions of ``hook``; ``{"latent": ..., "neuron": ...}`` per :meth:`UnitStats.results`."""
+    """Label statistics of the latents and of every control group of ``hook``.
+
+    Returns the labels and, per group (``latent``, ``neuron``, ``embedding``, ``random``,
+    ``random_sae`` as configured and available), :meth:`UnitStats.results` plus
+    ``unit_names``; the ``latent`` entry also holds ``null_best`` (null sets, latents).
+    """
     import torch
 
     from ..preprocess import reader_for
 
+    if latents is not None and not isinstance(latents, LatentSource):
+        latents = LatentSource(latents, int(d_sae or 0))
     attributes = resolve_attributes(cfg.attributes, "feature_token.attributes")
-    labels = LabelSpace.scan(info, attributes, max_tokens, cfg.min_count)
-    if labels.n_tokens == 0 or len(labels) == 0:
-        raise UserError(f"feature_token: no value of {', '.join(attributes)} occurs on at least "
-                        f"min_count={cfg.min_count} of the {labels.n_tokens} selected tokens "
-                        f"of {info.path}")
-    units = {"neuron": (UnitStats(info.d_model, len(labels), cfg.bins, sparse=False), None)}
-    if encode is not None:
-        units["latent"] = (UnitStats(d_sae, len(labels), cfg.bins, sparse=True), encode)
-    n_chunks = _n_chunks(info, labels.n_tokens, cfg.chunk_tokens)
-    bar = progress(total=2 * n_chunks, desc=f"feature_token {hook}") if progress else None
-    with reader_for(info, hook) as reader, torch.no_grad():
-        for stats, fn in units.values():
-            sample = map(torch.from_numpy,
-                         _calibration(reader, info, labels.n_tokens, cfg.chunk_tokens))
-            stats.calibrate(fn(x).float() if fn else x for x in sample)
-        for pass_ in (1, 2):
-            for shard, s, e, lab in _chunks(info, labels, attributes, max_tokens, cfg.chunk_tokens):
-                x = torch.from_numpy(reader.read(shard, s, e))
-                y = one_hot(lab, len(labels)) if pass_ == 2 else None
-                for stats, fn in units.values():
-                    a = fn(x).float() if fn else x
-                    stats.add_pass1(a) if pass_ == 1 else stats.add_pass2(y, a)
-                if bar is not None:
-                    bar.update(1)
-            if pass_ == 1:
-                for stats, _ in units.values():
-                    stats.finish_pass1()
-    if bar is not None:
-        bar.close()
-    return labels, {kind: stats.results(labels) for kind, (stats, _) in units.items()}
+    labels = LabelSpace.scan(info, attributes, max_tokens, cfg.min_count, cfg.tokens, meters)
+    try:
+        if labels.n_tokens == 0 or len(labels) == 0:
+            raise UserError(f"feature_token: no value of {', '.join(attributes)} occurs on at "
+                            f"least min_count={cfg.min_count} of the {labels.n_tokens} selected "
+                            f"({cfg.tokens}) tokens of {info.path}")
+        rng = np.random.default_rng(seed)
+        shifts = list(rng.uniform(0.25, 0.75, cfg.null_shifts)) if latents is not None else []
+        with reader_for(info, hook) as reader, torch.no_grad():
+            # the calibration sample does not depend on the chunk size; it is encoded in
+            # pieces of at most chunk_tokens tokens
+            runs = [read_rows(reader, shard, rows)
+                    for shard, rows in labels.sample(CALIB_PIECES, CALIB_PIECE_TOKENS)]
+            pieces = [torch.from_numpy(np.ascontiguousarray(r[s: s + cfg.chunk_tokens]))
+                      for r in runs for s in range(0, len(r), cfg.chunk_tokens)]
+            groups = _groups(info, cfg, latents, pieces, embeddings, seed)
+            units = {g.name: Units(g, UnitStats(g.n_units, len(labels), cfg.bins, sparse=g.sparse,
+                                                two_sided=g.two_sided,
+                                                n_null=len(shifts) if g.name == "latent" else 0))
+                     for g in groups if g.n_units > 0}
+            for u in units.values():
+                u.stats.calibrate(u.values(p) for p in pieces)
+            n_chunks = labels.n_chunks(cfg.chunk_tokens)
+            bar = progress(total=2 * n_chunks, desc=f"feature_token {hook}") if progress else None
+            for pass_ in (1, 2):
+                for chunk in labels.chunks(cfg.chunk_tokens, shifts if pass_ == 2 else ()):
+                    x = torch.from_numpy(read_rows(reader, chunk.shard, chunk.rows))
+                    y = one_hot(chunk.labels, len(labels)) if pass_ == 2 else None
+                    null = [one_hot(z, len(labels)) for z in chunk.shifted]
+                    for u in units.values():
+                        a = u.values(x)
+                        if pass_ == 1:
+                            u.stats.add_pass1(a)
+                        else:
+                            u.stats.add_pass2(y, a, null if u.group.name == "latent" else None)
+                    if bar is not None:
+                        bar.update(1)
+                if pass_ == 1:
+                    for u in units.values():
+                        u.stats.finish_pass1()
+            if bar is not None:
+                bar.close()
+        results = {}
+        for name, u in units.items():
+            r = u.stats.results(labels.names, labels.attribute, labels.value, labels.counts,
+                                labels.n_tokens)
+            r["unit_names"] = u.group.unit_names
+            if name == "latent":
+                r["null_best"] = u.stats.null_best(labels.counts, labels.n_tokens)
+            results[name] = r
+        return labels, results
+    finally:
+        labels.close()
+
+
+def _groups(info: Any, cfg: FeatureTokenConfig, latents: LatentSource | None, pieces: list[Any],
+            embeddings: tuple[list[str], Any] | None, seed: int) -> list[UnitGroup]:
+    """The latents, then the configured control groups that can be built here (from the
+    calibration sample, given in ``pieces``)."""
+    import torch
+
+    groups = []
+    densities = None
+    sample = torch.cat(pieces) if pieces else torch.zeros(0, info.d_model)
+    if latents is not None:
+        groups.append(UnitGroup("latent", latents.d_sae, latents.encode, sparse=True,
+                                two_sided=False, unit_names=[str(i) for i in range(latents.d_sae)]))
+        fired = sum((latents.encode(p) > 0).double().sum(0) for p in pieces)
+        densities = (fired / max(len(sample), 1)).numpy() if pieces else np.zeros(latents.d_sae)
+    for name in cfg.controls:
+        if name == "neuron":
+            groups.append(neuron_group(info.d_model))
+        elif name == "embedding" and embeddings is not None:
+            groups.append(embedding_group(*embeddings))
+        elif name == "random" and densities is not None:
+            groups.append(random_group(sample, densities, seed))
+        elif name == "random_sae" and latents is not None:
+            groups.append(random_sae_group(latents.d_sae, sample, seed, latents.k))
+    return groups
+
+
+def analyse_findings(labels: LabelSpace, results: dict[str, dict[str, np.ndarray]],
+                     cfg: FeatureTokenConfig) -> dict[str, Any]:
+    """Controls per label, the findings and the null for one hook."""
+    rule = cfg.rule
+    controls = control_scores({g: r for g, r in results.items() if g != "latent"},
+                              {g: r["unit_names"] for g, r in results.items()})
+    lat = results.get("latent")
+    if lat is None:
+        return {"controls": controls, "found": None, "rows": [], "null": None}
+    found = find(lat, controls, rule)
+    rows = findings_rows(lat, found, controls, labels.names, labels.when)
+    null = null_summary(lat["best_score"], lat["null_best"], rule) if len(lat["null_best"]) else None
+    passing = {g: int(np.sum(np.nan_to_num(r["best_score"], nan=-1.0) >= rule.min_auroc))
+               for g, r in results.items()}
+    return {"controls": controls, "found": found, "rows": rows, "null": null,
+            "passing_min_auroc": passing}
+
+
+def best_by_time(r: dict[str, np.ndarray], labels: LabelSpace) -> dict[str, np.ndarray]:
+    """Per unit: best label and score among the labels at t and among those at t+1."""
+    out = {}
+    when = np.asarray(labels.when)
+    names = np.asarray(labels.names, object)
+    for tag, key in (("t", "t"), ("t+1", "t1")):
+        rows = np.flatnonzero(when == tag)
+        if not len(rows):
+            continue
+        sub = np.where(np.isfinite(r["score"][rows]), r["score"][rows], -np.inf)
+        best = np.argmax(sub, axis=0)
+        score = sub[best, np.arange(sub.shape[1])]
+        alive = r["density"] > 0
+        out[f"best_label_{key}"] = np.where(alive & np.isfinite(score), names[rows[best]], "")
+        out[f"best_score_{key}"] = np.where(alive & np.isfinite(score), score, np.nan)
+    return out
 
 
 # -- outputs ----------------------------------------------------------------------------
 
+_DOCS = {"firing_rate": "fraction of the label's tokens on which the unit is > 0",
+         "mean_activation": "mean activation on the label's tokens",
+         "auroc": "AUROC of the activation for label vs every other selected token (binned)",
+         "score": "AUROC, two-sided (max(AUROC, 1 - AUROC)) for signed units",
+         "precision_mass": "share of the unit's positive activation mass on the label's tokens",
+         "precision_fire": "share of the unit's firings on the label's tokens",
+         "best_score": "highest score over labels", "best_score_error":
+         "bound on |binned - exact| AUROC of the best label",
+         "monosemanticity": "share of the unit's positive activation mass on its best label",
+         "density": "fraction of the selected tokens on which the unit is > 0"}
+
 
 def to_dataset(labels: LabelSpace, results: dict[str, dict[str, np.ndarray]],
-               attrs: dict[str, Any]) -> Any:
-    """The xarray Dataset written to ``<hook>.nc`` (raw baseline variables prefixed ``raw_``)."""
+               analysis: dict[str, Any], attrs: dict[str, Any]) -> Any:
+    """The xarray Dataset written to ``<hook>.nc``: latent x label statistics, the raw
+    dimensions (``raw_``), the controls' best score per label (``control_<group>_*``) and
+    the per-latent findings."""
     import xarray as xr
 
-    coords = {"label": labels.names, "attribute": ("label", labels.attribute),
-              "value": ("label", labels.value), "label_count": ("label", labels.counts)}
+    coords: dict[str, Any] = {"label": labels.names, "attribute": ("label", labels.attribute),
+                              "value": ("label", labels.value), "when": ("label", labels.when),
+                              "label_count": ("label", labels.counts)}
     data: dict[str, Any] = {}
     for kind, prefix in (("latent", ""), ("neuron", "raw_")):
         if kind not in results:
             continue
         r = results[kind]
         coords[kind] = np.arange(len(r["density"]))
-        for key in ("firing_rate", "mean_activation", "auroc"):
+        keys = ["firing_rate", "mean_activation", "auroc", "score", "precision_mass", "precision_fire"]
+        for key in keys:
             data[prefix + key] = ((kind, "label"), r[key].T.astype(np.float32))
         for key in ("best_label", "best_attribute", "best_value"):
             data[prefix + key] = (kind, r[key].astype(str))
         for key in ("best_score", "best_score_error", "monosemanticity", "density"):
             data[prefix + key] = (kind, r[key].astype(np.float32))
+        if kind == "latent":
+            for key, value in best_by_time(r, labels).items():
+                data[key] = ("latent", value.astype(str if key.startswith("best_label") else np.float32))
+    for group, c in analysis["controls"].items():
+        data[f"control_{group}_score"] = ("label", c["score"].astype(np.float32))
+        data[f"control_{group}_unit"] = ("label", c["unit"].astype(str))
+    found = analysis.get("found")
+    if found is not None:
+        names = np.asarray(labels.names, object)
+        data["finding"] = ("latent", found["finding"].astype(np.int8))
+        data["finding_label"] = ("latent", np.where(found["finding"],
+                                                    names[np.maximum(found["finding_label"], 0)], "").astype(str))
+        data["finding_margin"] = ("latent", found["margin"].astype(np.float32))
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
-    docs = {"firing_rate": "fraction of the label's tokens on which the unit is > 0",
-            "mean_activation": "mean activation on the label's tokens",
-            "auroc": "AUROC of the activation for label vs every other token (binned, see attrs)",
-            "best_score": "highest AUROC over labels", "best_score_error":
-            "bound on |binned - exact| AUROC of the best label",
-            "monosemanticity": "share of the unit's positive activation mass on its best label",
-            "density": "fraction of all selected tokens on which the unit is > 0"}
     for name in ds.data_vars:
         key = str(name).removeprefix("raw_")
-        if key in docs:
-            ds[name].attrs["long_name"] = docs[key]
+        if key in _DOCS:
+            ds[name].attrs["long_name"] = _DOCS[key]
+    if "finding" in ds:
+        ds["finding"].attrs["long_name"] = ("1 when the latent beats every control for its label "
+                                            "(see attrs: min_auroc, margin, min_precision)")
     return ds
 
 
-def write_summary_csv(path: Path, r: dict[str, np.ndarray]) -> None:
-    """Latents sorted by best score (dead latents last)."""
+def write_summary_csv(path: Path, r: dict[str, np.ndarray], labels: LabelSpace,
+                      found: dict[str, np.ndarray] | None) -> None:
+    """Latents sorted by best score (dead latents last), with their best label at t and t+1."""
     order = np.argsort(-np.nan_to_num(r["best_score"], nan=-1.0), kind="stable")
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    by_time = best_by_time(r, labels)
+    names = np.asarray(labels.names, object)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["latent", "best_label", "best_score", "best_score_error", "monosemanticity",
-                    "density", "firing_rate_on_best", "mean_activation_on_best"])
+                    "density", "firing_rate_on_best", "mean_activation_on_best", "best_label_t",
+                    "best_score_t", "best_label_t1", "best_score_t1", "finding", "finding_label",
+                    "finding_margin"])
         for u in order:
             b = r["best"][u]
+            f = found is not None and bool(found["finding"][u])
             w.writerow([int(u), r["best_label"][u], _f(r["best_score"][u]),
                         _f(r["best_score_error"][u]), _f(r["monosemanticity"][u]),
                         _f(r["density"][u]), _f(r["firing_rate"][b, u]),
-                        _f(r["mean_activation"][b, u])])
+                        _f(r["mean_activation"][b, u]),
+                        by_time.get("best_label_t", [""] * (u + 1))[u],
+                        _f(by_time.get("best_score_t", np.full(u + 1, np.nan))[u]),
+                        by_time.get("best_label_t1", [""] * (u + 1))[u],
+                        _f(by_time.get("best_score_t1", np.full(u + 1, np.nan))[u]),
+                        int(f), names[found["finding_label"][u]] if f else "",
+                        _f(found["margin"][u]) if f else ""])
+    tmp.replace(path)
+
+
+def write_findings_csv(path: Path, rows: list[dict[str, Any]], groups: Sequence[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["latent", "label", "when", "auroc", "precision_mass", "precision_fire",
+                    "density", "margin", "strongest_control",
+                    *[f"{g}_{k}" for g in groups for k in ("score", "unit")]])
+        for r in rows:
+            w.writerow([r["latent"], r["label"], r["when"], _f(r["auroc"]), _f(r["precision_mass"]),
+                        _f(r["precision_fire"]), _f(r["density"]), _f(r["margin"]),
+                        r["strongest_control"],
+                        *[x for g in groups for x in (_f(r["controls"].get(g, {}).get("score", np.nan)),
+                                                      r["controls"].get(g, {}).get("unit", ""))]])
+    tmp.replace(path)
 
 
 def _f(x: float) -> str:
-    return "" if not np.isfinite(x) else f"{float(x):.4g}"
+    return "" if x is None or not np.isfinite(x) else f"{float(x):.4g}"
 
 
-def hook_summary(r: dict[str, dict[str, np.ndarray]], n: int = 5) -> dict[str, Any]:
-    """Counts of well-explained units and the ``n`` best distinct labels (with their best latent)."""
+def hook_summary(r: dict[str, dict[str, np.ndarray]], analysis: dict[str, Any],
+                 n: int = 5) -> dict[str, Any]:
+    """Counts of latents passing min_auroc (and of each control group), the findings (by
+    time), the null and the ``n`` strongest findings."""
     lat = r.get("latent", r["neuron"])
-    score = np.nan_to_num(lat["best_score"], nan=-1.0)
-    good = score > GOOD_SCORE
-    top: list[dict[str, Any]] = []
-    for u in np.argsort(-score, kind="stable"):
-        label = str(lat["best_label"][u])
-        if score[u] < 0 or len(top) == n:
-            break
-        if any(t["label"] == label for t in top):
-            continue
-        top.append({"label": label, "score": round(float(score[u]), 4), "latent": int(u),
-                    "latents_gt_0.9": int((good & (lat["best_label"] == label)).sum())})
+    rows = analysis["rows"]
     return {
-        "latents": len(score), "alive": int((lat["density"] > 0).sum()),
-        "score_gt_0.9": int(good.sum()),
-        "raw_score_gt_0.9": int((np.nan_to_num(r["neuron"]["best_score"]) > GOOD_SCORE).sum()),
-        "top": top,
+        "latents": len(lat["density"]), "alive": int((lat["density"] > 0).sum()),
+        "passing_min_auroc": analysis.get("passing_min_auroc", {}),
+        "findings": len(rows),
+        "findings_t": sum(r_["when"] == "t" for r_ in rows),
+        "findings_t1": sum(r_["when"] == "t+1" for r_ in rows),
+        "null": analysis.get("null"),
+        "top": [{k: f[k] for k in ("latent", "label", "when", "auroc", "margin", "strongest_control")}
+                for f in rows[:n]],
     }
 
 
-def summary_markdown(per_hook: dict[str, dict[str, Any]], n_tokens: int, top_n: int,
-                     tables: dict[str, dict[str, np.ndarray]]) -> str:
+def summary_markdown(per_hook: dict[str, dict[str, Any]], findings: dict[str, list[dict[str, Any]]],
+                     n_tokens: int, cfg: FeatureTokenConfig) -> str:
     lines = ["# feature_token", "",
-             f"{n_tokens} tokens. AUROC of each unit's activation for `attribute=value` vs all "
-             f"other tokens; monosemanticity = share of the unit's activation mass on its best "
-             f"label. Note: {BEAT_NOTE}.", ""]
+             f"{n_tokens} selected tokens ({cfg.tokens}). A finding: AUROC >= {cfg.min_auroc}, "
+             f"at least {cfg.min_precision:.0%} of the latent's activation mass on the label, and a "
+             f"margin >= {cfg.margin} over the best control for that label (raw dimensions "
+             "two-sided, input-embedding rows, density-matched random directions, a random-init "
+             "dictionary). Labels `next.*` are at t+1 (what the model predicts); the others at t "
+             f"(the token's own input). Note: {BEAT_NOTE}.", ""]
     for hook, s in per_hook.items():
-        r = tables[hook]
+        null = s.get("null") or {}
+        passing = s.get("passing_min_auroc", {})
         lines += [f"## {hook}", "",
-                  f"{s['alive']}/{s['latents']} latents alive; {s['score_gt_0.9']} with best AUROC "
-                  f"> {GOOD_SCORE} (raw dimensions: {s['raw_score_gt_0.9']}).", "",
-                  "| latent | best label | AUROC | monosemanticity | density |",
-                  "|---:|---|---:|---:|---:|"]
-        order = np.argsort(-np.nan_to_num(r["best_score"], nan=-1.0), kind="stable")[:top_n]
-        for u in order:
-            lines.append(f"| {u} | {r['best_label'][u]} | {_f(r['best_score'][u])} | "
-                         f"{_f(r['monosemanticity'][u])} | {_f(r['density'][u])} |")
+                  f"{s['alive']}/{s['latents']} latents alive. Units with best AUROC >= "
+                  f"{cfg.min_auroc}: " + ", ".join(f"{g} {c}" for g, c in passing.items()) + ".",
+                  f"Under the null (labels rolled within shards, {len(null.get('null_counts', []))} "
+                  f"sets): {null.get('null_counts')} latents (p = {null.get('p')})." if null else "",
+                  f"**{s['findings']} findings** ({s['findings_t']} at t, {s['findings_t1']} at t+1).",
+                  "", "| latent | label | when | AUROC | margin | strongest control | precision |",
+                  "|---:|---|---|---:|---:|---|---:|"]
+        for f in findings.get(hook, [])[: cfg.top_n]:
+            c = f["controls"].get(f["strongest_control"], {})
+            lines.append(f"| {f['latent']} | {f['label']} | {f['when']} | {_f(f['auroc'])} | "
+                         f"{_f(f['margin'])} | {f['strongest_control']} {_f(c.get('score'))} "
+                         f"({c.get('unit', '')}) | {_f(f['precision_mass'])} |")
         lines.append("")
     return "\n".join(lines)
 
 
 class FeatureTokenAnalyzer(Analyzer):
-    """Per latent and per raw dimension: firing rate, mean activation and AUROC per attribute value."""
+    """Per latent: label statistics at t and t+1, controls, findings, a permutation null."""
 
     name = "feature_token"
-    description = ("Firing rate, mean activation and streaming AUROC of every latent (and raw "
-                   "dimension) per musical attribute value; best label and monosemanticity.")
+    description = ("AUROC and precision of every latent per musical label (at t and t+1) against "
+                   "controls; findings that beat every control, with a permutation null.")
     Config = FeatureTokenConfig
 
     def analyze(self, ctx: Any) -> dict[str, Any]:
@@ -457,26 +444,39 @@ class FeatureTokenAnalyzer(Analyzer):
         info = ctx.store
         out = Path(ctx.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        embeddings = ctx.input_embeddings() if "embedding" in cfg.controls else None
+        meters = ctx.song_meters()
         summary: dict[str, Any] = {}
-        tables: dict[str, dict[str, np.ndarray]] = {}
+        findings: dict[str, list[dict[str, Any]]] = {}
         n_tokens = 0
         for hook in ctx.dictionaries:
             dictionary = ctx.load_dictionary(hook)
+            latents = LatentSource(dictionary.encode_host, int(dictionary.d_sae), dictionary.k)
             labels, results = feature_token_stats(
-                info, hook, dictionary.encode_host, int(dictionary.d_sae), cfg, max_tokens,
-                ctx.progress)
+                info, hook, latents, None, cfg, max_tokens, ctx.progress,
+                embeddings=embeddings, seed=seed, meters=meters)
             n_tokens = labels.n_tokens
+            analysis = analyse_findings(labels, results, cfg)
             attrs = {"hook": hook, "store_id": info.manifest.get("store_id", ""),
                      "store": str(info.path), "dictionary": str(ctx.dictionaries[hook]),
-                     "n_tokens": labels.n_tokens, "bins": cfg.bins, "min_count": cfg.min_count,
+                     "n_tokens": labels.n_tokens, "tokens": cfg.tokens, "bins": cfg.bins,
+                     "min_count": cfg.min_count, "min_auroc": cfg.min_auroc, "margin": cfg.margin,
+                     "min_precision": cfg.min_precision, "controls": " ".join(analysis["controls"]),
                      "beat_note": BEAT_NOTE,
                      "auroc_method": "two-pass binned mid-rank sums (see best_score_error)"}
-            ds = to_dataset(labels, results, attrs)
+            ds = to_dataset(labels, results, analysis, attrs)
             tmp = out / f".{hook}.nc.tmp"
             ds.to_netcdf(tmp)
             tmp.replace(out / f"{hook}.nc")
-            write_summary_csv(out / f"{hook}_summary.csv", results["latent"])
-            summary[hook] = hook_summary(results)
-            tables[hook] = results["latent"]
-        (out / "summary.md").write_text(summary_markdown(summary, n_tokens, cfg.top_n, tables))
+            write_summary_csv(out / f"{hook}_summary.csv", results["latent"], labels, analysis["found"])
+            write_findings_csv(out / f"{hook}_findings.csv", analysis["rows"], list(analysis["controls"]))
+            summary[hook] = hook_summary(results, analysis)
+            findings[hook] = analysis["rows"]
+        write_json_atomic(out / "findings.json", {
+            "rule": {"min_auroc": cfg.min_auroc, "margin": cfg.margin, "min_precision": cfg.min_precision,
+                     "tokens": cfg.tokens, "controls": cfg.controls},
+            "hooks": {h: {"summary": summary[h], "findings": findings[h]} for h in summary}})
+        text = summary_markdown(summary, findings, n_tokens, cfg)
+        (out / "summary.md").write_text(text, encoding="utf-8")
         return {"tokens": n_tokens, "hooks": summary}

@@ -79,6 +79,7 @@ class AnalyzeStage(Stage):
                 model_dir=header.model.path, data_dir=header.data.path, data_split=header.data.split,
                 device=ctx.device, seed=ctx.seed, max_tokens=cfg.max_tokens, train_dir=train_dir,
                 progress_factory=lambda it=None, **kw: ctx.progress(it, **kw),
+                model_adapter=header.model.adapter, registry=ctx.registry,
             )
             summary[ref.name] = analyzer.analyze(actx)
         return summary

@@ -44,8 +44,10 @@ def song_coords(song: int, n_notes: int, rng: np.random.Generator) -> dict[str, 
 
 
 def planted_store(path: Path, songs: int = 12, notes: int = 120, songs_per_shard: int = 3,
-                  seed: int = 0, chunk_tokens: int = 64) -> Path:
-    """Write the planted store; activations of both hooks are identical."""
+                  seed: int = 0, chunk_tokens: int = 64, octave_signal: float = 0.0) -> Path:
+    """Write the planted store; activations of both hooks are identical. With
+    ``octave_signal``, dimensions 12-15 each carry that much of "octave 4" (a distributed
+    code: no single dimension separates it as well as their sum)."""
     rng = np.random.default_rng(seed)
     names = [f"song{i:02d}" for i in range(songs)]
     writer = NetCDFStore(NetCDFStoreConfig(chunk_tokens=chunk_tokens)).create(
@@ -59,14 +61,17 @@ def planted_store(path: Path, songs: int = 12, notes: int = 120, songs_per_shard
         acts = rng.normal(0, 0.1, (n, D_MODEL))
         is_note = coords["event_type"] == 3
         acts[np.flatnonzero(is_note), coords["pitch"][is_note] % 12] += SIGNAL
+        octave4 = is_note & (coords["pitch"] // 12 == 5)
+        acts[np.ix_(np.flatnonzero(octave4), np.arange(12, 16))] += octave_signal
         acts = np.repeat(acts[:, None, :], 2, axis=1).astype(np.float32)
         writer.write_shard(acts, coords, start, stop)
     writer.finish()
     return path
 
 
-def planted_dictionary(folder: Path, hook: str = HOOK) -> Path:
-    """Latent i < 12 = relu(x_i - SIGNAL / 2): fires exactly on pitch class i."""
+def planted_dictionary(folder: Path, hook: str = HOOK, octave_signal: float = 0.0) -> Path:
+    """Latent i < 12 = relu(x_i - SIGNAL / 2): fires exactly on pitch class i. With
+    ``octave_signal``, latent 12 reads the sum of dimensions 12-15 (the octave-4 code)."""
     model = Dictionary(D_MODEL, D_SAE, apply_b_dec_to_input=False)
     with torch.no_grad():
         model.W_enc.zero_()
@@ -74,4 +79,8 @@ def planted_dictionary(folder: Path, hook: str = HOOK) -> Path:
         for i in range(12):
             model.W_enc[i, i] = 1.0
             model.W_dec[i, i] = 1.0
+        if octave_signal:
+            model.W_enc[12:16, 12] = 0.5
+            model.b_enc[12] = -octave_signal
+            model.W_dec[12, 12:16] = 0.5
     return save_dictionary(folder, model, {"hook_point": hook})

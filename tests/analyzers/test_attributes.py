@@ -53,7 +53,7 @@ def test_note_attributes_and_na() -> None:
     assert label("instrument", a["instrument"]) == [
         "violin", "viola", "violin", "viola", "n/a", "violin", "violin", "cello"]
     for name in ("pitch", "pitch_class", "octave", "position", "beat_mod4", "duration",
-                 "interval_from_prev", "prev_pitch_class"):
+                 "voice_interval_from_prev", "voice_prev_pitch_class"):
         assert a[name][4] == NA and a[name][7] == NA, name
     assert all(v.dtype == np.int16 for v in a.values())
 
@@ -62,14 +62,14 @@ def test_neighbours_stay_inside_song_and_instrument() -> None:
     prev, nxt = neighbours(C)
     assert prev.tolist() == [-1, -1, 0, 1, -1, -1, 5, -1]
     assert nxt.tolist() == [2, 3, -1, -1, -1, 6, -1, -1]
-    a = compute_attributes(C, ["interval_from_prev", "interval_to_next", "prev_pitch_class",
-                               "next_pitch_class"])
-    assert label("interval_from_prev", a["interval_from_prev"])[:7] == [
+    a = compute_attributes(C, ["voice_interval_from_prev", "voice_interval_to_next", "voice_prev_pitch_class",
+                               "voice_next_pitch_class"])
+    assert label("voice_interval_from_prev", a["voice_interval_from_prev"])[:7] == [
         "n/a", "n/a", ">=+12", "+1", "n/a", "n/a", "-2"]
-    assert label("interval_to_next", a["interval_to_next"])[:7] == [
+    assert label("voice_interval_to_next", a["voice_interval_to_next"])[:7] == [
         ">=+12", "+1", "n/a", "n/a", "n/a", "-2", "n/a"]
-    assert label("prev_pitch_class", a["prev_pitch_class"])[:4] == ["n/a", "n/a", "C", "E"]
-    assert label("next_pitch_class", a["next_pitch_class"])[:2] == ["G", "F"]
+    assert label("voice_prev_pitch_class", a["voice_prev_pitch_class"])[:4] == ["n/a", "n/a", "C", "E"]
+    assert label("voice_next_pitch_class", a["voice_next_pitch_class"])[:2] == ["G", "F"]
 
 
 def test_neighbours_follow_song_token_order_not_storage_order() -> None:

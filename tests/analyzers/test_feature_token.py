@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_auroc_matches_exact_within_bound(planted: tuple[Path, Path]) -> None:
 
     from music_interpret.stores.netcdf import check_store
 
-    labels, res = run(planted, bins=256)
+    labels, res = run(planted, bins=256, tokens="all")
     info = check_store(planted[0])
     x = np.concatenate([read_block(s, 0, 0, n) for s, n in
                         zip(info.shards, [e["tokens"] for e in info.manifest["shards"]], strict=True)])
@@ -111,7 +112,7 @@ def test_chunks_bound_the_encoded_rows(planted: tuple[Path, Path]) -> None:
         return d.encode(x)
 
     feature_token_stats(check_store(store), HOOK, encode, D_SAE,
-                        FeatureTokenConfig(attributes=ATTRS, chunk_tokens=100))
+                        FeatureTokenConfig(attributes=ATTRS, chunk_tokens=100, tokens="all"))
     assert max(sizes) <= 100
     assert sum(sizes) >= 2 * check_store(store).n_tokens  # two passes (+ calibration sample)
 
@@ -120,10 +121,12 @@ def test_analyzer_writes_outputs(planted: tuple[Path, Path], tmp_path: Path) -> 
     store, folder = planted
     ctx = AnalysisContext(store_path=store, dictionaries={HOOK: folder}, out_dir=tmp_path,
                           max_tokens=1000, progress_factory=_quiet)
-    summary = FeatureTokenAnalyzer(FeatureTokenConfig(attributes=ATTRS)).analyze(ctx)
+    summary = FeatureTokenAnalyzer(FeatureTokenConfig(attributes=ATTRS, tokens="all")).analyze(ctx)
     assert summary["tokens"] == 1000
     hook = summary["hooks"][HOOK]
-    assert hook["score_gt_0.9"] >= 12 and hook["alive"] == 12 and len(hook["top"]) == 5
+    assert hook["passing_min_auroc"]["latent"] >= 12 and hook["alive"] == 12
+    # the planted latents are the raw dimensions themselves: the neuron control explains them
+    assert hook["findings"] == 0 and hook["passing_min_auroc"]["neuron"] >= 12
     ds = xr.open_dataset(tmp_path / f"{HOOK}.nc")
     assert ds.auroc.dims == ("latent", "label") and ds.raw_auroc.dims == ("neuron", "label")
     for v in ("firing_rate", "mean_activation", "best_label", "best_attribute", "best_value",
@@ -134,7 +137,8 @@ def test_analyzer_writes_outputs(planted: tuple[Path, Path], tmp_path: Path) -> 
     ds.close()
     rows = (tmp_path / f"{HOOK}_summary.csv").read_text().splitlines()
     assert rows[0].startswith("latent,best_label,best_score") and len(rows) == D_SAE + 1
-    assert "pitch_class=" in (tmp_path / "summary.md").read_text()
+    assert "0 findings" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "findings.json").read_text())["hooks"][HOOK]["findings"] == []
 
 
 def test_errors(planted: tuple[Path, Path]) -> None:

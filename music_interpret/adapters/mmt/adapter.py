@@ -174,6 +174,38 @@ class MMTAdapter(ModelAdapter):
 
         return token_metadata(codes)
 
+    def input_embeddings(self) -> tuple[list[str], torch.Tensor]:
+        """Every row of the six field embeddings (code 0 of a field is ``<field>=none``),
+        named by the value it encodes: ``type=note``, ``beat=3``, ``position=6``,
+        ``pitch=C4``, ``duration=1/2``, ``instrument=violin``. Float32, on the model's device."""
+        import torch
+
+        from .model import FIELDS
+        from .representation import CODE_TO_DURATION, INSTRUMENT_NAMES, TYPE_NAMES
+
+        def value(field: str, code: int) -> str:
+            if code == 0 and field != "type":
+                return "none"
+            if field == "type":
+                return TYPE_NAMES[code] if code < len(TYPE_NAMES) else str(code)
+            if field == "pitch":
+                p = code - 1
+                return f"{('C', 'C#', 'D', 'D#', 'E', 'F', 'F#', 'G', 'G#', 'A', 'A#', 'B')[p % 12]}{p // 12 - 1}"
+            if field == "duration":
+                from fractions import Fraction
+
+                return str(Fraction(int(CODE_TO_DURATION[code]), 12))
+            if field == "instrument":
+                return INSTRUMENT_NAMES[code]
+            return str(code - 1)
+
+        names, rows = [], []
+        for field, emb in zip(FIELDS, self.model.net.token_emb, strict=True):
+            weight = emb.emb.weight.detach().float()
+            names += [f"{field}={value(field, c)}" for c in range(weight.shape[0])]
+            rows.append(weight)
+        return names, torch.cat(rows)
+
     # -- forward passes ----------------------------------------------------------------
 
     def hook_points(self) -> list[str]:

@@ -1,0 +1,183 @@
+"""Streaming label statistics of units (latents, raw dimensions, control directions).
+
+For every unit u and label l: firing rate, mean activation, share of the unit's positive
+activation mass and of its firings on the label (precision), and the AUROC of the unit's
+activation for "token has label l" against every other selected token.
+
+Streaming AUROC (memory independent of the token count, no tokens x units matrix): the
+Mann-Whitney form AUROC = (sum of the positives' mid-ranks - n+(n+ + 1)/2) / (n+ n-)
+needs one number per (unit, label) once every unit's distribution is known. Pass 1
+builds an exact per-unit histogram with ``bins`` fixed bins (from a calibration sample:
+ReLU units get one bin for exact zeros, where ties are real ties, and ``bins`` bins
+linear in sqrt(a / max) above; signed units ``bins`` linear bins over the sample's range,
+out-of-range values in the end bins). Pass 2 maps every value to its bin's mid-rank and
+adds one-hot labels (tokens x labels) @ mid-ranks (tokens x units), in float64. The
+result equals the AUROC of the binned values exactly (ties inside a bin count 1/2);
+against the unbinned AUROC the error is at most 1/2 * (largest count of a bin other
+than the zero bin) / max(n+, n-), reported as ``best_score_error``.
+
+Signed units are scored two-sided, ``max(AUROC, 1 - AUROC)``: a dimension low on a label
+separates it as well as one high on it. Null labels (see
+:meth:`LabelSpace.chunks`) add one set of rank sums each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+UNIT_BLOCK = 1024  # units handled at once inside a chunk (bounds the temporaries)
+
+
+class UnitStats:
+    """Streaming label statistics of ``n_units`` units."""
+
+    def __init__(self, n_units: int, n_labels: int, bins: int, *, sparse: bool,
+                 two_sided: bool = False, n_null: int = 0) -> None:
+        self.n_units, self.n_labels, self.bins, self.sparse = n_units, n_labels, bins, sparse
+        self.two_sided = two_sided
+        self.n_bins = bins + 1 if sparse else bins  # sparse: bin 0 holds the exact zeros
+        self.lo = np.zeros(n_units, np.float32)
+        self.hi = np.ones(n_units, np.float32)
+        self.hist = np.zeros((n_units, self.n_bins), np.int64)
+        self.midrank: Any = None  # torch float64 (units, n_bins) mid-rank / N, after pass 1
+        shape = (n_labels, n_units)
+        self.fires = np.zeros(shape)
+        self.sums = np.zeros(shape)
+        self.pos_sums = np.zeros(shape) if not sparse else self.sums
+        self.rank_sums = np.zeros(shape)
+        self.null_rank_sums = np.zeros((n_null, *shape))
+        self.total_fires = np.zeros(n_units)
+        self.total_pos = np.zeros(n_units)
+
+    def calibrate(self, blocks: Iterable[Any]) -> None:
+        """Fix the bins from sample blocks (n, units) of activations (torch tensors)."""
+        lo = np.full(self.n_units, np.inf, np.float32)
+        hi = np.full(self.n_units, -np.inf, np.float32)
+        for b in blocks:
+            if len(b):
+                lo = np.minimum(lo, b.amin(0).numpy())
+                hi = np.maximum(hi, b.amax(0).numpy())
+        if self.sparse:
+            fallback = float(hi.max()) if np.any(hi > 0) else 1.0
+            self.hi = np.where(hi > 0, hi, fallback).astype(np.float32)
+        elif np.all(np.isfinite(lo)):
+            pad = np.maximum(hi - lo, 1e-6) * 0.05
+            self.lo, self.hi = (lo - pad).astype(np.float32), (hi + pad).astype(np.float32)
+
+    def flat_bins(self, a: Any, s: int, e: int) -> Any:
+        """``unit * n_bins + bin`` (int64 tensor) of activations ``a`` (n, e - s) of units s..e."""
+        import torch
+
+        B = self.bins
+        if self.sparse:  # bin 0: a <= 0; bins 1..B: linear in sqrt(a / hi)
+            inv = torch.from_numpy(1.0 / self.hi[s:e])
+            b = (a * inv).clamp_(0.0, 1.0).sqrt_().mul_(B).floor_().clamp_max_(B - 1).add_(1)
+            b.masked_fill_(a <= 0, 0.0)
+        else:
+            lo = torch.from_numpy(self.lo[s:e])
+            scale = torch.from_numpy(B / (self.hi[s:e] - self.lo[s:e]))
+            b = (a - lo).mul_(scale).clamp_(0.0, B - 1).floor_()
+        # integers stay exact in float32 (< 2**24) since n_bins * UNIT_BLOCK is far below
+        b.add_(torch.arange(e - s, dtype=torch.float32).mul_(self.n_bins))
+        return b.long()
+
+    def add_pass1(self, a: Any) -> None:
+        """Histogram the units' activations ``a`` (n, units) float32 tensor."""
+        import torch
+
+        for s in range(0, self.n_units, UNIT_BLOCK):
+            e = min(self.n_units, s + UNIT_BLOCK)
+            counts = torch.bincount(self.flat_bins(a[:, s:e], s, e).view(-1),
+                                    minlength=(e - s) * self.n_bins)
+            self.hist[s:e] += counts.view(e - s, self.n_bins).numpy()
+
+    def finish_pass1(self) -> None:
+        import torch
+
+        n = self.hist.sum(axis=1, keepdims=True).astype(np.float64)
+        below = np.cumsum(self.hist, axis=1) - self.hist
+        mid = (below + (self.hist + 1) / 2.0) / np.maximum(n, 1)
+        self.midrank = torch.from_numpy(mid)  # float64, like the rank sums (see add_pass2)
+
+    def add_pass2(self, y: Any, a: Any, null: list[Any] | None = None) -> None:
+        """Accumulate label sums: ``y`` (n, labels) one-hot float32, ``a`` (n, units);
+        ``null``: one-hot null labels, one (n, labels) per null set."""
+        yt = y.T.contiguous()
+        yt64 = yt.double()
+        null64 = [z.T.contiguous().double() for z in (null or [])][: len(self.null_rank_sums)]
+        for s in range(0, self.n_units, UNIT_BLOCK):
+            e = min(self.n_units, s + UNIT_BLOCK)
+            blk = a[:, s:e]
+            fired = (blk > 0).float()
+            ranks = self.midrank[s:e].reshape(-1).take(self.flat_bins(blk, s, e))
+            self.fires[:, s:e] += (yt @ fired).double().numpy()
+            self.sums[:, s:e] += (yt @ blk).double().numpy()
+            # in float64: float32 sums of ranks round differently for other chunkings, and the
+            # AUROC formula subtracts two large terms (1e-5 relative error otherwise)
+            self.rank_sums[:, s:e] += (yt64 @ ranks).numpy()
+            for k, z in enumerate(null64):
+                self.null_rank_sums[k, :, s:e] += (z @ ranks).numpy()
+            self.total_fires[s:e] += fired.sum(0).double().numpy()
+            if self.sparse:
+                self.total_pos[s:e] += blk.sum(0).double().numpy()
+            else:
+                pos = blk.clamp_min(0)
+                self.pos_sums[:, s:e] += (yt @ pos).double().numpy()
+                self.total_pos[s:e] += pos.sum(0).double().numpy()
+
+    def _auroc(self, rank_sums: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+        pos = counts.astype(np.float64)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (rank_sums * n - pos * (pos + 1) / 2) / (pos * (n - pos))
+
+    def score(self, auroc: np.ndarray) -> np.ndarray:
+        """The AUROC, two-sided for signed units."""
+        return np.maximum(auroc, 1.0 - auroc) if self.two_sided else auroc
+
+    def null_best(self, counts: np.ndarray, n: int) -> np.ndarray:
+        """(null sets, units) best score over labels under each set of null labels."""
+        out = np.full((len(self.null_rank_sums), self.n_units), np.nan)
+        for k, rs in enumerate(self.null_rank_sums):
+            s = self.score(self._auroc(rs, counts, n))
+            out[k] = np.nanmax(np.where(np.isfinite(s), s, np.nan), axis=0, initial=-np.inf)
+        return out
+
+    def results(self, names: list[str], attribute: list[str], value: list[str],
+                counts: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """Per (label, unit): firing_rate, mean_activation, auroc, score (two-sided for signed
+        units), precision_mass, precision_fire; per unit: best label and score, its error
+        bound, monosemanticity (= precision_mass of the best label) and density."""
+        pos = counts.astype(np.float64)[:, None]
+        neg = n - pos
+        auroc = self._auroc(self.rank_sums, counts, n)
+        score = self.score(auroc)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            approx = self.hist[:, 1:] if self.sparse else self.hist
+            bound = 0.5 * approx.max(axis=1)[None, :] / np.maximum(pos, neg)
+            mass = self.pos_sums / self.total_pos[None, :]
+            fire = self.fires / self.total_fires[None, :]
+        alive = self.total_fires > 0
+        best = np.argmax(np.where(np.isfinite(score), score, -np.inf), axis=0)
+        units = np.arange(self.n_units)
+        nm = np.asarray(names, dtype=object)
+        return {
+            "firing_rate": self.fires / pos,
+            "mean_activation": self.sums / pos,
+            "auroc": auroc,
+            "score": score,
+            "precision_mass": mass,
+            "precision_fire": fire,
+            "best": best,
+            "best_label": np.where(alive, nm[best], "") if len(nm) else np.full(self.n_units, ""),
+            "best_attribute": np.where(alive, np.asarray(attribute, object)[best], "")
+            if len(nm) else np.full(self.n_units, ""),
+            "best_value": np.where(alive, np.asarray(value, object)[best], "")
+            if len(nm) else np.full(self.n_units, ""),
+            "best_score": np.where(alive, score[best, units], np.nan),
+            "best_score_error": np.where(alive, bound[best, units], np.nan),
+            "monosemanticity": np.where(alive, mass[best, units], np.nan),
+            "density": self.total_fires / max(n, 1),
+        }
