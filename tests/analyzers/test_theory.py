@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from music_interpret.analyzers import theory
-from music_interpret.analyzers.attributes import ATTRIBUTES, NA, compute_attributes, resolve_attributes
+from music_interpret.analyzers.attributes import (
+    ATTRIBUTES,
+    NA,
+    compute_attributes,
+    resolve_attributes,
+)
 from music_interpret.stores.netcdf import TOKEN_COORDS
 
 T = theory.TICKS
