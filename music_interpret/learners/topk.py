@@ -3,7 +3,7 @@
 Codes keep the ``k`` largest pre-activations (then ReLU); decoder rows stay unit
 norm (the gradient component along each row is removed before the step, rows are
 renormalised after it). A latent is dead when it has not fired for ``dead_tokens``
-training tokens; AuxK reconstructs the residual ``x - x^`` from the top ``k_aux``
+training tokens (default: the train stage's ``dead_window_tokens``); AuxK reconstructs the residual ``x - x^`` from the top ``k_aux``
 pre-activations of the dead latents, normalised by the batch's total variance,
 scaled down by min(1, n_dead / k_aux), and weighted by ``aux_coeff``.
 
@@ -28,12 +28,17 @@ DEFAULTS = {"lr": 2e-4, "b_dec_init": "geometric_median", "input_scaling": "samp
 
 @dataclass
 class TopKConfig(RecipeConfig):
-    """Options of ``topk`` (``None``: the default)."""
+    """Options of ``topk`` (``None``: the default).
+
+    ``dead_tokens``: a latent that has not fired for this many training tokens is dead
+    and gets the AuxK loss; ``None`` takes the train stage's ``dead_window_tokens`` (the
+    window its dead-latent statistics use), so that both agree.
+    """
 
     k: int = 32
     k_aux: int | None = None
     aux_coeff: float = 1.0 / 32
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
     dec_init_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -45,7 +50,7 @@ class TopKConfig(RecipeConfig):
             raise ValueError(f"k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if self.k_aux is not None and self.k_aux < 1:
             raise ValueError(f"k_aux must be positive, got {self.k_aux}")
-        if self.aux_coeff < 0 or self.dead_tokens < 1:
+        if self.aux_coeff < 0 or (self.dead_tokens is not None and self.dead_tokens < 1):
             raise ValueError("aux_coeff must be >= 0 and dead_tokens positive")
 
 

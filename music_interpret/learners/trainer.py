@@ -161,12 +161,18 @@ class Trainer:
             m.model.run = torch.compile(m.model.run)  # type: ignore[method-assign]
         m.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=bool(cfg.bf16 and self.device.type == "cuda"))
-        m.dead_window = getattr(cfg, "dead_tokens", self.s.dead_window_tokens)
+        m.dead_window = self.dead_window()
         m.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
         m.loss = (D.wrap(m.model, self.learner, self.device) if self.dist.enabled
                   else lambda x, step, total, dead: self.learner.loss(m.model, x, step, total, dead))
         m.acc = torch.zeros(len(SCALARS), device=self.device)
         m.bad = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def dead_window(self) -> int:
+        """Training tokens without firing after which a latent counts as dead: the learner's
+        own ``dead_tokens`` when it sets one, else the settings' ``dead_window_tokens``."""
+        own = getattr(self.learner.config, "dead_tokens", None)
+        return int(own) if own is not None else int(self.s.dead_window_tokens)
 
     def _config_key(self) -> str:
         return repr(self.learner.config)
@@ -248,6 +254,12 @@ class Trainer:
             self._restore(m, state)
             start = self._resume_common(state)
         self._prepare(m, start)
+        total = s.steps * int(self.learner.config.batch_size)
+        if m.dead_window >= total and self.dist.main:
+            print(f"train {s.name}: warning: the dead-latent window ({m.dead_window:,} tokens) is "
+                  f"as long as the whole run ({total:,} tokens): no latent can count as dead"
+                  + (", so AuxK never acts" if hasattr(self.learner.config, "k_aux") else ""),
+                  file=sys.stderr, flush=True)
         bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
         batches = iter(self.loader)
         try:

@@ -231,3 +231,23 @@ def test_seed_command(tmp_path: Path, store: Path) -> None:
     forced = cmd(*base, "--input-dim", "16", "--l1-coeff", "0.5", "--force")
     assert forced.returncode == 0, forced.stderr
     assert sorted(p.name for p in (out / "train" / "dictionaries").iterdir()) == list(HOOKS)
+
+
+def test_topk_dead_window_follows_the_stage(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """AuxK's dead window is the stage's dead_window_tokens unless the learner sets its own
+    (it used to be a fixed 10M tokens, so AuxK never acted on short runs)."""
+    from music_interpret.learners.topk import TopKConfig, TopKLearner
+
+    loader = ActivationLoader(store, HOOKS[0], 64, drop_last=True, epochs=None, prefetch=0)
+    sample = raw_tokens(store, HOOKS[0], [0])
+
+    def trainer(cfg: TopKConfig, window: int) -> Trainer:
+        return Trainer(TopKLearner(cfg), loader, TrainSettings(steps=4, dead_window_tokens=window),
+                       checkpoint=Path("/nonexistent/ckpt.pt"), tb_dir=None, init_sample=lambda: sample)
+
+    assert trainer(TopKConfig(d_sae=32, k=4, batch_size=64), 5000).dead_window() == 5000
+    assert trainer(TopKConfig(d_sae=32, k=4, batch_size=64, dead_tokens=700), 5000).dead_window() == 700
+    run = trainer(TopKConfig(d_sae=32, k=4, batch_size=64), 10**6)
+    run.checkpoint = store.parent / "dead-window-ckpt.pt"
+    run.run()
+    assert "no latent can count as dead, so AuxK never acts" in capsys.readouterr().err
