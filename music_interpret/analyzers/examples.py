@@ -12,9 +12,11 @@ per latent (never a dense tokens x latents matrix). Writes, per hook point, into
   distinct places; ``shown`` in ``index.json`` gives their ranks),
   ``latent_<i>_ex<r>.mid`` (one playable file per example) and ``latent_<i>.txt``
 
-Rendered latents: ``latents`` when given, else the ``render_latents`` best live latents
-(by ``monosemanticity`` x ``best_score`` from ``feature_token/<hook>.nc`` when that exists,
-else by maximum activation) plus a random ``render_sample`` of the other live latents.
+Rendered latents: ``latents`` when given, else every finding of ``feature_token`` (the
+latents that beat their controls, strongest margin first), then the best other live
+latents up to ``render_latents`` (by ``monosemanticity`` x ``best_score`` from
+``feature_token/<hook>.nc`` when that exists, else by maximum activation), plus a random
+``render_sample`` of the other live latents. The report gives a page to exactly these.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class TopExamplesAnalyzer(Analyzer):
         coords = _gather_coords(info, tokens)
         ds = _dataset(values.T, tokens.T, {k: v.T for k, v in coords.items()}, density, info, hook)
         ranking, ranked_by = self._ranking(ctx, hook, ds)
-        chosen = self._choose(ranking, ds.max_activation.values, ctx.seed)
+        findings = _feature_token_findings(Path(ctx.out_dir).parent / "feature_token" / f"{hook}.nc",
+                                           ds.sizes["latent"])
+        chosen = self._choose(ranking, ds.max_activation.values, ctx.seed, findings)
         ds["rendered"] = ("latent", np.isin(np.arange(ds.sizes["latent"]), [c[0] for c in chosen]))
         ds.to_netcdf(out / "top_examples.nc")
         rendered = self._render(ctx, hook, ds, chosen, out)
@@ -141,19 +145,24 @@ class TopExamplesAnalyzer(Analyzer):
                 return mono, "monosemanticity*best_score"
         return ds.max_activation.values.astype(np.float64), "max_activation"
 
-    def _choose(self, score: np.ndarray, max_act: np.ndarray, seed: int) -> list[tuple[int, str]]:
-        """(latent, reason) pairs: explicit list, or the best live latents plus a sample."""
+    def _choose(self, score: np.ndarray, max_act: np.ndarray, seed: int,
+                findings: list[int] | None = None) -> list[tuple[int, str]]:
+        """(latent, reason) pairs: explicit list, or the findings, the best other live
+        latents and a sample of the rest."""
         cfg: TopExamplesConfig = self.config
         n = len(max_act)
         if cfg.latents:
             return [(int(i), "requested") for i in cfg.latents if 0 <= i < n]
         live = np.flatnonzero(max_act > 0)
-        order = live[np.argsort(-np.nan_to_num(score[live], nan=-np.inf), kind="stable")]
-        best = order[: cfg.render_latents]
-        rest = order[cfg.render_latents :]
+        found = [int(i) for i in (findings or []) if 0 <= i < n and max_act[i] > 0]
+        order = [int(i) for i in live[np.argsort(-np.nan_to_num(score[live], nan=-np.inf), kind="stable")]
+                 if int(i) not in set(found)]
+        best = order[: max(0, cfg.render_latents - len(found))]
+        rest = order[len(best):]
         rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(rest, min(cfg.render_sample, len(rest)), replace=False))
-        return [(int(i), "top") for i in best] + [(int(i), "sample") for i in sample]
+        sample = np.sort(rng.choice(rest, min(cfg.render_sample, len(rest)), replace=False)) if rest else []
+        return ([(i, "finding") for i in found] + [(int(i), "top") for i in best]
+                + [(int(i), "sample") for i in sample])
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -265,6 +274,23 @@ def _feature_token_scores(path: Path, n_latents: int) -> np.ndarray | None:
             return score
     except (OSError, ValueError):
         return None
+
+
+def _feature_token_findings(path: Path, n_latents: int) -> list[int]:
+    """The latents ``feature_token`` reports as findings, strongest margin first."""
+    if not path.exists():
+        return []
+    import xarray as xr
+
+    try:
+        with xr.open_dataset(path) as ds:
+            if "finding" not in ds or ds["finding"].sizes.get("latent") != n_latents:
+                return []
+            found = np.flatnonzero(ds["finding"].values > 0)
+            margin = np.asarray(ds["finding_margin"].values, np.float64)[found]
+            return [int(i) for i in found[np.argsort(-np.nan_to_num(margin, nan=0.0), kind="stable")]]
+    except (OSError, ValueError):
+        return []
 
 
 def _distinct(examples: list[Any], contexts: list[Any]) -> list[Any]:

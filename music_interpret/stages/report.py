@@ -25,8 +25,8 @@ import numpy as np
 from ..interfaces import Stage
 from . import report_html as H
 
-LATENT_COLUMNS = ("best_label", "best_attribute", "best_value", "best_score", "monosemanticity",
-                  "density")
+LATENT_COLUMNS = ("finding_label", "finding_margin", "best_label", "best_score", "best_label_t",
+                  "best_score_t", "best_label_t1", "best_score_t1", "monosemanticity", "density")
 
 
 @dataclass
@@ -86,7 +86,8 @@ class ReportStage(Stage):
         title = cfg.title or f"music-interpret report: {ctx.pipeline.header.run}"
         chosen = {d.hook: _pick_pages(d, cfg.max_latent_pages, cfg.sample_rest, ctx.seed)
                   for d in hooks}
-        body = [_overview_section(hooks, chosen)]
+        findings = _read_json(analyze / "feature_token" / "findings.json") if analyze else {}
+        body = [_findings_section(findings, chosen), _overview_section(hooks, chosen)]
         for data in hooks:
             body.append(_dictionary_section(data, out, chosen[data.hook]))
             for latent in chosen[data.hook]:
@@ -172,12 +173,16 @@ def _latent_value(data: HookData, key: str, latent: int) -> Any:
 
 
 def _ranking(data: HookData) -> np.ndarray:
-    """Order of the latents for pages and tables: monosemanticity x best score, else max
-    activation."""
+    """Order of the latents for pages and tables: findings first (largest margin over the
+    controls first), then monosemanticity x best score, else max activation."""
     n = data.n_latents
     mono, best = data.per_latent.get("monosemanticity"), data.per_latent.get("best_score")
     if mono is not None and best is not None and len(mono) == n and mono.dtype.kind == "f":
-        return np.argsort(-np.nan_to_num(mono * best, nan=-np.inf), kind="stable")
+        key = np.nan_to_num(mono * best, nan=-np.inf)
+        margin = data.per_latent.get("finding_margin")
+        if margin is not None and len(margin) == n and margin.dtype.kind == "f":
+            key = np.where(np.isfinite(margin), 10.0 + margin, key)  # findings above the rest
+        return np.argsort(-key, kind="stable")
     for key in ("monosemanticity", "best_score", "max_activation"):
         values = data.per_latent.get(key)
         if values is None and data.examples is not None and key in data.examples:
@@ -197,7 +202,11 @@ def _live(data: HookData) -> np.ndarray:
 
 
 def _pick_pages(data: HookData, max_pages: int, sample_rest: int, seed: int) -> list[int]:
-    """Rendered latents first, then the best ranked live ones, plus a random sample."""
+    """The latents ``top_examples`` rendered (findings, best ranked, a sample), so that every
+    page has its piano rolls and MIDI; without renderings, the best ranked live latents plus
+    a random sample."""
+    if data.rendered:
+        return list(data.rendered)
     live = _live(data)
     order = [int(i) for i in _ranking(data) if live[i]]
     first = list(dict.fromkeys([*data.rendered, *order]))[:max_pages]
@@ -209,6 +218,56 @@ def _pick_pages(data: HookData, max_pages: int, sample_rest: int, seed: int) -> 
 
 
 # -- index sections -----------------------------------------------------------------------
+
+
+def _findings_section(findings: dict[str, Any], pages: dict[str, list[int]]) -> str:
+    """The latents that beat every control for their label, per hook, with the controls."""
+    hooks = findings.get("hooks", {}) if isinstance(findings, dict) else {}
+    if not hooks:
+        return ""
+    rule = findings.get("rule", {})
+    parts = [f"<p>A latent is a finding when its AUROC for a label is at least "
+             f"{rule.get('min_auroc')}, at least {_pct(rule.get('min_precision'))} of its "
+             f"activation mass falls on the label's tokens, and its AUROC beats every control "
+             f"for that label by at least {rule.get('margin')}: the raw dimensions (two-sided), "
+             "projections on the model's input-embedding rows, density-matched random directions "
+             "and a random-init dictionary of the same size. Labels <code>next.*</code> are at "
+             "t+1, what the model predicts; the others at t, the token's own input "
+             f"({H.esc(rule.get('tokens', ''))} tokens).</p>"]
+    for hook, entry in hooks.items():
+        s = entry.get("summary", {})
+        passing = s.get("passing_min_auroc", {})
+        null = s.get("null") or {}
+        parts.append(f"<h3>{H.esc(hook)}: {s.get('findings', 0)} findings "
+                     f"({s.get('findings_t', 0)} at t, {s.get('findings_t1', 0)} at t+1)</h3>")
+        counts = ", ".join(f"{H.esc(g)} {c}" for g, c in passing.items())
+        text = f"Units with AUROC &ge; {rule.get('min_auroc')} for some label: {counts}."
+        if null.get("null_counts") is not None:
+            text += (f" Under the permutation null (labels of other songs) "
+                     f"{null.get('null_counts')} latents reach it (p = {_fmt(null.get('p'))}).")
+        parts.append(f"<p>{text}</p>")
+        rows, links = [], []
+        page_set = set(pages.get(hook, []))
+        for f in entry.get("findings", []):
+            strongest = f.get("strongest_control", "")
+            c = f.get("controls", {}).get(strongest, {})
+            rows.append([f["latent"], f["label"], f["when"], f["auroc"], f["precision_mass"],
+                         f["margin"], f"{strongest}: {c.get('unit', '')}", c.get("score"),
+                         f["density"]])
+            links.append(f"latents/{hook}/{f['latent']}.html" if f["latent"] in page_set else None)
+        if rows:
+            parts.append(H.table(["latent", "label", "when", "AUROC", "precision", "margin",
+                                  "strongest control", "control AUROC", "density"], rows,
+                                 sortable=True, links={0: links}, scroll=True))
+    return H.section("Findings that beat their controls", "\n".join(parts), "findings")
+
+
+def _pct(x: Any) -> str:
+    return f"{float(x):.0%}" if isinstance(x, (int, float)) else "?"
+
+
+def _fmt(x: Any) -> str:
+    return f"{float(x):.3g}" if isinstance(x, (int, float)) else "n/a"
 
 
 def _overview_section(hooks: list[HookData], pages: dict[str, list[int]]) -> str:
