@@ -173,7 +173,8 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
             groups = _groups(info, cfg, latents, pieces, embeddings, seed)
             units = {g.name: Units(g, UnitStats(g.n_units, len(labels), cfg.bins, sparse=g.sparse,
                                                 two_sided=g.two_sided,
-                                                n_null=len(shifts) if g.name == "latent" else 0))
+                                                n_null=len(shifts) if g.name == "latent" else 0,
+                                                auroc_only=g.name not in ("latent", "neuron")))
                      for g in groups if g.n_units > 0}
             for u in units.values():
                 u.stats.calibrate(u.values(p) for p in pieces)

@@ -35,9 +35,9 @@ class UnitStats:
     """Streaming label statistics of ``n_units`` units."""
 
     def __init__(self, n_units: int, n_labels: int, bins: int, *, sparse: bool,
-                 two_sided: bool = False, n_null: int = 0) -> None:
+                 two_sided: bool = False, n_null: int = 0, auroc_only: bool = False) -> None:
         self.n_units, self.n_labels, self.bins, self.sparse = n_units, n_labels, bins, sparse
-        self.two_sided = two_sided
+        self.two_sided, self.auroc_only = two_sided, auroc_only
         self.n_bins = bins + 1 if sparse else bins  # sparse: bin 0 holds the exact zeros
         self.lo = np.zeros(n_units, np.float32)
         self.hi = np.ones(n_units, np.float32)
@@ -107,20 +107,25 @@ class UnitStats:
         ``null``: one-hot null labels, one (n, labels) per null set."""
         yt = y.T.contiguous()
         yt64 = yt.double()
-        null64 = [z.T.contiguous().double() for z in (null or [])][: len(self.null_rank_sums)]
+        # null rank sums only decide a count against a threshold: float32 is plenty
+        null32 = [z.T.contiguous() for z in (null or [])][: len(self.null_rank_sums)]
         for s in range(0, self.n_units, UNIT_BLOCK):
             e = min(self.n_units, s + UNIT_BLOCK)
             blk = a[:, s:e]
             fired = (blk > 0).float()
             ranks = self.midrank[s:e].reshape(-1).take(self.flat_bins(blk, s, e))
-            self.fires[:, s:e] += (yt @ fired).double().numpy()
-            self.sums[:, s:e] += (yt @ blk).double().numpy()
             # in float64: float32 sums of ranks round differently for other chunkings, and the
             # AUROC formula subtracts two large terms (1e-5 relative error otherwise)
             self.rank_sums[:, s:e] += (yt64 @ ranks).numpy()
-            for k, z in enumerate(null64):
-                self.null_rank_sums[k, :, s:e] += (z @ ranks).numpy()
+            if null32:
+                ranks32 = ranks.float()
+                for k, z in enumerate(null32):
+                    self.null_rank_sums[k, :, s:e] += (z @ ranks32).double().numpy()
             self.total_fires[s:e] += fired.sum(0).double().numpy()
+            if self.auroc_only:  # controls: only their scores per label are needed
+                continue
+            self.fires[:, s:e] += (yt @ fired).double().numpy()
+            self.sums[:, s:e] += (yt @ blk).double().numpy()
             if self.sparse:
                 self.total_pos[s:e] += blk.sum(0).double().numpy()
             else:
@@ -148,8 +153,9 @@ class UnitStats:
     def results(self, names: list[str], attribute: list[str], value: list[str],
                 counts: np.ndarray, n: int) -> dict[str, np.ndarray]:
         """Per (label, unit): firing_rate, mean_activation, auroc, score (two-sided for signed
-        units), precision_mass, precision_fire; per unit: best label and score, its error
-        bound, monosemanticity (= precision_mass of the best label) and density."""
+        units), precision_mass, precision_fire (NaN for ``auroc_only`` units); per unit: best
+        label and score, its error bound, monosemanticity (= precision_mass of the best
+        label) and density."""
         pos = counts.astype(np.float64)[:, None]
         neg = n - pos
         auroc = self._auroc(self.rank_sums, counts, n)
@@ -159,6 +165,8 @@ class UnitStats:
             bound = 0.5 * approx.max(axis=1)[None, :] / np.maximum(pos, neg)
             mass = self.pos_sums / self.total_pos[None, :]
             fire = self.fires / self.total_fires[None, :]
+        if self.auroc_only:
+            mass = fire = np.full_like(auroc, np.nan)
         alive = self.total_fires > 0
         best = np.argmax(np.where(np.isfinite(score), score, -np.inf), axis=0)
         units = np.arange(self.n_units)
