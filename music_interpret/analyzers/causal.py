@@ -24,8 +24,9 @@ scored positions (``delta_ce_all``) and over the firing positions (``delta_ce_fi
 the firing positions; and for a label MMT predicts directly (``next.pitch``,
 ``next.pitch_class`` (summed probability of the pitches of the class), ``next.octave``,
 ``next.position``, ``next.duration``, ``next.instrument``, ``next.event_type``) the mean
-clean probability of the label's value at the firing positions (``p_label_clean``) and its
-change (``dp_label``).
+clean probability of the label's value at the firing positions (``p_label_clean``), its
+change (``dp_label``) and the share of it removed (``relative_drop = -dp_label /
+p_label_clean``).
 
 **Effect** E(j, l) of ablating latent j, for the label l of the finding:
 
@@ -95,7 +96,7 @@ class CausalConfig:
     pass_tokens: int = 16_384
     n_controls: int = 8
     min_firing: int = 20
-    min_songs: int = 3
+    min_songs: int = 5
     min_controls: int = 3
     bootstrap: int = 1000
     steer_latents: int = 4

@@ -9,7 +9,7 @@ from typing import Any
 COLUMNS = ("latent", "label", "when", "source", "effect_kind", "effect", "ci_lo", "ci_hi",
            "control_mean", "control_sd", "control_max", "n_controls", "verdict",
            "firing_positions", "firing_songs", "density", "mean_activation", "p_label_clean",
-           "dp_label", "delta_ce_fire_total", "delta_ce_all_total", "kl_fire_total")
+           "dp_label", "relative_drop", "delta_ce_fire_total", "delta_ce_all_total", "kl_fire_total")
 
 
 def _f(x: Any) -> str:
@@ -32,6 +32,7 @@ def hook_row(r: dict[str, Any]) -> dict[str, Any]:
         "firing_positions": r["firing_positions"], "firing_songs": r["firing_songs"],
         "density": r["density"], "mean_activation": r["mean_activation"],
         "p_label_clean": r["p_label_clean"], "dp_label": r["dp_label"],
+        "relative_drop": r.get("relative_drop"),
         "delta_ce_fire_total": r["delta_ce_fire"]["total"],
         "delta_ce_all_total": r["delta_ce_all"]["total"], "kl_fire_total": r["kl_fire"]["total"],
     }

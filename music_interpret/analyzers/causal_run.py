@@ -173,6 +173,8 @@ def _row(t: Target, spec: LabelSpec, label: int, sums: dict[int, LatentSums], co
         "verdict": verdict(value, interval, effects, int(fire), measures["firing_songs"], s.rule),
         "p_label_clean": float(mine.p_clean[:, label].sum() / fire) if direct else None,
         "dp_label": float(mine.dp[:, label].sum() / fire) if direct else None,
+        "relative_drop": (float(-mine.dp[:, label].sum() / mine.p_clean[:, label].sum())
+                          if direct and mine.p_clean[:, label].sum() > 0 else None),
         **measures, "steering": None,
     }
 

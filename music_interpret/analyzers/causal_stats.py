@@ -22,7 +22,7 @@ class Rule:
     """When a verdict is given: enough firing positions, songs and controls."""
 
     min_firing: int = 20
-    min_songs: int = 3
+    min_songs: int = 5
     min_controls: int = 3
     bootstrap: int = 1000
 
