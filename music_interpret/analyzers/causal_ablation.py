@@ -98,7 +98,10 @@ def measure(adapter: Any, hook: str, dictionary: Any, data: EvalData, latents: l
             labels: list[LabelSpec], pass_tokens: int = 16_384,
             step: Callable[[], Any] | None = None) -> dict[int, LatentSums]:
     """Ablate every latent of ``latents`` alone; per-song sums (see the module doc).
-    ``step`` is called after each batch (a progress bar)."""
+
+    Only the windows where a latent fires are run for it: each pass holds (latent, window)
+    pairs, at most ``pass_tokens`` tokens. ``step`` is called after each batch.
+    """
     out = {j: LatentSums.zeros(data.n_groups, len(labels)) for j in latents}
     w_dec = dictionary.W_dec
     index = torch.as_tensor(latents, dtype=torch.long, device=w_dec.device)
@@ -109,35 +112,59 @@ def measure(adapter: Any, hook: str, dictionary: Any, data: EvalData, latents: l
             store["x"] = x
             return x
 
-        clean = adapter.patched_logits(eb.batch, hook, capture)
+        clean_logits = adapter.patched_logits(eb.batch, hook, capture)
         x = captured["x"]
         device = x.device
-        eligible = eb.eligible.to(device)
-        f = encode_columns(dictionary, x, index) * eligible[..., None]  # (B, T, K)
-        firing = (f[:, :-1] > 0) & eb.selected[:, :-1].to(device)[..., None]  # (B, T-1, K)
-        active = [k for k in range(len(latents)) if bool((f[..., k] > 0).any())]
+        f = encode_columns(dictionary, x, index) * eb.eligible.to(device)[..., None]  # (B, T, K)
+        rows, ks = (f > 0).any(1).nonzero(as_tuple=True)  # (window, latent) pairs that fire
+        if len(rows):
+            clean = _Clean.build(clean_logits, eb, device, labels)
+            firing = (f[:, :-1] > 0) & eb.selected[:, :-1].to(device)[..., None]  # (B, T-1, K)
+            per_pass = max(1, pass_tokens // int(eb.batch.codes.shape[1]))
+            codes = torch.as_tensor(eb.batch.codes, device=device)
+            mask = torch.as_tensor(eb.batch.mask, device=device)
+            for start in range(0, len(rows), per_pass):
+                r, k = rows[start : start + per_pass], ks[start : start + per_pass]
+                delta = f[r, :, k][..., None] * w_dec[index[k]][:, None, :]  # (P, T, D)
+
+                def ablate(x: torch.Tensor, d: torch.Tensor = delta) -> torch.Tensor:
+                    return x - d.to(x.dtype)
+
+                logits = adapter.patched_logits(Batch(codes[r], mask[r]), hook, ablate)
+                sums = _pair_sums(clean, logits, r, firing[r, :, k].float(), f[r, :-1, k])
+                group = eb.group[r.cpu().numpy()]
+                for kk in k.unique().tolist():
+                    sel = (k == kk).cpu().numpy()
+                    _add(out[latents[kk]], group[sel], {n: v[sel] for n, v in sums.items()})
         if step is not None:
             step()
-        if not active:
-            continue
-        ctx = _Clean.build(clean, eb, device, labels)
-        b, t = eb.rows, int(eb.batch.codes.shape[1])
-        per_pass = max(1, pass_tokens // max(b * t, 1))
-        for start in range(0, len(active), per_pass):
-            ks = active[start : start + per_pass]
-            delta = f[..., ks].permute(2, 0, 1)[..., None] * w_dec[index[ks]][:, None, None, :]
-            g = len(ks)
-            big = Batch(eb.batch.codes.repeat(g, 1, 1), eb.batch.mask.repeat(g, 1))
-
-            def ablate(x: torch.Tensor, d: torch.Tensor = delta) -> torch.Tensor:
-                return x - d.reshape(x.shape).to(x.dtype)
-
-            logits = adapter.patched_logits(big, hook, ablate)
-            for gi, k in enumerate(ks):
-                part = {name: lg[gi * b : (gi + 1) * b] for name, lg in logits.items()}
-                fire = firing[..., k]
-                _accumulate(out[latents[k]], ctx, part, fire, f[:, :-1, k], eb.group)
     return out
+
+
+def _pair_sums(clean: _Clean, logits: dict[str, torch.Tensor], rows: torch.Tensor,
+               fire: torch.Tensor, act: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per (latent, window) pair of one pass: the sums of :class:`LatentSums` (host arrays)."""
+    lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in FIELDS}
+    target = clean.target[rows]
+    ce = torch.stack([-lp[name].gather(-1, target[..., i, None])[..., 0]
+                      for i, name in enumerate(FIELDS)])
+    dce = ce - clean.ce[:, rows]  # (6, P, T-1)
+    kl = torch.stack([(clean.lp[n][rows].exp() * (clean.lp[n][rows] - lp[n])).sum(-1)
+                      for n in FIELDS])
+    scored = clean.scored[rows].float()
+    out = {"n_fire": _row_sums(fire), "act_fire": _row_sums(act * fire),
+           "dce_all": _row_sums(dce * scored).T, "dce_fire": _row_sums(dce * fire).T,
+           "kl_fire": _row_sums(kl * fire).T}
+    p_clean = clean.p_label[:, rows]
+    out["p_clean"] = _row_sums(p_clean * fire).T
+    out["dp"] = _row_sums((_label_probs(lp, clean.labels) - p_clean) * fire).T
+    return out
+
+
+def _add(sums: LatentSums, group: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """Add per-pair values to one latent's per-song sums."""
+    for name, v in values.items():
+        np.add.at(getattr(sums, name), group, v)
 
 
 @dataclass
@@ -174,26 +201,6 @@ def _label_probs(lp: dict[str, torch.Tensor], labels: list[LabelSpec]) -> torch.
     if not rows:
         return torch.zeros((0, *shape), device=next(iter(lp.values())).device)
     return torch.stack(rows)
-
-
-def _accumulate(sums: LatentSums, clean: _Clean, logits: dict[str, torch.Tensor],
-                fire: torch.Tensor, act: torch.Tensor, group: np.ndarray) -> None:
-    """Add one batch's ablation to ``sums`` (rows to their songs)."""
-    lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in FIELDS}
-    ce = torch.stack([-lp[name].gather(-1, clean.target[..., i, None])[..., 0]
-                      for i, name in enumerate(FIELDS)])
-    dce = ce - clean.ce  # (6, B, T-1)
-    kl = torch.stack([(clean.lp[n].exp() * (clean.lp[n] - lp[n])).sum(-1) for n in FIELDS])
-    scored, fire_f = clean.scored.float(), fire.float()
-    np.add.at(sums.n_fire, group, _row_sums(fire_f))
-    np.add.at(sums.act_fire, group, _row_sums(act * fire_f))
-    np.add.at(sums.dce_all, group, _row_sums(dce * scored).T)
-    np.add.at(sums.dce_fire, group, _row_sums(dce * fire_f).T)
-    np.add.at(sums.kl_fire, group, _row_sums(kl * fire_f).T)
-    if clean.labels:
-        p = _label_probs(lp, clean.labels)
-        np.add.at(sums.p_clean, group, _row_sums(clean.p_label * fire_f).T)
-        np.add.at(sums.dp, group, _row_sums((p - clean.p_label) * fire_f).T)
 
 
 def scored_counts(data: EvalData) -> np.ndarray:
