@@ -77,7 +77,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import UserError
-from ..interfaces import Analyzer
+from ..interfaces import Analyzer, ModelAdapter
 from ..jsonio import write_json_atomic
 from .causal_report import hook_row, summary_markdown, write_csv
 from .causal_run import HookSettings, Target, causal_hook
@@ -184,6 +184,10 @@ class CausalAnalyzer(Analyzer):
         adapter = ctx.adapter()
         if adapter is None or ctx.data_dir is None:
             raise UserError("causal: needs the pipeline's model and data")
+        if type(adapter).patched_logits is ModelAdapter.patched_logits:
+            reason = f"the {type(adapter).__name__} adapter offers no patched_logits"
+            (out / "summary.md").write_text(f"# causal\n\nSkipped: {reason}.\n", encoding="utf-8")
+            return {"skipped": reason}
         split = ctx.store.manifest.get("attrs", {}).get("split")
         dataset = open_dataset(ctx.data_dir, split if split in ("all", "train", "valid", "test")
                                else ctx.data_split)
@@ -198,13 +202,17 @@ class CausalAnalyzer(Analyzer):
             dictionary = ctx.load_dictionary(hook)
             found = targets_from_findings(findings, hook) if findings is not None else None
             if found is not None:
-                targets, finding_latents = found[0][: cfg.max_latents], found[1]
+                (targets, finding_latents), source = found, "feature_token findings"
+                targets = targets[: cfg.max_latents]
             else:
                 targets, finding_latents = targets_from_nc(ft / f"{hook}.nc", cfg.fallback_top), set()
+                source = ("feature_token best AUROC (no findings.json)" if targets is not None
+                          else "activation mass (no feature_token output)")
             settings = HookSettings.from_config(cfg, tokens, seed)
             result = causal_hook(adapter, hook, dictionary, dataset, ctx.store.songs, targets,
                                  finding_latents, settings, progress=ctx.progress)
             result["dictionary"] = str(ctx.dictionaries[hook])
+            result["summary"]["targets_from"] = source
             result["seconds"] = round(time.perf_counter() - start, 2)
             write_json_atomic(out / f"{hook}.json", result)
             write_csv(out / f"{hook}_causal.csv", result)

@@ -78,7 +78,8 @@ def summary_markdown(summary: dict[str, Any], rows: dict[str, list[dict[str, Any
         if s.get("skipped"):
             lines += [f"Skipped: {s['skipped']}.", ""]
             continue
-        lines += [f"{s['tested']} latents tested on {s['songs']} held-out songs "
+        lines += [f"Latents from {s.get('targets_from', '?')}. "
+                  f"{s['tested']} latents tested on {s['songs']} held-out songs "
                   f"({s['windows']} windows, {s['selected_positions']} selected positions): "
                   f"**{s['used']} used**, {s['not_used']} not used, {s['insufficient']} "
                   "insufficient.", "",

@@ -174,13 +174,35 @@ def test_analyze_stage_runs_causal_after_feature_token(trained: Path) -> None:
     assert len(result["songs"]) >= 3 and (out / "summary.md").is_file()
 
 
-def test_causal_on_the_fixture_model(trained: Path, tmp_path: Path, device: str) -> None:
-    """Findings given in findings.json: ablation, controls, intervals, steering, outputs."""
+def context(trained: Path, out: Path, device: str) -> object:
     from music_interpret.adapters.mmt.adapter import MMTAdapterConfig
-    from music_interpret.analyzers.causal import CausalAnalyzer, CausalConfig
     from music_interpret.analyzers.context import AnalysisContext
     from music_interpret.config import PluginRef
     from music_interpret.plugins import PluginRegistry
+
+    return AnalysisContext(store_path=trained.parent.parent / "acts",
+                           dictionaries={HOOK: trained / "train" / "dictionaries" / HOOK},
+                           out_dir=out, model_dir=MODEL, data_dir=DATA, device=device,
+                           model_adapter=PluginRef("model_adapter", "mmt", MMTAdapterConfig()),
+                           registry=PluginRegistry())
+
+
+def test_without_feature_token_the_most_active_latents_are_tested(trained: Path,
+                                                                   tmp_path: Path) -> None:
+    from music_interpret.analyzers.causal import CausalAnalyzer, CausalConfig
+
+    cfg = CausalConfig(fallback_top=2, n_controls=3, bootstrap=50, steer_latents=0)
+    summary = CausalAnalyzer(cfg).analyze(context(trained, tmp_path / "causal", "cpu"))
+    s = summary["hooks"][HOOK]
+    assert s["tested"] == 2 and s["targets_from"].startswith("activation")
+    rows = json.loads((tmp_path / "causal" / f"{HOOK}.json").read_text())["latents"]
+    assert [r["effect_kind"] for r in rows] == ["delta_ce_fire:total"] * 2
+    assert all(r["source"] == "activation" and r["label"] == "" for r in rows)
+
+
+def test_causal_on_the_fixture_model(trained: Path, tmp_path: Path, device: str) -> None:
+    """Findings given in findings.json: ablation, controls, intervals, steering, outputs."""
+    from music_interpret.analyzers.causal import CausalAnalyzer, CausalConfig
 
     folder = trained / "train" / "dictionaries" / HOOK
     held = json.loads((folder / "config.json").read_text())["training"]["holdout_songs"]
@@ -188,11 +210,7 @@ def test_causal_on_the_fixture_model(trained: Path, tmp_path: Path, device: str)
     (tmp_path / "feature_token" / "findings.json").write_text(json.dumps({"rule": {"tokens": "notes"}, "hooks": {HOOK: {"findings": [
         {"latent": 3, "label": "next.pitch_class=D", "when": "t+1"},
         {"latent": 7, "label": "position=6", "when": "t"}]}}}))
-    ctx = AnalysisContext(store_path=trained.parent.parent / "acts", dictionaries={HOOK: folder},
-                          out_dir=tmp_path / "causal", model_dir=MODEL, data_dir=DATA,
-                          device=device, model_adapter=PluginRef("model_adapter", "mmt",
-                                                                 MMTAdapterConfig()),
-                          registry=PluginRegistry())
+    ctx = context(trained, tmp_path / "causal", device)
     cfg = CausalConfig(n_controls=4, min_firing=5, min_songs=3, bootstrap=200, steer_latents=1, steer_prompts=2,
                        steer_seeds=2, steer_steps=8, alphas=[4.0])
     summary = CausalAnalyzer(cfg).analyze(ctx)
