@@ -3,8 +3,8 @@
 For latent j with code f_j(x) and decoder row W_dec[j], the activation x at the hook is
 replaced by ``x - f_j(x) * W_dec[j]`` at the eligible tokens (see :mod:`.causal_data`); the
 rest of the reconstruction and the dictionary's error term stay. Where f_j = 0 nothing
-changes, so only batches where j fires are run, several latents at once (the batch
-repeated once per latent, up to ``pass_tokens`` tokens a pass).
+changes, so only the windows where j fires are run for j; a forward pass holds several
+(latent, window) pairs, up to ``pass_tokens`` tokens.
 
 Per song, summed over positions (divided by the counts only when reported, so that the
 bootstrap can resample songs): the change of each field's next-token cross-entropy over
