@@ -107,6 +107,41 @@ class ModelAdapter(Plugin, ABC):
     def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
         """Per-token musical metadata (event_type, beat, position, pitch, ...) for (T, F) codes."""
 
+    # -- optional: causal analyses (``analyzers/causal.py``, ``learners/downstream.py``) ----
+
+    def patched_logits(
+        self,
+        batch: Batch,
+        hook_point: str,
+        fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """No-grad forward with ``fn`` replacing the activation at ``hook_point`` (None: clean);
+        returns every output field's logits, ``{field: (B, T, n_field)}`` in the model's field
+        order. Position t predicts token t+1. ``fn`` may replace the activation or add to it."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompt: np.ndarray,
+        steps: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        patch: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> np.ndarray:
+        """Up to ``steps`` new codes (n, F) continuing ``prompt`` (T0, F) with the model's own
+        decoding rules, drawn from a generator seeded with ``seed`` (the same seed gives the
+        same samples), optionally with ``patch = (hook point, fn)`` applied at every step."""
+        raise NotImplementedError
+
+    def label_target(self, attribute: str, value: str) -> tuple[str, list[int] | None]:
+        """Which output field a label ``attribute=value`` (see ``analyzers/attributes.py``)
+        concerns, and, when the model predicts the label directly (``next.pitch_class=C``),
+        the codes of that field whose summed probability is the label's probability (else
+        None). Raises ``KeyError`` for an attribute the model has no field for."""
+        raise NotImplementedError
+
 
 class ActivationStore(Plugin, ABC):
     """Writes and reads extracted activations with per-token coordinates."""

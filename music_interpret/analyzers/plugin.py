@@ -7,12 +7,14 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def mi_analyzers() -> list[type]:
+    from .causal import CausalAnalyzer
     from .examples import TopExamplesAnalyzer
     from .feature_token import FeatureTokenAnalyzer
     from .probing import ProbeAnalyzer
 
     return [
         FeatureTokenAnalyzer,
+        CausalAnalyzer,
         ProbeAnalyzer,
         TopExamplesAnalyzer,
     ]

@@ -16,7 +16,7 @@ from ..config import PluginRef
 from ..errors import UserError
 from ..interfaces import Stage
 
-DEFAULT_ANALYZERS = ["feature_token", "probe", "top_examples"]
+DEFAULT_ANALYZERS = ["feature_token", "causal", "probe", "top_examples"]
 
 
 @dataclass
@@ -42,7 +42,8 @@ class AnalyzeStage(Stage):
     """Relate the learned features to musical attributes."""
 
     name = "analyze"
-    description = "Run analyzers (feature-token association, probes, top examples) on the dictionaries."
+    description = ("Run analyzers (feature-token association, causal tests, probes, top examples) "
+                   "on the dictionaries.")
     Config = AnalyzeConfig
     requires: ClassVar[tuple[str, ...]] = ("model", "data")
 

@@ -16,6 +16,7 @@ from torch import nn
 from music_interpret.adapters.mmt.adapter import MMTAdapter
 from music_interpret.adapters.mmt.dataset import open_dataset
 from music_interpret.adapters.mmt.model import FIELDS as MODEL_FIELDS
+from music_interpret.interfaces import Batch
 from music_interpret.learners.downstream import (
     FIELDS,
     KEYS,
@@ -148,3 +149,92 @@ def test_train_stage_reports_downstream(tmp_path: Path, device: str) -> None:
     ea.Reload()
     assert [e.step for e in ea.Scalars("downstream/total_ce_spliced")] == [10, 20]
     assert "downstream/pitch_recovered" in ea.Tags()["scalars"] or down["recovered"]["pitch"] is None
+
+
+# -- zero ablation, KL and bootstrap intervals (SAEBench-style faithfulness) ------------------
+
+
+def test_identity_dictionary_is_perfectly_faithful(evaluator: DownstreamEvaluator) -> None:
+    ident = evaluator.evaluate(nn.Identity())
+    for k in KEYS:
+        assert ident["delta_ce"][k] == pytest.approx(0.0, abs=1e-6)
+        assert ident["kl"][k] == pytest.approx(0.0, abs=1e-7)
+        assert ident["ci"]["delta_ce"][k] == pytest.approx([0.0, 0.0], abs=1e-6)
+        assert ident["kl_zero_ablated"][k] >= ident["kl"][k]
+    assert ident["zero_ablated"]["total"] > ident["clean"]["total"] + 0.1
+    assert ident["recovered_zero"]["total"] == pytest.approx(1.0, abs=1e-5)
+    assert ident["kl_recovered_zero"]["total"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["ci"]["recovered_zero"]["total"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert ident["ci"]["unit"] == "song" and ident["songs"] == len({s for b in evaluator.batches
+                                                                     for s in b.song})
+    zero = evaluator.evaluate(Constant(torch.zeros_like(evaluator.mean_activation())))
+    assert zero["spliced"]["total"] == pytest.approx(zero["zero_ablated"]["total"], abs=1e-5)
+    assert zero["recovered_zero"]["total"] == pytest.approx(0.0, abs=1e-5)
+    assert zero["kl_recovered_zero"]["total"] == pytest.approx(0.0, abs=1e-5)
+    tags = scalars(ident)
+    assert {"total_recovered_zero", "pitch_ce_zero_ablated", "total_kl", "beat_delta_ce"} <= set(tags)
+
+
+def toy_evaluator(songs: int, notes_only: bool = False) -> tuple[object, DownstreamEvaluator]:
+    from ..analyzers.toy_linear import LinearToy, toy_windows
+
+    adapter = LinearToy(seed=3)
+    wins = toy_windows(songs, 30, seed=4)
+    batches = make_batches([w for w, _, _ in wins], 2, [s for _, _, s in wins])
+    return adapter, DownstreamEvaluator(adapter, "h", batches, notes_only=notes_only, bootstrap=400)
+
+
+def test_zero_ablation_and_kl_by_hand() -> None:
+    """The toy's logits are x @ R without bias: zero ablation gives uniform predictions, so
+    CE = log V per field and KL(clean || zero) = log V - H(p_clean)."""
+    import math
+
+    from ..analyzers.toy_linear import VOCAB
+
+    adapter, ev = toy_evaluator(3)
+    half = ev.evaluate(_Scale(0.5))
+    kl_zero, kl_half, n = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0
+    for b in ev.batches:
+        x = adapter.run_with_hooks(b, ["h"])["h"]
+        keep = b.mask[:, 1:]
+        n += int(keep.sum())
+        for f, name in enumerate(FIELDS):
+            lp = torch.log_softmax((x @ adapter.readout[name])[:, :-1].double(), -1)[keep]
+            lq = torch.log_softmax((0.5 * x @ adapter.readout[name])[:, :-1].double(), -1)[keep]
+            kl_zero[f] += (lp.exp() * (lp + math.log(VOCAB[f]))).sum()
+            kl_half[f] += (lp.exp() * (lp - lq)).sum()
+    for f, name in enumerate(FIELDS):
+        assert half["zero_ablated"][name] == pytest.approx(math.log(VOCAB[f]), rel=1e-6)
+        assert half["kl_zero_ablated"][name] == pytest.approx(float(kl_zero[f]) / n, rel=1e-5)
+        assert half["kl"][name] == pytest.approx(float(kl_half[f]) / n, rel=1e-5)
+    assert half["zero_ablated"]["total"] == pytest.approx(sum(math.log(v) for v in VOCAB), rel=1e-6)
+    assert half["kl"]["total"] == pytest.approx(float(kl_half.sum()) / n, rel=1e-5)
+    # the toy's targets are random, so its predictions are worse than uniform: zero ablation
+    # does not raise the loss and the fraction recovered is undefined
+    assert half["zero_ablated"]["total"] < half["clean"]["total"]
+    assert half["recovered_zero"]["total"] is None
+
+
+def test_bootstrap_over_two_songs_spans_the_two_songs() -> None:
+    """With two songs a resample holds song A twice, B twice (a quarter each) or both, so the
+    95% interval of ΔCE runs exactly from one song's ΔCE to the other's."""
+    _, ev = toy_evaluator(2)
+    both = ev.evaluate(_Scale(0.5))
+    per_song = []
+    for s in (0, 1):
+        rows = [(b, [i for i, g in enumerate(b.song) if g == s]) for b in ev.batches]
+        sub = [Batch(b.codes[i], b.mask[i], song=[s] * len(i)) for b, i in rows if i]
+        alone = DownstreamEvaluator(ev.adapter, "h", sub, bootstrap=0).evaluate(_Scale(0.5))
+        per_song.append(alone["delta_ce"]["total"])
+    assert both["songs"] == 2 and both["ci"]["unit"] == "song"
+    assert both["ci"]["delta_ce"]["total"] == pytest.approx(sorted(per_song), rel=1e-9)
+    assert min(per_song) < both["delta_ce"]["total"] < max(per_song)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor * x

@@ -272,6 +272,45 @@ class MMTAdapter(ModelAdapter):
             _, acts = self.model.net.run(codes, mask, capture=hook_points, logits=False)
         return acts
 
+    def _checked(self, hook_point: str,
+                 fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn`` refusing outputs of the wrong shape, cast back to the activation's dtype."""
+        import torch
+
+        def checked(x: torch.Tensor) -> torch.Tensor:
+            out = fn(x)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(
+                    f"mmt adapter: patch at {hook_point} returned {shape}, "
+                    f"expected a tensor of shape {tuple(x.shape)}"
+                )
+            return out.to(x.dtype)
+
+        return checked
+
+    def patched_logits(
+        self,
+        batch: Batch,
+        hook_point: str,
+        fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """No-grad forward with ``fn(activation)`` replacing the activation at ``hook_point``
+        (``None``: the clean model); the six fields' logits ``{field: (B, T, n_field)}`` (keys
+        ``type``, ``beat``, ``position``, ``pitch``, ``duration``, ``instrument``), on the
+        model's device in its dtype. Position t predicts code t+1."""
+        import torch
+
+        from .model import FIELDS
+
+        self._check_hook([hook_point])
+        codes, mask = self._inputs(batch)
+        patch = None if fn is None else (hook_point, self._checked(hook_point, fn))
+        with torch.no_grad():
+            logits, _ = self.model.net.run(codes, mask, patch=patch)
+        assert logits is not None
+        return dict(zip(FIELDS, logits, strict=True))
+
     def run_with_patch(
         self,
         batch: Batch,
@@ -286,26 +325,46 @@ class MMTAdapter(ModelAdapter):
         This differs from MMT's training loss, which runs on ``codes[:, :-1]`` and
         averages over every target position, padding included (class 0).
         """
-        import torch
-
         from .model import field_losses
 
         self._check_hook([hook_point])
         codes, mask = self._inputs(batch)
         if codes.shape[1] < 2:
             raise UserError("mmt adapter: run_with_patch needs sequences of at least 2 codes")
+        logits = self.patched_logits(batch, hook_point, fn)
+        return field_losses(list(logits.values()), codes, mask)
 
-        def checked(x: torch.Tensor) -> torch.Tensor:
-            out = fn(x)
-            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise UserError(
-                    f"mmt adapter: patch at {hook_point} returned {shape}, "
-                    f"expected a tensor of shape {tuple(x.shape)}"
-                )
-            return out.to(x.dtype)
+    def generate(
+        self,
+        prompt: np.ndarray,
+        steps: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        patch: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> np.ndarray:
+        """Up to ``steps`` new codes (n, 6) after ``prompt`` (T0, 6) by MMT's decoding rules
+        (:mod:`.generate`: monotonic type and beat, stop after end-of-song), drawn from a
+        ``torch.Generator`` on the model's device seeded with ``seed``; ``patch = (hook
+        point, fn)`` is applied to every step's forward pass at every position."""
+        import numpy as np
+        import torch
 
-        with torch.no_grad():
-            logits, _ = self.model.net.run(codes, mask, patch=(hook_point, checked))
-            assert logits is not None
-            return field_losses(logits, codes, mask)
+        from .generate import generate
+
+        if patch is not None:
+            self._check_hook([patch[0]])
+            patch = (patch[0], self._checked(patch[0], patch[1]))
+        codes, _ = self._inputs(Batch(torch.as_tensor(np.asarray(prompt))[None], None))
+        generator = torch.Generator(device=codes.device).manual_seed(int(seed))
+        out = generate(self.model, codes, steps, temperature=temperature,
+                       filter_thres=filter_thres, patch=patch, generator=generator)
+        return out[0].cpu().numpy()
+
+    def label_target(self, attribute: str, value: str) -> tuple[str, list[int] | None]:
+        """See :func:`.labels.label_target`: the field of a label and, for ``next.X`` labels
+        MMT predicts directly, the codes of that field that make up the value."""
+        from .labels import label_target
+
+        return label_target(attribute, value)

@@ -9,6 +9,11 @@ the type. Every draw is x-transformers' ``top_k`` filter (keeping
 ``ceil((1 - filter_thres) * n)`` logits), softmax of the filtered logits divided by the
 temperature, then ``torch.multinomial``, in the same order of calls as MMT, so a seeded
 run reproduces MMT's samples. ``filter_thres=0.999`` keeps one logit: greedy decoding.
+
+``patch=(hook point, fn)`` runs every step's forward pass with ``fn`` applied to the
+activation at that hook point (at every position, prompt included), e.g. adding a
+steering vector; ``generator`` draws from a ``torch.Generator`` instead of torch's
+global random state (same samples as ``torch.manual_seed`` with the same seed on CPU).
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from collections.abc import Sequence
 
 import torch
 
-from .model import FIELDS, MMTModel
+from .model import FIELDS, MMTModel, Patch
 from .representation import EOS, INSTRUMENT, NOTE, SOS
 
 
-def _draw(logits: torch.Tensor, thres: float, temperature: float) -> torch.Tensor:
+def _draw(logits: torch.Tensor, thres: float, temperature: float,
+          generator: torch.Generator | None = None) -> torch.Tensor:
     k = math.ceil((1 - thres) * logits.shape[-1])
     val, ind = torch.topk(logits, k)
     filtered = torch.full_like(logits, float("-inf")).scatter_(1, ind, val)
-    return torch.multinomial(torch.softmax(filtered / temperature, dim=-1), 1)
+    probs = torch.softmax(filtered / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 @torch.no_grad()
@@ -38,6 +45,8 @@ def generate(
     temperature: float = 1.0,
     filter_thres: float = 0.9,
     monotonicity_dim: Sequence[str] = ("type", "beat"),
+    patch: Patch | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` (T0, 6) or (1, T0, 6) by up to ``steps`` codes.
 
@@ -51,24 +60,26 @@ def generate(
     current = {d: int(out[0, :, d].max()) for d in mono}
     net, limit = model.net, model.cfg.max_seq_len
     for _ in range(steps):
-        logits = [lg[0, -1:].clone() for lg in net(out[:, -limit:])]
+        step_logits, _ = net.run(out[:, -limit:], patch=patch)
+        assert step_logits is not None
+        logits = [lg[0, -1:].clone() for lg in step_logits]
         if 0 in current:
             logits[0][0, : current[0]] = float("-inf")
         logits[0][0, SOS] = float("-inf")
-        etype = _draw(logits[0], filter_thres, temperature)[0]
+        etype = _draw(logits[0], filter_thres, temperature, generator)[0]
         if 0 in current:
             current[0] = max(current[0], int(etype))
         row = torch.zeros(len(FIELDS), dtype=torch.long, device=out.device)
         row[0] = etype[0]
         if int(etype) == INSTRUMENT:
             logits[5][:, 0] = float("-inf")
-            row[5] = _draw(logits[5], filter_thres, temperature)[0, 0]
+            row[5] = _draw(logits[5], filter_thres, temperature, generator)[0, 0]
         elif int(etype) == NOTE:
             for d in range(1, len(FIELDS)):
                 if d in current:
                     logits[d][0, : current[d]] = float("-inf")
                 logits[d][:, 0] = float("-inf")
-                row[d] = _draw(logits[d], filter_thres, temperature)[0, 0]
+                row[d] = _draw(logits[d], filter_thres, temperature, generator)[0, 0]
                 if d in current:
                     current[d] = max(current[d], int(row[d]))
         out = torch.cat((out, row[None, None]), dim=1)
