@@ -87,7 +87,8 @@ class ReportStage(Stage):
         chosen = {d.hook: _pick_pages(d, cfg.max_latent_pages, cfg.sample_rest, ctx.seed)
                   for d in hooks}
         findings = _read_json(analyze / "feature_token" / "findings.json") if analyze else {}
-        body = [_findings_section(findings, chosen), _overview_section(hooks, chosen)]
+        causal = {d.hook: _causal_rows(analyze, d.hook) for d in hooks}
+        body = [_findings_section(findings, chosen, causal), _overview_section(hooks, chosen)]
         for data in hooks:
             body.append(_dictionary_section(data, out, chosen[data.hook]))
             for latent in chosen[data.hook]:
@@ -220,8 +221,39 @@ def _pick_pages(data: HookData, max_pages: int, sample_rest: int, seed: int) -> 
 # -- index sections -----------------------------------------------------------------------
 
 
-def _findings_section(findings: dict[str, Any], pages: dict[str, list[int]]) -> str:
-    """The latents that beat every control for their label, per hook, with the controls."""
+def _causal_rows(analyze: Path | None, hook: str) -> dict[int, dict[str, Any]]:
+    """The ``causal`` analyzer's result per tested latent of ``hook`` (empty without it)."""
+    if analyze is None:
+        return {}
+    result = _read_json(analyze / "causal" / f"{hook}.json")
+    return {int(r["latent"]): r for r in result.get("latents", []) if "latent" in r}
+
+
+def _causal_cell(r: dict[str, Any] | None) -> str:
+    """``used: 0.031 [0.012, 0.05] (controls <= 0.004)`` or n/a."""
+    if not r:
+        return "not tested"
+    ci = r.get("ci") or [None, None]
+    controls = r.get("controls", {})
+    return (f"{r.get('verdict', '?')}: {_fmt(r.get('effect'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
+            f"(controls max {_fmt(controls.get('max'))})")
+
+
+def _steer_cell(r: dict[str, Any] | None) -> str:
+    """The steering shift of the strongest alpha with its interval, or ''."""
+    steering = (r or {}).get("steering") or []
+    if not steering:
+        return ""
+    s = max(steering, key=lambda e: e.get("alpha_multiple", 0))
+    ci = s.get("ci") or [None, None]
+    return f"x{s.get('alpha_multiple', 0):g}: {_fmt(s.get('shift'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _findings_section(findings: dict[str, Any], pages: dict[str, list[int]],
+                      causal: dict[str, dict[int, dict[str, Any]]] | None = None) -> str:
+    """The latents that beat every control for their label, per hook, with the controls and,
+    where the ``causal`` analyzer ran, the effect of ablating them and of steering with them."""
+    causal = causal or {}
     hooks = findings.get("hooks", {}) if isinstance(findings, dict) else {}
     if not hooks:
         return ""
@@ -233,7 +265,12 @@ def _findings_section(findings: dict[str, Any], pages: dict[str, list[int]]) -> 
              "projections on the model's input-embedding rows, density-matched random directions "
              "and a random-init dictionary of the same size. Labels <code>next.*</code> are at "
              "t+1, what the model predicts; the others at t, the token's own input "
-             f"({H.esc(rule.get('tokens', ''))} tokens).</p>"]
+             f"({H.esc(rule.get('tokens', ''))} tokens). Where the <code>causal</code> analyzer "
+             "ran, each finding is ablated alone on held-out songs (its decoded contribution "
+             "removed at the hook) against density-matched latents: <i>used</i> when its effect "
+             "beats every control and the bootstrap interval over songs excludes 0; steering adds "
+             "the latent's decoder row during generation and reports the shift of the label's "
+             "share among the generated notes.</p>"]
     for hook, entry in hooks.items():
         s = entry.get("summary", {})
         passing = s.get("passing_min_auroc", {})
@@ -251,13 +288,15 @@ def _findings_section(findings: dict[str, Any], pages: dict[str, list[int]]) -> 
         for f in entry.get("findings", []):
             strongest = f.get("strongest_control", "")
             c = f.get("controls", {}).get(strongest, {})
+            r = causal.get(hook, {}).get(int(f["latent"]))
             rows.append([f["latent"], f["label"], f["when"], f["auroc"], f["precision_mass"],
                          f["margin"], f"{strongest}: {c.get('unit', '')}", c.get("score"),
-                         f["density"]])
+                         f["density"], _causal_cell(r), _steer_cell(r)])
             links.append(f"latents/{hook}/{f['latent']}.html" if f["latent"] in page_set else None)
         if rows:
             parts.append(H.table(["latent", "label", "when", "AUROC", "precision", "margin",
-                                  "strongest control", "control AUROC", "density"], rows,
+                                  "strongest control", "control AUROC", "density",
+                                  "ablation effect [95% CI]", "steering shift [95% CI]"], rows,
                                  sortable=True, links={0: links}, scroll=True))
     return H.section("Findings that beat their controls", "\n".join(parts), "findings")
 
@@ -365,15 +404,28 @@ def _dictionary_section(data: HookData, out: Path, pages: list[int]) -> str:
 
 def _downstream_table(downstream: dict[str, Any]) -> str:
     """Per-field CE (clean / spliced / ablated) and fraction recovered, plus the scalars."""
-    kinds = [k for k in ("clean", "spliced", "ablated", "recovered")
+    kinds = [k for k in ("clean", "spliced", "zero_ablated", "ablated", "delta_ce", "kl",
+                         "recovered", "recovered_zero", "kl_recovered_zero")
              if isinstance(downstream.get(k), dict)]
     fields = list(dict.fromkeys(f for k in kinds for f in downstream[k]))
     out = ""
+    ci = downstream.get("ci") if isinstance(downstream.get("ci"), dict) else {}
     if fields:
         rows = [[f, *(downstream[k].get(f) for k in kinds)] for f in fields]
         out += H.table(["field", *kinds], rows)
-    scalars = {k: v for k, v in downstream.items() if k not in kinds}
+    if ci:
+        keys = [k for k in ("delta_ce", "kl", "recovered", "recovered_zero") if isinstance(ci.get(k), dict)]
+        rows = [[f, *(_interval(ci[k].get(f)) for k in keys)] for f in fields]
+        out += (f"<p>{H.esc(str(ci.get('level', 0.95)))} intervals, bootstrap over "
+                f"{H.esc(str(ci.get('unit', 'song')))}s:</p>" + H.table(["field", *keys], rows))
+    scalars = {k: v for k, v in downstream.items() if k not in kinds and k != "ci"}
     return out + (H.kv_table(dict(_flatten(scalars))) if scalars else "")
+
+
+def _interval(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"[{_fmt(value[0])}, {_fmt(value[1])}]"
+    return "n/a"
 
 
 def _loss_recovered(metrics: dict[str, Any]) -> float | None:

@@ -31,3 +31,22 @@ def test_top_examples_render_the_findings_first(small_run: Path) -> None:
         found = [f["latent"] for f in entry["findings"]]
         assert [e["latent"] for e in index["latents"][: len(found)]] == found
         assert reasons[: len(found)] == ["finding"] * len(found)
+
+
+def test_findings_table_shows_the_causal_verdict() -> None:
+    from music_interpret.stages.report import _causal_cell, _findings_section, _steer_cell
+
+    causal = {"latent": 7, "verdict": "used", "effect": 0.031, "ci": [0.012, 0.05],
+              "controls": {"max": 0.004},
+              "steering": [{"alpha_multiple": 2, "shift": 0.01, "ci": [0.0, 0.02]},
+                           {"alpha_multiple": 8, "shift": 0.2, "ci": [0.1, 0.3]}]}
+    assert _causal_cell(causal) == "used: 0.031 [0.012, 0.05] (controls max 0.004)"
+    assert _steer_cell(causal) == "x8: 0.2 [0.1, 0.3]"
+    assert _causal_cell(None) == "not tested"
+    finding = {"latent": 7, "label": "next.position=6", "when": "t+1", "auroc": 0.95,
+               "precision_mass": 0.8, "margin": 0.05, "density": 0.01, "strongest_control": "neuron",
+               "controls": {"neuron": {"score": 0.9, "unit": "dim 3"}}}
+    html = _findings_section({"rule": {"min_auroc": 0.9, "margin": 0.02, "min_precision": 0.5},
+                              "hooks": {"h": {"summary": {"findings": 1}, "findings": [finding]}}},
+                             {"h": [7]}, {"h": {7: causal}})
+    assert "next.position=6" in html and "used: 0.031" in html and 'href="latents/h/7.html"' in html
