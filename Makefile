@@ -10,7 +10,7 @@ PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.2)
 
-.PHONY: init test demo bench lint clean help
+.PHONY: init test demo bench lint clean help gpu-check
 
 help:
 	@echo "make init   create .venv and install torch, music-interpret[dev,dask] and plugins/*"
@@ -18,6 +18,7 @@ help:
 	@echo "make demo   python -m music_interpret run pipeline.yaml on the bundled demo"
 	@echo "make bench  run the benchmarks in bench/ (results in bench/results/)"
 	@echo "make lint   ruff check"
+	@echo "make gpu-check  on a CUDA machine without network: tests, demo and GPU benchmarks (bench/gpu_check.sh)"
 
 init: $(STAMP)
 
@@ -42,6 +43,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check music_interpret tests bench plugins

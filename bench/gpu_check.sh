@@ -23,6 +23,6 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"  # the repository firs
 # this repository and its plugin packages, for their entry points (built offline)
 for d in . plugins/*/; do
   $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-      --target "$SITE" "$d" >/dev/null || { echo "gpu_check: installing $d failed" >&2; exit 1; }
+      --upgrade --target "$SITE" "$d" >/dev/null || { echo "gpu_check: installing $d failed" >&2; exit 1; }
 done
 exec env PYTHONUNBUFFERED=1 $PY -m bench.gpu_check "$@"

@@ -241,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = results["rows"]
     try:
         store, npy = build(base, args.tokens, 512, args.seed)
+        if args.gpu_only:
+            return _gpu_rows(results, store) if torch.cuda.is_available() else results
         seed = time_seed(npy, args.d_sae, args.batch, args.seed_steps, args.warmup)
         dense = time_ours(store, args.d_sae, args.batch, args.seed_steps, args.warmup, "cpu",
                           sparse="never", lr=args.lr)
@@ -255,19 +257,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["cpu_speedup_dense"] = dense["tok_s"] / seed["tok_s"]
         results["cpu_speedup_last_third"] = ours["tok_s_last_third"] / seed["tok_s"]
         if torch.cuda.is_available():
-            results["gpu"] = torch.cuda.get_device_name()
-            gpu = time_ours(store, 16384, 8192, 50, 10, "cuda", bf16=True)
-            peak = peak_bf16()
-            gpu["fraction_of_bf16_limit"] = (gpu["tok_s"] * 10 * 512 * 16384 / peak) if peak else None
-            rows.append(gpu)
-            print(_fmt(gpu), flush=True)
-            rows.append(time_saelens(16384, 8192, 50))
-            print(_fmt(rows[-1]), flush=True)
+            _gpu_rows(results, store)
         else:
             results["gpu"] = None
             print("no CUDA: GPU rows (ours bf16 at d_sae 16384 vs SAELens) not run")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def _gpu_rows(results: dict[str, Any], store: Path) -> dict[str, Any]:
+    """Ours (relu_l1, bf16, d_sae 16384, batch 8192) on CUDA, and SAELens when installed."""
+    results["gpu"] = torch.cuda.get_device_name()
+    gpu = time_ours(store, 16384, 8192, 50, 10, "cuda", bf16=True)
+    peak = peak_bf16()
+    gpu["fraction_of_bf16_limit"] = (gpu["tok_s"] * 10 * 512 * 16384 / peak) if peak else None
+    results["rows"].append(gpu)
+    print(_fmt(gpu), flush=True)
+    results["rows"].append(time_saelens(16384, 8192, 50))
+    print(_fmt(results["rows"][-1]), flush=True)
     return results
 
 
@@ -293,12 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small smoke run, no result file")
+    p.add_argument("--gpu-only", action="store_true", help="only the CUDA rows (bench/gpu_check.sh)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.d_sae, args.steps, args.seed_steps = 32_768, 1024, 12, 4
     print(f"{'approach':<8} {'dev':<5} {'dtype':<13} {'shape':<26} {'tokens/s':>12}")
     results = run(args)
+    if args.gpu_only:
+        from music_interpret.jsonio import to_jsonable, write_json_atomic
+
+        write_json_atomic(args.out, to_jsonable(results))
+        print(f"results: {args.out}" if results.get("gpu") else "no CUDA: nothing measured")
+        return 0 if results.get("gpu") else 1
     speedup = results["cpu_speedup"]
     ok = speedup >= MIN_SPEEDUP
     print(f"CPU speed-up ours / seed over a complete run: {speedup:.2f}x (goal >= {MIN_SPEEDUP}x: "

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from music21 import chord, note, stream
 
-from music_interpret.adapters.mmt import demo_data
-from music_interpret.adapters.mmt.dataset import open_dataset, read_notes
+pytest.importorskip("music21", reason="music21 builds the demo data (pip install music21)")
+from music21 import chord, note, stream  # noqa: E402
+
+from music_interpret.adapters.mmt import demo_data  # noqa: E402
+from music_interpret.adapters.mmt.dataset import open_dataset, read_notes  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mmt" / "data"
 BACH_NOTES = FIXTURES / "bach" / "processed" / "notes"
