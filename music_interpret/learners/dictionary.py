@@ -226,6 +226,13 @@ class Learner(DictionaryLearner):
     def l1_coeff_at(self, step: int, total: int) -> float:
         return 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        """State the learner keeps across steps (saved in checkpoints; empty by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` from a checkpoint."""
+
     def before_step(self, model: Dictionary) -> None:
         """Called between ``backward`` and the optimiser step."""
 

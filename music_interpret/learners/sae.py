@@ -16,6 +16,12 @@ renormalised to unit norm after each step, no warm-ups, constant lr, no clipping
 Every recipe option left out (``None``) takes the preset's value; options given
 explicitly override the preset.
 
+``target_l0``: instead of fixing the sparsity through ``l1_coeff``, ask for an L0 (mean
+active latents per token); after the L1 warm-up the coefficient is multiplied by
+exp(s), and every step s moves by ``target_l0_gain`` * clip(log(L0_batch / target_l0),
+-1, 1), on the device (no host sync). ``l1_coeff`` is then only the starting point.
+The controller's state is saved with the checkpoints, so a resumed run goes on exactly.
+
 ``sparse_backward`` (``"auto"``, ``"always"``, ``"never"``; default ``"auto"``): on CPU,
 when the batch's codes are sparse enough, everything after the encoder forward (decoder
 forward, all gradients) works on the active (token, latent) pairs only, with the same
@@ -68,6 +74,8 @@ class ReluL1Config(RecipeConfig):
     dec_init_norm: float = 0.1
     enc_bias_init: float | None = None
     loss_mse: Literal["sum", "mean"] | None = None
+    target_l0: float | None = None
+    target_l0_gain: float = 0.02
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -82,6 +90,10 @@ class ReluL1Config(RecipeConfig):
             raise ValueError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction}")
         if not self.dec_init_norm > 0:
             raise ValueError(f"dec_init_norm must be positive, got {self.dec_init_norm}")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            raise ValueError(f"target_l0 must be positive, got {self.target_l0}")
+        if not self.target_l0_gain > 0:
+            raise ValueError(f"target_l0_gain must be positive, got {self.target_l0_gain}")
 
 
 class ReluL1Learner(Learner):
@@ -91,6 +103,10 @@ class ReluL1Learner(Learner):
     description = "ReLU sparse autoencoder with an L1 penalty (presets: default = current practice, seed)."
     Config = ReluL1Config
     architecture = "standard"
+
+    def __init__(self, config: ReluL1Config | None = None) -> None:
+        super().__init__(config)
+        self._log_scale: torch.Tensor | None = None  # target_l0: log of the L1 multiplier
 
     def build(self, d_in: int, generator: torch.Generator) -> Dictionary:
         c: ReluL1Config = self.config
@@ -113,10 +129,37 @@ class ReluL1Learner(Learner):
             return c.l1_warmup_steps
         return int(round(c.l1_warmup_fraction * total))
 
-    def l1_coeff_at(self, step: int, total: int) -> float:
+    def _base_coeff(self, step: int, total: int) -> float:
         warmup = self.l1_warmup(total)
         factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         return self.config.l1_coeff * factor
+
+    def l1_coeff_at(self, step: int, total: int) -> float:
+        """The L1 coefficient in force at ``step`` (with the target-L0 multiplier)."""
+        scale = 1.0 if self._log_scale is None else float(self._log_scale.exp())
+        return self._base_coeff(step, total) * scale
+
+    def _scale(self, device: torch.device) -> torch.Tensor:
+        if self._log_scale is None or self._log_scale.device != device:
+            start = 0.0 if self._log_scale is None else float(self._log_scale)
+            self._log_scale = torch.tensor(start, device=device)
+        return self._log_scale
+
+    @torch.no_grad()
+    def _steer(self, l0: torch.Tensor, step: int, total: int) -> None:
+        """Move the L1 multiplier towards ``target_l0`` (after the L1 warm-up)."""
+        c: ReluL1Config = self.config
+        if c.target_l0 is None or step < self.l1_warmup(total):
+            return
+        error = torch.log(l0.clamp_min(1e-3) / c.target_l0).clamp_(-1.0, 1.0)
+        self._log_scale.add_(c.target_l0_gain * error)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._log_scale is None else {"l1_log_scale": float(self._log_scale)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "l1_log_scale" in state:
+            self._log_scale = torch.tensor(float(state["l1_log_scale"]))
 
     def loss(self, model: Dictionary, x: torch.Tensor, step: int, total: int,
              dead: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,7 +182,15 @@ class ReluL1Learner(Learner):
         err = (recon.float() - x.float()).pow(2)
         mse = err.mean()
         recon_loss = err.sum(-1).mean() if c.loss_mse == "sum" else mse
-        loss = recon_loss + self.l1_coeff_at(step, total) * l1
+        coeff = self._base_coeff(step, total)
+        if c.target_l0 is not None:
+            scale = self._scale(x.device)
+            l0 = (fired.sum().float() / max(len(x), 1)) if fired is not None \
+                else (f.detach() > 0).sum(-1).float().mean()
+            loss = recon_loss + coeff * scale.exp() * l1
+            self._steer(l0, step, total)
+        else:
+            loss = recon_loss + coeff * l1
         out = {"loss": loss, "mse": mse, "l1": l1, "aux": torch.zeros_like(mse), "codes": f,
                "recon": recon}
         return out if fired is None else {**out, "fired": fired}

@@ -143,7 +143,8 @@ class Trainer:
 
     def _member_state(self, m: _Member) -> dict[str, Any]:
         return {"model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
-                "input_scale": m.scale, "since_fired": m.tracker.since_fired, "tokens": m.tokens}
+                "input_scale": m.scale, "since_fired": m.tracker.since_fired, "tokens": m.tokens,
+                "learner_state": self.learner.state_dict()}
 
     def _restore(self, m: _Member, state: dict[str, Any]) -> None:
         m.model.load_state_dict(state["model"])
@@ -151,6 +152,7 @@ class Trainer:
         m.tracker.since_fired.copy_(state["since_fired"])
         m.scale = float(state["input_scale"])
         m.tokens = int(state.get("tokens", 0))  # tokens trained before the resume
+        self.learner.load_state_dict(dict(state.get("learner_state", {})))
 
     def _prepare(self, m: _Member, start: int) -> None:
         """Writer, compilation, autocast, DDP wrapper and accumulators of a member."""

@@ -1,0 +1,50 @@
+"""relu_l1's target_l0: the L1 coefficient is steered to a requested L0, and resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from music_interpret.learners.sae import ReluL1Config, ReluL1Learner
+from music_interpret.learners.trainer import Trainer, TrainSettings
+from music_interpret.loader import ActivationLoader
+
+from .conftest import HOOKS
+from .test_reliability import Loader
+
+
+def trainer(store: Path, ckpt: Path, target: float | None, steps: int, hook=None) -> Trainer:  # noqa: ANN001
+    torch.manual_seed(0)
+    cfg = ReluL1Config(d_sae=64, batch_size=64, lr=3e-3, l1_coeff=0.5, target_l0=target,
+                       target_l0_gain=0.05)
+    sample = next(iter(ActivationLoader(store, HOOKS[0], 512, shuffle=False, prefetch=0)))
+    return Trainer(ReluL1Learner(cfg), Loader(store, hook), TrainSettings(steps=steps, log_every=10,
+                   checkpoint_every=20), checkpoint=ckpt, tb_dir=None, init_sample=lambda: sample)
+
+
+@pytest.mark.parametrize("target", [3.0, 12.0])
+def test_l0_reaches_the_target(tmp_path: Path, store: Path, target: float) -> None:
+    t = trainer(store, tmp_path / "ckpt.pt", target, 1200)
+    result = t.run()
+    x = next(iter(ActivationLoader(store, HOOKS[0], 4096, shuffle=False, prefetch=0)))
+    with torch.no_grad():
+        l0 = float((result.model.encode(x * result.input_scale) > 0).sum(-1).float().mean())
+    assert target * 0.7 <= l0 <= target * 1.3, l0
+    assert t.learner.state_dict()["l1_log_scale"] != 0.0
+
+
+def test_the_controller_resumes_exactly(tmp_path: Path, store: Path) -> None:
+    reference = trainer(store, tmp_path / "ref.pt", 5.0, 60).run()
+
+    def stop(n: int) -> None:
+        if n == 47:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(store, tmp_path / "run.pt", 5.0, 60, stop).run()
+    state = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert state["step"] == 40 and "l1_log_scale" in state["learner_state"]
+    resumed = trainer(store, tmp_path / "run.pt", 5.0, 60).run()
+    assert torch.equal(resumed.model.W_enc, reference.model.W_enc)
