@@ -82,35 +82,37 @@ def auroc_pairs(score: np.ndarray, y: np.ndarray, idx: np.ndarray,
     pairs, ties a half; ``P``/``N`` positives / negatives per song."""
     score = np.asarray(score, np.float64)
     y = np.asarray(y, bool)
-    _, group = np.unique(score, return_inverse=True)
-    n_groups = int(group.max()) + 1 if len(group) else 0
-    pos = np.zeros((n_groups, n_songs))
-    neg = np.zeros((n_groups, n_songs))
-    np.add.at(pos, (group[y], idx[y]), 1)
-    np.add.at(neg, (group[~y], idx[~y]), 1)
-    below = np.cumsum(neg, axis=0) - neg  # negatives with a lower score, per song
-    return pos.T @ (below + 0.5 * neg), pos.sum(0), neg.sum(0)
+    pos_score, pos_song = score[y], idx[y]
+    neg_score, neg_song = score[~y], idx[~y]
+    order = np.lexsort((neg_score, neg_song))
+    neg_score, neg_song = neg_score[order], neg_song[order]
+    bounds = np.searchsorted(neg_song, np.arange(n_songs + 1))
+    below = np.zeros((len(pos_score), n_songs))
+    for t in np.flatnonzero(np.diff(bounds)):
+        seg = neg_score[bounds[t]: bounds[t + 1]]
+        lo = np.searchsorted(seg, pos_score, "left")
+        below[:, t] = lo + 0.5 * (np.searchsorted(seg, pos_score, "right") - lo)
+    m = np.zeros((n_songs, n_songs))
+    np.add.at(m, pos_song, below)
+    return (m, np.bincount(pos_song, minlength=n_songs).astype(np.float64),
+            np.bincount(neg_song, minlength=n_songs).astype(np.float64))
 
 
-def auroc_with_ci(score: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
-                  weights: np.ndarray) -> np.ndarray:
-    """(value, ci_low, ci_high) of the AUROC of ``score`` for ``y``; ``idx``: song of each token
+def auroc_values(score: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
+                 weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """(AUROC of ``score`` for ``y``, its bootstrap replicates); ``idx``: song of each token
     (0..n_songs-1), ``weights``: bootstrap song weights (:func:`bootstrap_weights`)."""
     m, p, n = auroc_pairs(score, y, idx, n_songs)
-    out = np.full(len(STATS), np.nan)
     if p.sum() == 0 or n.sum() == 0:
-        return out
-    out[0] = m.sum() / (p.sum() * n.sum())
-    if len(weights):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            values = np.einsum("bs,st,bt->b", weights, m, weights) / ((weights @ p) * (weights @ n))
-        out[1:] = _ci(values)
-    return out
+        return np.nan, np.full(len(weights), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = np.einsum("bs,st,bt->b", weights, m, weights) / ((weights @ p) * (weights @ n))
+    return float(m.sum() / (p.sum() * n.sum())), boot
 
 
-def f1_with_ci(pred: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
-               weights: np.ndarray) -> np.ndarray:
-    """(value, ci_low, ci_high) of the F1 of boolean predictions ``pred`` for ``y``."""
+def f1_values(pred: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
+              weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """(F1 of boolean predictions ``pred`` for ``y``, its bootstrap replicates)."""
     pred = np.asarray(pred, bool)
     y = np.asarray(y, bool)
     counts = np.zeros((n_songs, 3))  # tp, fp, fn
@@ -122,11 +124,34 @@ def f1_with_ci(pred: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(denom > 0, 2 * c[..., 0] / denom, np.nan)
 
+    return float(f1(counts.sum(0))), f1(weights @ counts)
+
+
+def summarize(values: list[float], replicates: list[np.ndarray]) -> np.ndarray:
+    """(value, ci_low, ci_high): the mean of ``values`` and the 95% range of the pooled
+    bootstrap replicates (one value: its own bootstrap interval)."""
     out = np.full(len(STATS), np.nan)
-    out[0] = f1(counts.sum(0))
-    if len(weights):
-        out[1:] = _ci(f1(weights @ counts))
+    finite = [v for v in values if np.isfinite(v)]
+    if finite:
+        out[0] = float(np.mean(finite))
+    pooled = np.concatenate(replicates) if replicates else np.zeros(0)
+    if len(pooled):
+        out[1:] = _ci(pooled)
     return out
+
+
+def auroc_with_ci(score: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
+                  weights: np.ndarray) -> np.ndarray:
+    """(value, ci_low, ci_high) of the AUROC of ``score`` for ``y`` (see :func:`auroc_values`)."""
+    value, boot = auroc_values(score, y, idx, n_songs, weights)
+    return summarize([value], [boot])
+
+
+def f1_with_ci(pred: np.ndarray, y: np.ndarray, idx: np.ndarray, n_songs: int,
+               weights: np.ndarray) -> np.ndarray:
+    """(value, ci_low, ci_high) of the F1 of boolean predictions ``pred`` for ``y``."""
+    value, boot = f1_values(pred, y, idx, n_songs, weights)
+    return summarize([value], [boot])
 
 
 def best_f1_threshold(score: np.ndarray, y: np.ndarray) -> float:

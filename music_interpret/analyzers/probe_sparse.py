@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .probe_metrics import auroc_with_ci, best_f1_threshold, f1_with_ci
+from .probe_metrics import auroc_values, best_f1_threshold, f1_values, summarize
 
 SELECT = ("auroc", "mean_diff")
 NEWTON_ITERS = 30
@@ -98,14 +98,17 @@ def select_units(x: Any, onehot: np.ndarray, k: int, how: str, two_sided: bool) 
 
 
 def fit_logistic(x: Any, y: Any, C: float, iters: int = NEWTON_ITERS) -> tuple[Any, Any, Any]:
-    """Batched L2 logistic regression: ``x`` (L, n, k), ``y`` (L, n) in {0, 1} (torch, float64).
+    """Batched L2 logistic regression: ``x`` (L, n, k), ``y`` (L, n) in {0, 1} (torch).
 
     Minimises ``sum log-loss + |w|^2 / (2 C)`` on standardised inputs (intercept not
-    penalised) by damped Newton steps. Returns (mean, std, weights (L, k + 1)) so that
-    the score of rows ``x'`` is ``((x' - mean) / std) @ w[:, :k] + w[:, k]``.
+    penalised) by Newton steps, halved where a step does not lower the objective (float64
+    throughout). Returns (mean, std, weights (L, k + 1)) so that the score of rows ``x'``
+    is ``((x' - mean) / std) @ w[:, :k] + w[:, k]``.
     """
     import torch
 
+    x = x.double()
+    y = y.double()
     mean = x.mean(1, keepdim=True)
     std = x.std(1, keepdim=True, unbiased=False).clamp_min(1e-12)
     z = torch.cat([(x - mean) / std, torch.ones_like(x[..., :1])], -1)
@@ -114,28 +117,27 @@ def fit_logistic(x: Any, y: Any, C: float, iters: int = NEWTON_ITERS) -> tuple[A
     reg[-1] = 1e-10
     w = torch.zeros(n_l, d, dtype=z.dtype)
 
-    def objective(w: Any) -> Any:
-        s = torch.einsum("lnd,ld->ln", z, w)
-        return (torch.nn.functional.softplus(s) - y * s).sum(1) + 0.5 * (reg * w * w).sum(1)
+    def objective(w: Any) -> tuple[Any, Any]:
+        s = torch.bmm(z, w.unsqueeze(-1)).squeeze(-1)
+        return (torch.nn.functional.softplus(s) - y * s).sum(1) + 0.5 * (reg * w * w).sum(1), s
 
-    value = objective(w)
+    value, s = objective(w)
     for _ in range(iters):
-        s = torch.einsum("lnd,ld->ln", z, w)
         p = torch.sigmoid(s)
-        grad = torch.einsum("lnd,ln->ld", z, p - y) + reg * w
-        hess = torch.einsum("lnd,ln,lne->lde", z, p * (1 - p), z) + torch.diag(reg)
+        grad = torch.bmm(z.transpose(1, 2), (p - y).unsqueeze(-1)).squeeze(-1) + reg * w
+        hess = torch.bmm(z.transpose(1, 2) * (p * (1 - p)).unsqueeze(1), z) + torch.diag(reg)
         step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
         t = torch.ones(n_l, 1, dtype=z.dtype)
+        new, s_new = objective(w - step)
         for _ in range(20):  # halve the step where it does not lower the objective
-            trial = objective(w - t * step)
-            worse = trial > value + 1e-12
+            worse = new > value + 1e-12 * (1 + value.abs())
             if not bool(worse.any()):
                 break
             t = torch.where(worse[:, None], t / 2, t)
-        new = objective(w - t * step)
-        done = bool(((value - new).abs() <= 1e-10 * (1 + value.abs())).all())
-        w, value = w - t * step, torch.minimum(new, value)
-        if done:
+            new, s_new = objective(w - t * step)
+        gain = value - new
+        w, value, s = w - t * step, new, s_new
+        if bool((gain.abs() <= 1e-8 * (1 + value.abs())).all()):
             break
     return mean, std, w
 
@@ -143,8 +145,8 @@ def fit_logistic(x: Any, y: Any, C: float, iters: int = NEWTON_ITERS) -> tuple[A
 def _scores(x: Any, mean: Any, std: Any, w: Any) -> Any:
     import torch
 
-    z = (x - mean) / std
-    return torch.einsum("lnk,lk->ln", z, w[:, :-1]) + w[:, -1:]
+    z = (x.double() - mean) / std
+    return torch.bmm(z, w[:, :-1].unsqueeze(-1)).squeeze(-1) + w[:, -1:]
 
 
 def sparse_probe_scores(x_tr: Any, y_tr: np.ndarray, x_te: Any, selected: np.ndarray,
@@ -169,10 +171,18 @@ def sparse_probe_scores(x_tr: Any, y_tr: np.ndarray, x_te: Any, selected: np.nda
     return out
 
 
-def label_metrics(train_score: np.ndarray, y_tr: np.ndarray, test_score: np.ndarray,
-                  y_te: np.ndarray, idx: np.ndarray, n_songs: int,
-                  weights: np.ndarray) -> np.ndarray:
-    """(metric [auroc, f1], stat) of one label's probe on the test side."""
-    threshold = best_f1_threshold(train_score, y_tr)
-    return np.stack([auroc_with_ci(test_score, y_te, idx, n_songs, weights),
-                     f1_with_ci(test_score >= threshold, y_te, idx, n_songs, weights)])
+def label_metrics(runs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], y_te: np.ndarray,
+                  idx: np.ndarray, n_songs: int, weights: np.ndarray) -> np.ndarray:
+    """(metric [auroc, f1], stat) of one label's probe on the test side. ``runs``: one or
+    more (train scores, train labels, test scores), e.g. one per label permutation: the
+    value is their mean, the interval the 95% range of their pooled bootstrap replicates."""
+    values: list[list[float]] = [[], []]
+    boots: list[list[np.ndarray]] = [[], []]
+    for train_score, y_tr, test_score in runs:
+        threshold = best_f1_threshold(train_score, y_tr)
+        for m, (v, b) in enumerate((auroc_values(test_score, y_te, idx, n_songs, weights),
+                                    f1_values(test_score >= threshold, y_te, idx, n_songs,
+                                              weights))):
+            values[m].append(v)
+            boots[m].append(b)
+    return np.stack([summarize(values[m], boots[m]) for m in range(2)])
