@@ -7,12 +7,16 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def mi_analyzers() -> list[type]:
+    from .dictionary_compare import DictionaryCompareAnalyzer
     from .examples import TopExamplesAnalyzer
     from .feature_token import FeatureTokenAnalyzer
     from .probing import ProbeAnalyzer
+    from .transposition import TranspositionAnalyzer
 
     return [
         FeatureTokenAnalyzer,
         ProbeAnalyzer,
         TopExamplesAnalyzer,
+        TranspositionAnalyzer,
+        DictionaryCompareAnalyzer,
     ]

@@ -18,7 +18,7 @@ architecture at initialisation (random unit encoder columns, ReLU/top-k; at most
 with the best-pitch labels permuted among latents (``n_perm`` times): equivariant
 latents found by chance label matches.
 
-Outputs per hook: ``<hook>.nc`` (latent x shift), ``<hook>.csv`` (per latent), and
+Outputs per hook: ``<hook>.nc`` (latent x semitones: the shift), ``<hook>.csv`` (per latent), and
 ``summary.md``; the model and dictionary run on ``ctx.device``.
 """
 
@@ -116,49 +116,48 @@ def transposed(song: SongWindows, adapter: Any, shift: int, stride: int | None) 
 
 
 def run_codes(adapter: Any, hook: str, songs: list[SongWindows], encoders: list[Any],
-              batch_size: int) -> list[Any]:
-    """Codes of every kept token (songs, windows and positions in order) for each encoder
-    (a function from activations (n, d_model) on the model's device to codes); a
-    scipy CSR matrix for sparse encoders, else a dense float32 array."""
-    import scipy.sparse as sp
+              batch_size: int) -> list[np.ndarray]:
+    """Float32 (tokens, units) of every kept token (songs, windows and positions in order)
+    for each encoder: a function from activations (n, d_model) on the model's device to
+    codes (the identity gives the activations)."""
     import torch
 
     from ..adapters.mmt.windows import pad_codes
     from ..interfaces import Batch
 
     items = [(c, k) for s in songs for c, k in zip(s.codes, s.keep, strict=True)]
-    offsets = np.cumsum([0, *(len(k) for _, k in items)])
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     parts: list[list[Any]] = [[None] * len(items) for _ in encoders]
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
         codes, mask = pad_codes([items[i][0] for i in idx])
-        acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), [hook])[hook]
+        batch = Batch(torch.from_numpy(codes), torch.from_numpy(mask))
+        acts = adapter.run_with_hooks(batch, [hook])[hook]
         for row, i in enumerate(idx):
             x = acts[row, torch.as_tensor(items[i][1], device=acts.device)].float()
             for e, encode in enumerate(encoders):
-                parts[e][i] = np.asarray(encode(x).float().cpu().numpy(), np.float32)
-    out = []
-    for e in range(len(encoders)):
-        blocks = [p for p in parts[e] if p is not None]
-        dense = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-        out.append(sp.csr_matrix(dense) if e == 0 else dense)
-    assert offsets[-1] == (out[0].shape[0] if out else 0)
-    return out
+                with torch.no_grad():
+                    parts[e][i] = encode(x).float().cpu().numpy()
+    return [np.concatenate(p) if p else np.zeros((0, 0), np.float32) for p in parts]
 
 
-def control_encoder(d_model: int, d_sae: int, k: int | None, sample: Any, seed: int) -> Any:
-    """A random-init dictionary (see :func:`.controls.random_sae_group`) on ``sample``'s device."""
+def random_init_dictionary(d_in: int, d_sae: int, k: int | None, mean: Any, seed: int,
+                           device: str) -> Any:
+    """A dictionary of ``d_sae`` latents at initialisation: random unit encoder columns
+    (seeded), decoder = encoder transposed, encoder bias 0, decoder bias ``mean``."""
     import torch
 
-    from .controls import random_sae_group
+    from ..learners.dictionary import Dictionary
 
-    group = random_sae_group(d_sae, sample.detach().float().cpu(), seed, k)
-
-    def encode(x: Any) -> Any:
-        return group.encode(x.detach().float().cpu())
-
-    return encode if torch.is_tensor(sample) else group.encode
+    g = torch.Generator().manual_seed(int(seed) + 1)
+    w = torch.randn(d_in, d_sae, generator=g)
+    w /= w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    model = Dictionary(d_in, d_sae, k=k)
+    with torch.no_grad():
+        model.W_enc.copy_(w)
+        model.W_dec.copy_(w.T)
+        model.b_dec.copy_(torch.as_tensor(mean, dtype=torch.float32))
+    return model.to(device).eval()
 
 
 class TranspositionAnalyzer(Analyzer):
@@ -199,6 +198,7 @@ class TranspositionAnalyzer(Analyzer):
     def analyze_hook(self, ctx: Any, hook: str, adapter: Any, dataset: Any, names: list[str],
                      cfg: TranspositionConfig) -> dict[str, Any]:
         """Statistics of one hook's dictionary (trained and controls) over every shift."""
+        import scipy.sparse as sp
         import torch
 
         dictionary = ctx.load_dictionary(hook)
@@ -210,11 +210,13 @@ class TranspositionAnalyzer(Analyzer):
             songs.append(song)
             total += song.n_tokens
         n_control = min(dictionary.d_sae, cfg.control_latents)
-        probe = run_codes(adapter, hook, songs[:1], [lambda x: x], cfg.batch_size)[0]
-        sample = torch.from_numpy(probe.toarray())
-        control = control_encoder(dictionary.d_in, n_control, dictionary.k, sample, ctx.seed)
-        encoders = [dictionary.encode_host, control]
-        a, ac = run_codes(adapter, hook, songs, encoders, cfg.batch_size)
+        raw, a = run_codes(adapter, hook, songs, [lambda x: x, dictionary.encode_host],
+                           cfg.batch_size)
+        control = random_init_dictionary(dictionary.d_in, n_control, dictionary.k,
+                                         raw.mean(0), ctx.seed, ctx.device)
+        ac = control.encode_host(torch.from_numpy(raw)).numpy()
+        a = sp.csr_matrix(a)
+        encoders = [dictionary.encode_host, control.encode_host]
         pitch = np.concatenate([np.concatenate([c[k, 3] - 1 for c, k in zip(s.codes, s.keep, strict=True)])
                                 for s in songs]).astype(np.int64)
         pitch[np.concatenate([np.concatenate([c[k, 0] for c, k in zip(s.codes, s.keep, strict=True)])
@@ -230,7 +232,7 @@ class TranspositionAnalyzer(Analyzer):
                 continue
             sel = np.concatenate([np.arange(rows[i], rows[i + 1]) for i, _ in kept])
             b, bc = run_codes(adapter, hook, [m for _, m in kept], encoders, cfg.batch_size)
-            stats.append(shift_stats(a[sel], b, best, shift))
+            stats.append(shift_stats(a[sel], sp.csr_matrix(b), best, shift))
             stats_c.append(shift_stats(ac[sel], bc, best_c, shift))
         if not stats:
             raise UserError(f"transposition: no held-out song of {hook} stays in MIDI range "
@@ -264,11 +266,11 @@ def write_hook(out: Path, hook: str, r: dict[str, Any], cfg: TranspositionConfig
         {"invariance": (("latent",), t.invariance), "equivariance": (("latent",), t.equivariance),
          "fires": (("latent",), t.fires), "class": (("latent",), [CLASSES[i] for i in t.label]),
          "best_pitch": (("latent",), r["best_pitch"]),
-         "invariance_at": (("latent", "shift"), np.stack([s.invariance for s in stats], 1)),
-         "partner": (("latent", "shift"), np.stack([s.partner for s in stats], 1)),
-         "partner_corr": (("latent", "shift"), np.stack([s.partner_corr for s in stats], 1)),
-         "partner_match": (("latent", "shift"), np.stack([s.match for s in stats], 1))},
-        coords={"latent": np.arange(r["d_sae"]), "shift": shifts},
+         "invariance_at": (("latent", "semitones"), np.stack([s.invariance for s in stats], 1)),
+         "partner": (("latent", "semitones"), np.stack([s.partner for s in stats], 1)),
+         "partner_corr": (("latent", "semitones"), np.stack([s.partner_corr for s in stats], 1)),
+         "partner_match": (("latent", "semitones"), np.stack([s.match for s in stats], 1))},
+        coords={"latent": np.arange(r["d_sae"]), "semitones": shifts},
         attrs={"hook": hook, "split": r["split"], "songs": r["songs"], "tokens": r["tokens"],
                "tokens_kind": cfg.tokens, "invariant_threshold": cfg.invariant_threshold,
                "equivariant_threshold": cfg.equivariant_threshold, "min_fires": cfg.min_fires})

@@ -73,6 +73,8 @@ def partners(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
             corr = (v - n * ma[i] * mb[j]) / (max(n - 1, 1) * sa[i] * sb[j])
         ok = np.isfinite(corr) & (corr > 0)
         i, j, corr = i[ok], j[ok], corr[ok]
+        if not len(i):
+            return where, best
         order = np.lexsort((-corr, i))
         first = np.r_[True, i[order][1:] != i[order][:-1]]
         rows = order[first]
