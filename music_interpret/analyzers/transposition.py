@@ -133,11 +133,15 @@ def run_codes(adapter: Any, hook: str, songs: list[SongWindows], encoders: list[
         codes, mask = pad_codes([items[i][0] for i in idx])
         batch = Batch(torch.from_numpy(codes), torch.from_numpy(mask))
         acts = adapter.run_with_hooks(batch, [hook])[hook]
-        for row, i in enumerate(idx):
-            x = acts[row, torch.as_tensor(items[i][1], device=acts.device)].float()
-            for e, encode in enumerate(encoders):
-                with torch.no_grad():
-                    parts[e][i] = encode(x).float().cpu().numpy()
+        rows = [acts[row, torch.as_tensor(items[i][1], device=acts.device)].float()
+                for row, i in enumerate(idx)]
+        cuts = np.cumsum([0, *(len(r) for r in rows)])
+        x = torch.cat(rows)
+        for e, encode in enumerate(encoders):
+            with torch.no_grad():
+                codes_e = encode(x).float().cpu().numpy()
+            for j, i in enumerate(idx):
+                parts[e][i] = codes_e[cuts[j]: cuts[j + 1]]
     return [np.concatenate(p) if p else np.zeros((0, 0), np.float32) for p in parts]
 
 

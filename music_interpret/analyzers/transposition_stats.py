@@ -20,6 +20,7 @@ Classes: ``rare`` (fires on fewer than ``min_fires`` original tokens), ``invaria
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,8 +162,9 @@ def classify(stats: Sequence[ShiftStats], fires: np.ndarray, min_fires: int,
              invariant_threshold: float, equivariant_threshold: float,
              match: Sequence[np.ndarray] | None = None) -> Classified:
     """Scores and classes of every latent (see the module doc)."""
-    inv = np.nanmean(np.stack([s.invariance for s in stats]), axis=0) \
-        if not all(np.isnan(s.invariance).all() for s in stats) else np.full(len(fires), np.nan)
+    with warnings.catch_warnings():  # latents that never fire: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        inv = np.nanmean(np.stack([s.invariance for s in stats]), axis=0)
     eq = equivariance_score(stats, match)
     label = np.full(len(fires), CLASSES.index("neither"))
     label[np.nan_to_num(eq) >= equivariant_threshold] = CLASSES.index("equivariant")
