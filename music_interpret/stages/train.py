@@ -166,8 +166,9 @@ class TrainStage(Stage):
         # weights, gradients and Adam's two moments, plus about four (batch, d_sae) tensors a step
         need = sum(4 * (4 * (2 * d_in * d + d + d_in) + 4 * lc.batch_size * d) for d in sizes)
         device = resolve_device(cfg.device or pipeline.header.device)
-        what = (f"train.learner.d_sae: {len(sizes)} dictionary(ies) of up to {max(sizes):,} "
-                f"latents on {d_in}-dimensional activations with batches of {lc.batch_size}")
+        size = f"{max(sizes):,}" if len(set(sizes)) == 1 else f"up to {max(sizes):,}"
+        what = (f"train.learner.d_sae: {len(sizes)} dictionary(ies) of {size} latents on "
+                f"{d_in}-dimensional activations with batches of {lc.batch_size}")
         problem = memory_problem(need, what, device)
         return [problem] if problem else []
 
