@@ -19,7 +19,9 @@ class AnalysisContext:
     ``dictionaries`` maps a hook point to its dictionary folder (``weights.safetensors``,
     ``config.json``, ``metrics.json``); ``out_dir`` is the analyzer's own folder
     (``reports/<run>/analyze/<analyzer>/``); ``model_dir`` / ``data_dir`` come from the
-    pipeline so analyzers can re-read notes (e.g. for context windows).
+    pipeline so analyzers can re-read notes (e.g. for context windows). ``sweeps`` maps a
+    hook trained as a sweep to every member's folder ({label: folder}, in the sweep's
+    order); ``dictionaries`` then holds the member the analyze stage chose.
     """
 
     store_path: Path
@@ -36,6 +38,7 @@ class AnalysisContext:
     extra: dict[str, Any] = field(default_factory=dict)
     model_adapter: Any = None  # the pipeline's PluginRef of the model adapter
     registry: Any = None
+    sweeps: dict[str, dict[str, Path]] = field(default_factory=dict)
 
     def adapter(self, device: str | None = None) -> Any:
         """The pipeline's model adapter, loaded (once per device); None without a model."""

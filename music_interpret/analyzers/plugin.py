@@ -8,13 +8,17 @@ from ..hookspecs import hookimpl
 @hookimpl
 def mi_analyzers() -> list[type]:
     from .causal import CausalAnalyzer
+    from .dictionary_compare import DictionaryCompareAnalyzer
     from .examples import TopExamplesAnalyzer
     from .feature_token import FeatureTokenAnalyzer
     from .probing import ProbeAnalyzer
+    from .transposition import TranspositionAnalyzer
 
     return [
         FeatureTokenAnalyzer,
         CausalAnalyzer,
         ProbeAnalyzer,
         TopExamplesAnalyzer,
+        TranspositionAnalyzer,
+        DictionaryCompareAnalyzer,
     ]

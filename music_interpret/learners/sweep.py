@@ -1,17 +1,22 @@
 """Sweeps: several dictionaries trained on the SAME batches in one pass over the data.
 
 :func:`sweep_learners` turns a learner and ``{param: [values]}`` (e.g. ``l1_coeff`` of
-``relu_l1`` or ``k`` of ``topk``) into one learner per value; :class:`SweepTrainer`
-reads each batch once and takes one optimiser step of every member on it. Each
-member behaves as a :class:`~music_interpret.learners.trainer.Trainer` of its own
-(same seed, so the same initialisation; its own TensorBoard folder, evaluation and
-downstream evaluation); the checkpoint holds all members. :func:`curve` gives the
-cheap L0-FVU curve of the results.
+``relu_l1`` or ``k`` of ``topk``), or a grid over two options (``{d_sae: [256, 1024],
+seed: [0, 1]}``: every combination), into one learner per point, labelled
+``d_sae=256,seed=0``; :class:`SweepTrainer` reads each batch once and takes one
+optimiser step of every member on it. Each member behaves as a
+:class:`~music_interpret.learners.trainer.Trainer` of its own (its own TensorBoard
+folder, evaluation and downstream evaluation); the checkpoint holds all members.
+Members share the batches and the run's seed, so they start from the same
+initialisation, except that a member whose ``seed`` is swept is initialised from its
+own seed (the batches stay the run's). :func:`curve` gives the cheap L0-FVU curve of
+the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,41 +28,76 @@ from ..errors import UserError
 from .dictionary import Dictionary, Learner
 from .trainer import Trainer, TrainResult, TrainSettings
 
+MAX_OPTIONS = 2
+FIXED = ("batch_size",)  # the members share batches
 
-def _cast(value: Any, current: Any) -> Any:
-    if isinstance(current, int) and not isinstance(current, bool):
-        if float(value) != int(value):
+
+def _is_int_field(config: Any, param: str) -> bool:
+    """Whether option ``param`` of a learner config holds integers (``int``, ``int | None``)."""
+    for f in dataclasses.fields(config):
+        if f.name == param:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            return "int" in kind and "float" not in kind and "bool" not in kind
+    return False
+
+
+def _cast(value: Any, is_int: bool) -> Any:
+    if is_int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             raise UserError(f"sweep: {value!r} is not an integer")
         return int(value)
-    return float(value) if isinstance(value, (int, float)) else value
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def label(param: str, value: Any) -> str:
-    """Folder name of a member, e.g. ``l1_coeff=0.5`` or ``k=32``."""
+    """Folder name part of one option, e.g. ``l1_coeff=0.5`` or ``k=32``."""
     return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
 
 
-def sweep_learners(learner: Learner, sweep: Mapping[str, Sequence[Any]]) -> list[tuple[str, Learner]]:
-    """One (label, learner) per value of the single swept option (the others as ``learner``)."""
-    if len(sweep) != 1:
-        raise UserError(f"sweep: give exactly one option to sweep, got {', '.join(sweep) or 'none'}")
-    (param, values), = sweep.items()
+def grid_points(learner: Learner, sweep: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The checked points of a sweep: one ``{param: value}`` per combination, in the order of
+    the options (the last option varies fastest)."""
+    if not 1 <= len(sweep) <= MAX_OPTIONS:
+        raise UserError(f"sweep: give one or two options to sweep, got {', '.join(sweep) or 'none'}")
     names = {f.name for f in dataclasses.fields(learner.config)}
-    if param not in names:
-        raise UserError(f"sweep: {param!r} is not an option of learner {learner.name!r}")
-    if not values or len(set(values)) != len(values):
-        raise UserError(f"sweep.{param}: expected a non-empty list of distinct values")
-    if param in ("batch_size", "seed"):
-        raise UserError(f"sweep: {param!r} cannot vary within a sweep (the members share batches)")
+    axes = []
+    for param, values in sweep.items():
+        if param not in names:
+            raise UserError(f"sweep: {param!r} is not an option of learner {learner.name!r}")
+        if param in FIXED:
+            raise UserError(f"sweep: {param!r} cannot vary within a sweep (the members share batches)")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise UserError(f"sweep.{param}: expected a non-empty list of distinct values")
+        cast = [_cast(v, _is_int_field(learner.config, param)) for v in values]
+        if len(set(cast)) != len(cast):
+            raise UserError(f"sweep.{param}: expected a non-empty list of distinct values")
+        axes.append([(param, v) for v in cast])
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def member_label(point: Mapping[str, Any]) -> str:
+    """``d_sae=256,seed=0``: the folder of a sweep member."""
+    return ",".join(label(p, v) for p, v in point.items())
+
+
+def sweep_learners(learner: Learner, sweep: Mapping[str, Sequence[Any]]) -> list[tuple[str, Learner]]:
+    """One (label, learner) per point of the sweep (the other options as ``learner``)."""
     out = []
-    for v in values:
-        v = _cast(v, getattr(learner.config, param))
+    for point in grid_points(learner, sweep):
+        name = member_label(point)
         try:
-            config = dataclasses.replace(learner.config, **{param: v})
+            config = dataclasses.replace(learner.config, **point)
         except ValueError as exc:
-            raise UserError(f"sweep.{param}={v}: {exc}") from None
-        out.append((label(param, v), type(learner)(config)))
+            raise UserError(f"sweep {name}: {exc}") from None
+        out.append((name, type(learner)(config)))
     return out
+
+
+def member_settings(settings: TrainSettings, name: str, learner: Learner) -> TrainSettings:
+    """The run's settings for one member: its name, and its own seed when it has one (the
+    seed of the member's initialisation; the loader keeps the run's)."""
+    seed = settings.seed if learner.config.seed is None else int(learner.config.seed)
+    return dataclasses.replace(settings, name=f"{settings.name} {name}".strip(), seed=seed)
 
 
 class SweepTrainer:
@@ -82,7 +122,7 @@ class SweepTrainer:
         self.loader, self.s, self.checkpoint = loader, settings, Path(checkpoint)
         self.init_sample, self.progress = init_sample, progress
         self.trainers = [
-            Trainer(learner, loader, dataclasses.replace(settings, name=f"{settings.name} {name}".strip()),
+            Trainer(learner, loader, member_settings(settings, name, learner),
                     checkpoint=checkpoint, tb_dir=tb_dir(name), init_sample=init_sample,
                     eval_batches=eval_batches, norm_scale=norm_scale, stats_scale=stats_scale,
                     downstream=downstream, downstream_every=downstream_every)

@@ -10,12 +10,15 @@ evaluation. Output (published as ``reports/<run>/train/``)::
     dictionaries/<hook>/weights.safetensors, config.json, metrics.json
     tensorboard/<hook>/events.out.tfevents.*
 
-With ``sweep: {l1_coeff: [...]}`` (or ``{k: [...]}``, any one learner option) one
-dictionary per value is trained on the same batches in one pass over the data::
+With ``sweep: {l1_coeff: [...]}`` (or ``{k: [...]}``, any one learner option but
+``batch_size``) one dictionary per value is trained on the same batches in one pass over
+the data; with two options (``{d_sae: [256, 1024, 4096], seed: [0, 1]}``) one per
+combination (the product). A swept ``seed`` seeds the member's initialisation only: the
+hold-out split and the batches stay the run's (``training.seed`` in ``config.json``)::
 
-    dictionaries/<hook>/<param>=<value>/weights.safetensors, config.json, metrics.json
-    dictionaries/<hook>/sweep.json          (the L0-FVU curve over the values)
-    tensorboard/<hook>/<param>=<value>/
+    dictionaries/<hook>/<p1>=<v1>[,<p2>=<v2>]/weights.safetensors, config.json, metrics.json
+    dictionaries/<hook>/sweep.json          (the options, the members, the L0-FVU curve)
+    tensorboard/<hook>/<p1>=<v1>[,<p2>=<v2>]/
 
 Downstream loss (``downstream: auto``, the default, when the pipeline names a
 ``model`` and ``data`` whose checkpoint is the one the store was extracted from, and
@@ -80,8 +83,9 @@ class TrainConfig:
     downstream_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if len(self.sweep) > 1:
-            raise ValueError(f"sweep: give one option to sweep, got {', '.join(self.sweep)}")
+        if len(self.sweep) > 2:
+            raise ValueError(f"sweep: give one or two options to sweep (a grid), got "
+                             f"{', '.join(self.sweep)}")
         for name in ("downstream_windows", "downstream_tokens", "downstream_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -158,12 +162,12 @@ class TrainStage(Stage):
         if d_in is None or cfg.learner is None:
             return []
         lc = cfg.learner.config
-        d_sae = lc.d_sae or lc.expansion * d_in
-        members = max([len(v) for v in cfg.sweep.values()] or [1])
+        sizes = member_sizes(lc, cfg.sweep, d_in)
         # weights, gradients and Adam's two moments, plus about four (batch, d_sae) tensors a step
-        need = 4 * members * (4 * (2 * d_in * d_sae + d_sae + d_in) + 4 * lc.batch_size * d_sae)
+        need = sum(4 * (4 * (2 * d_in * d + d + d_in) + 4 * lc.batch_size * d) for d in sizes)
         device = resolve_device(cfg.device or pipeline.header.device)
-        what = (f"train.learner.d_sae: {members} dictionary(ies) of {d_sae:,} latents on "
+        size = f"{max(sizes):,}" if len(set(sizes)) == 1 else f"up to {max(sizes):,}"
+        what = (f"train.learner.d_sae: {len(sizes)} dictionary(ies) of {size} latents on "
                 f"{d_in}-dimensional activations with batches of {lc.batch_size}")
         problem = memory_problem(need, what, device)
         return [problem] if problem else []
@@ -263,20 +267,23 @@ class TrainStage(Stage):
         """Train one dictionary per swept value on shared batches (see the module doc)."""
         from ..jsonio import write_json_atomic
         from ..learners.io import save_dictionary
-        from ..learners.sweep import curve, sweep_learners
+        from ..learners.sweep import curve, grid_points, sweep_learners
 
         out_dir = ctx.work_dir / "dictionaries" / hook
         if (out_dir / "sweep.json").exists():
             done = json.loads((out_dir / "sweep.json").read_text())
             return {"sweep": done["param"], "points": done["curve"]}
         members = sweep_learners(learner, self.config.sweep)
+        points = dict(zip([n for n, _ in members], grid_points(learner, self.config.sweep),
+                          strict=True))
+        params = list(self.config.sweep)
         job = _HookJob(self.config, info, hook, learner, device, seed, self._stats_dir(info.path))
         job.mode = self._mode(job.stats_dir)
         job.downstream = self._downstream_for(job)
         ckpt = ctx.work_dir / "checkpoints" / hook / "sweep.pt"
         results = job.train_sweep(members, ckpt, ctx.work_dir / "tensorboard" / hook,
                                   lambda **kw: ctx.progress(desc=f"train {hook} sweep", **kw))
-        points: dict[str, Any] = {}
+        done: dict[str, Any] = {}
         for name, member in members:
             result = results[name]
             job.learner = member
@@ -285,16 +292,34 @@ class TrainStage(Stage):
             if result.downstream:
                 metrics["downstream"] = result.downstream
             config = job.describe(result, ctx)
-            config["sweep"] = {"param": next(iter(self.config.sweep)), "label": name}
+            config["sweep"] = {"param": ",".join(params), "params": params, "label": name,
+                               "values": points[name]}
             save_dictionary(out_dir / name, raw, config, metrics)
-            points[name] = metrics
+            done[name] = metrics
         job.learner = learner
-        param = next(iter(self.config.sweep))
-        write_json_atomic(out_dir / "sweep.json", {"param": param, "values": self.config.sweep[param],
-                                                   "curve": curve(points)})
+        summary = {"param": ",".join(params), "params": params,
+                   "grid": {p: list(dict.fromkeys(pt[p] for pt in points.values()))
+                            for p in params},
+                   "members": [{"label": n, "values": points[n]} for n, _ in members],
+                   "curve": curve(done)}
+        if len(params) == 1:
+            summary["values"] = summary["grid"][params[0]]
+        write_json_atomic(out_dir / "sweep.json", summary)
         if not self.config.keep_checkpoints:
             shutil.rmtree(ckpt.parent, ignore_errors=True)
-        return {"sweep": param, "points": curve(points)}
+        return {"sweep": summary["param"], "points": summary["curve"]}
+
+
+def member_sizes(lc: Any, sweep: dict[str, list[Any]], d_in: int) -> list[int]:
+    """Latents of every dictionary a hook trains (one per sweep point)."""
+    import itertools
+
+    axes = [[(p, v) for v in values] for p, values in sweep.items()]
+    out = []
+    for point in (dict(c) for c in itertools.product(*axes)):
+        d_sae = point.get("d_sae", lc.d_sae)
+        out.append(int(d_sae) if d_sae else int(point.get("expansion", lc.expansion)) * d_in)
+    return out
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

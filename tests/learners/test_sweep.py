@@ -90,9 +90,31 @@ def test_sweep_resumes_from_its_checkpoint(tmp_path: Path, store: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_grid_members_share_batches_and_take_their_own_seed(tmp_path: Path, store: Path) -> None:
+    """A two-option grid trains the product; a swept seed seeds only the initialisation."""
+    import dataclasses
+
+    members = sweep_learners(base(), {"d_sae": [16.0, 24], "seed": [0, 3]})
+    assert [n for n, _ in members] == ["d_sae=16,seed=0", "d_sae=16,seed=3", "d_sae=24,seed=0",
+                                       "d_sae=24,seed=3"]
+    assert all(isinstance(m.config.d_sae, int) for _, m in members)
+    x0 = sample(store)
+    short = dataclasses.replace(SETTINGS, steps=10)
+    results = SweepTrainer(members, loader(store), short, checkpoint=tmp_path / "g.pt",
+                           tb_dir=lambda name: None, init_sample=lambda: x0).run()
+    name, learner = members[1]  # d_sae=16, seed=3: its own initialisation, the run's batches
+    alone = Trainer(learner, loader(store), dataclasses.replace(short, seed=3),
+                    checkpoint=tmp_path / "alone.pt", tb_dir=None, init_sample=lambda: x0).run()
+    for key, value in alone.model.state_dict().items():
+        assert torch.equal(results[name].model.state_dict()[key], value), key
+    assert not torch.equal(results["d_sae=16,seed=0"].model.W_dec, results[name].model.W_dec)
+
+
 def test_sweep_options_are_checked() -> None:
-    with pytest.raises(UserError, match="exactly one option"):
-        sweep_learners(base(), {"l1_coeff": [1.0], "lr": [1e-3]})
+    with pytest.raises(UserError, match="one or two options"):
+        sweep_learners(base(), {"l1_coeff": [1.0], "lr": [1e-3], "d_sae": [8]})
+    with pytest.raises(UserError, match="batch_size"):
+        sweep_learners(base(), {"batch_size": [32, 64]})
     with pytest.raises(UserError, match="not an option of learner 'relu_l1'"):
         sweep_learners(base(), {"k": [4]})
     with pytest.raises(UserError, match="not an integer"):
@@ -132,7 +154,35 @@ def test_sweep_through_the_stage(tmp_path: Path, store: Path) -> None:
     for name in names:
         sae = load_dictionary(out / name)
         assert sae.config["learner"]["config"]["l1_coeff"] == float(name.split("=")[1])
-        assert sae.config["sweep"] == {"param": "l1_coeff", "label": name}
+        assert sae.config["sweep"] == {"param": "l1_coeff", "params": ["l1_coeff"], "label": name,
+                                       "values": {"l1_coeff": float(name.split("=")[1])}}
         assert json.loads((out / name / "metrics.json").read_text())["holdout"]["l0"] > 0
     assert (tmp_path / "reports" / "r" / "train" / "tensorboard" / "resid_post.1" / names[0]).is_dir()
     assert "downstream" not in json.loads((out / names[0] / "metrics.json").read_text())
+
+
+def test_grid_sweep_through_the_stage(tmp_path: Path, store: Path) -> None:
+    train = """
+    learner: {name: relu_l1, l1_coeff: 0.5, batch_size: 128, lr: 3e-3}
+    sweep: {d_sae: [16, 32], seed: [0, 1]}
+    hooks: [resid_post.1]
+    steps: 20
+    log_every: 10
+    block_tokens: 256
+    """
+    proc = run_pipeline(pipeline(tmp_path, store, train))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "reports" / "r" / "train" / "dictionaries" / "resid_post.1"
+    names = ["d_sae=16,seed=0", "d_sae=16,seed=1", "d_sae=32,seed=0", "d_sae=32,seed=1"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "sweep.json"])
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["params"] == ["d_sae", "seed"] and sweep["grid"] == {"d_sae": [16, 32], "seed": [0, 1]}
+    assert [m["label"] for m in sweep["members"]] == names and len(sweep["curve"]) == 4
+    held = set()
+    for name in names:
+        sae = load_dictionary(out / name)
+        d_sae, seed = (int(part.split("=")[1]) for part in name.split(","))
+        assert sae.d_sae == d_sae and sae.config["learner"]["config"]["seed"] == seed
+        assert sae.config["sweep"]["values"] == {"d_sae": d_sae, "seed": seed}
+        held.add((sae.config["training"]["seed"], tuple(sae.config["training"]["holdout_songs"])))
+    assert len(held) == 1  # one hold-out split (the run's seed) for every member
