@@ -57,6 +57,8 @@ class HookData:
     examples: Any = None  # top_examples.nc, or None
     examples_dir: Path | None = None
     rendered: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)  # sweep.json of a sweep
+    member: str | None = None  # the sweep member shown (the one the analyzers looked at)
 
     @property
     def n_latents(self) -> int:
@@ -93,7 +95,8 @@ class ReportStage(Stage):
             body.append(_dictionary_section(data, out, chosen[data.hook]))
             for latent in chosen[data.hook]:
                 _latent_page(data, latent, out, cfg.top_labels, title)
-        body += [_probe_section(analyze, out), _model_data_section(ctx), _run_section(ctx)]
+        body += [_probe_section(analyze, out), *_analyzer_sections(analyze, out),
+                 _model_data_section(ctx), _run_section(ctx)]
         pages = sum(len(c) for c in chosen.values())
         nav = " ".join(f'<a href="#dict-{H.esc(d.hook)}">{H.esc(d.hook)}</a>' for d in hooks)
         (out / "index.html").write_text(H.page(title, "\n".join(b for b in body if b), nav=nav))
@@ -126,6 +129,7 @@ def _hook_names(train: Path | None, analyze: Path | None) -> list[str]:
     names: list[str] = []
     if train is not None:
         names += [p.parent.name for p in sorted((train / "dictionaries").glob("*/config.json"))]
+        names += [p.parent.name for p in sorted((train / "dictionaries").glob("*/sweep.json"))]
     if analyze is not None:
         names += [p.parent.name for p in sorted((analyze / "top_examples").glob("*/top_examples.nc"))]
         names += [p.stem for p in sorted((analyze / "feature_token").glob("*.nc"))]
@@ -138,6 +142,12 @@ def _hook_data(hook: str, train: Path | None, analyze: Path | None) -> HookData:
     data = HookData(hook)
     if train is not None and (train / "dictionaries" / hook).is_dir():
         data.folder = train / "dictionaries" / hook
+        if not (data.folder / "config.json").exists():  # a sweep: the member analyze looked at
+            data.sweep = _read_json(data.folder / "sweep.json")
+            member = _analyzed_member(analyze, hook) or next(
+                (p.parent.name for p in sorted(data.folder.glob("*/config.json"))), None)
+            if member is not None:
+                data.member, data.folder = member, data.folder / member
         data.config = _read_json(data.folder / "config.json")
         data.metrics = _read_json(data.folder / "metrics.json")
     if analyze is None:
@@ -157,6 +167,16 @@ def _hook_data(hook: str, train: Path | None, analyze: Path | None) -> HookData:
         index = _read_json(folder / "index.json")
         data.rendered = {int(e["latent"]): e for e in index.get("latents", [])}
     return data
+
+
+def _analyzed_member(analyze: Path | None, hook: str) -> str | None:
+    """The sweep member of ``hook`` the analyze stage analysed (from its completion marker)."""
+    if analyze is None:
+        return None
+    summary = (_read_json(analyze / ".stage.json").get("summary") or {})
+    members = summary.get("sweep_members", {})
+    member = members.get(hook) if isinstance(members, dict) else None
+    return member if isinstance(member, str) else None
 
 
 def _plain(values: np.ndarray) -> np.ndarray:
@@ -391,6 +411,12 @@ def _dictionary_section(data: HookData, out: Path, pages: list[int]) -> str:
     if isinstance(downstream, dict) and downstream:
         parts.append("<h3>Next-token loss with the dictionary spliced in</h3>"
                      + _downstream_table(downstream))
+    if data.sweep:
+        curve = data.sweep.get("curve") or []
+        if curve and isinstance(curve, list) and isinstance(curve[0], dict):
+            keys = list(curve[0])
+            parts.append(f"<h3>Sweep (this page shows {H.esc(data.member or '?')})</h3>"
+                         + H.table(keys, [[row.get(k) for k in keys] for row in curve]))
     parts.append("</div><div>")
     hist = holdout.get("log10_density_histogram")
     if hist:
@@ -497,10 +523,35 @@ def _probe_section(analyze: Path | None, out: Path) -> str:
         if rows:
             body = [[_number(v) for v in r] for r in rows[1:]]
             parts.append(H.table(rows[0], body, sortable=True, scroll=True))
-    if (folder / "probe.png").exists():
-        shutil.copy2(folder / "probe.png", out / "assets" / "probe.png")
-        parts.append('<div><img src="assets/probe.png" alt="probe accuracy"></div>')
+    for png in sorted(folder.glob("*.png")):
+        shutil.copy2(png, out / "assets" / png.name)
+        parts.append(f'<div><img src="assets/{H.esc(png.name)}" alt="{H.esc(png.stem)}"></div>')
+    if (folder / "summary.md").exists():
+        parts.append(f"<pre>{H.esc((folder / 'summary.md').read_text())}</pre>")
     return H.section("Linear probes", "\n".join(parts), "probe") if parts else ""
+
+
+#: analyzers with a section of their own (the rest get a generic one)
+_OWN_SECTIONS = {"feature_token", "top_examples", "probe"}
+
+
+def _analyzer_sections(analyze: Path | None, out: Path) -> list[str]:
+    """One section per other analyzer (causal, transposition, dictionary_compare, third-party):
+    its ``summary.md`` and its plots."""
+    if analyze is None:
+        return []
+    sections = []
+    for folder in sorted(p for p in analyze.iterdir() if p.is_dir() and p.name not in _OWN_SECTIONS):
+        parts = []
+        for png in sorted(folder.glob("*.png")):
+            name = f"{folder.name}_{png.name}"
+            shutil.copy2(png, out / "assets" / name)
+            parts.append(f'<div><img src="assets/{H.esc(name)}" alt="{H.esc(png.stem)}"></div>')
+        if (folder / "summary.md").exists():
+            parts.append(f"<pre>{H.esc((folder / 'summary.md').read_text())}</pre>")
+        if parts:
+            sections.append(H.section(f"Analysis: {folder.name}", "\n".join(parts), f"an-{folder.name}"))
+    return sections
 
 
 def _number(text: str) -> Any:

@@ -50,3 +50,23 @@ def test_findings_table_shows_the_causal_verdict() -> None:
                               "hooks": {"h": {"summary": {"findings": 1}, "findings": [finding]}}},
                              {"h": [7]}, {"h": {7: causal}})
     assert "next.position=6" in html and "used: 0.031" in html and 'href="latents/h/7.html"' in html
+
+
+def test_a_sweep_shows_the_analysed_member_and_the_curve(tmp_path: Path) -> None:
+    from music_interpret.stages.report import _dictionary_section, _hook_data
+
+    train = tmp_path / "train" / "dictionaries" / "h"
+    for member in ("d_sae=4,seed=0", "d_sae=8,seed=0"):
+        (train / member).mkdir(parents=True)
+        (train / member / "config.json").write_text(json.dumps({"d_sae": int(member[6]), "hook_point": "h"}))
+        (train / member / "metrics.json").write_text(json.dumps({"holdout": {"fvu": 0.5, "l0": 3.0}}))
+    (train / "sweep.json").write_text(json.dumps({"curve": [{"member": "d_sae=4,seed=0", "l0": 3.0},
+                                                            {"member": "d_sae=8,seed=0", "l0": 4.0}]}))
+    analyze = tmp_path / "analyze"
+    analyze.mkdir()
+    (analyze / ".stage.json").write_text(json.dumps({"summary": {"sweep_members": {"h": "d_sae=8,seed=0"}}}))
+    data = _hook_data("h", tmp_path / "train", analyze)
+    assert data.member == "d_sae=8,seed=0" and data.config["d_sae"] == 8
+    (tmp_path / "out" / "assets").mkdir(parents=True)
+    html = _dictionary_section(data, tmp_path / "out", [])
+    assert "Sweep (this page shows d_sae=8,seed=0)" in html and "holdout FVU" not in html
