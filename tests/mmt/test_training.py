@@ -257,3 +257,21 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(training, "train_step", lambda *args: float("nan"))
     with pytest.raises(UserError, match="training loss is nan.*holds step 0"):
         train(_opts(tmp_path / "run", steps=4, valid_steps=2), log=_quiet)
+
+
+def test_length_pools_keep_every_song_and_pad_less() -> None:
+    from music_interpret.adapters.mmt.training import epoch_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 1000, 500)
+    plain = epoch_order(3, 1, 500)
+    pooled = epoch_order(3, 1, 500, lengths, batch_size=8, pool=200)
+    assert sorted(pooled.tolist()) == list(range(500))
+    assert not np.array_equal(pooled, epoch_order(3, 2, 500, lengths, batch_size=8, pool=200))
+
+    def padding(order: np.ndarray) -> float:
+        batches = [order[i : i + 8] for i in range(0, 500, 8)]
+        return sum(8 * lengths[b].max() - lengths[b].sum() for b in batches) / lengths.sum()
+
+    assert padding(pooled) < 0.25 * padding(plain)
+    assert np.array_equal(epoch_order(3, 1, 500, lengths, batch_size=8, pool=0), plain)

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-norm-clip", dest="grad_norm_clip", type=float, default=d.grad_norm_clip)
     g.add_argument("--no-aug", dest="aug", action="store_false", help="turn augmentation off")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--length-pool", dest="length_pool", type=int, default=d.length_pool,
+                   help="batches of songs of similar length, drawn from pools of this many "
+                        "shuffled songs (0: random batches as MMT; e.g. 400 pads far less)")
     g = p.add_argument_group("machine and files")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="bf16: autocast with float32 master weights; auto: bf16 where the CPU "

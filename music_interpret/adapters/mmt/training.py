@@ -108,6 +108,7 @@ class TrainOptions:
     grad_norm_clip: float = 1.0
     aug: bool = True
     seed: int = 0
+    length_pool: int = 0  # >0: batches of similar length from pools of this many songs
     precision: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # 0: torch's default
@@ -122,7 +123,8 @@ class TrainOptions:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("patience", "threads", "checkpoint_steps", "eval_batch_size", "seed"):
+        for name in ("patience", "threads", "checkpoint_steps", "eval_batch_size", "seed",
+                     "length_pool"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "attn_dropout"):
@@ -175,9 +177,25 @@ def collate(seqs: Sequence[np.ndarray]) -> tuple[Any, Any]:
     return torch.from_numpy(codes), torch.from_numpy(mask)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The shuffled order of the ``n`` training songs in ``epoch`` (a function of both)."""
-    return np.random.default_rng([seed, 0, epoch]).permutation(n)
+def epoch_order(seed: int, epoch: int, n: int, lengths: np.ndarray | None = None,
+                batch_size: int = 1, pool: int = 0) -> np.ndarray:
+    """The shuffled order of the ``n`` training songs in ``epoch`` (a function of both).
+
+    With ``pool`` > 0 (and the songs' ``lengths``), batches of similar length: the shuffled
+    songs are cut into pools of ``pool`` songs, each pool sorted by length and cut into
+    batches of ``batch_size``, and the batches of the epoch shuffled. Every song still comes
+    once per epoch; a batch pads much less than ``batch_size`` random songs do.
+    """
+    rng = np.random.default_rng([seed, 0, epoch])
+    order = rng.permutation(n)
+    if pool <= 0 or lengths is None:
+        return order
+    batches = []
+    for start in range(0, n, pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
 
 def train_args(opts: TrainOptions, dataset: NoteDataset, precision: str) -> dict[str, Any]:
@@ -209,6 +227,7 @@ def train_args(opts: TrainOptions, dataset: NoteDataset, precision: str) -> dict
         "grad_norm_clip": opts.grad_norm_clip, "gpu": None, "jobs": 0, "quiet": False,
         "attn_dropout": opts.dropout if opts.attn_dropout is None else opts.attn_dropout,
         "patience": opts.patience, "precision": precision, "save_dtype": opts.save_dtype,
+        "length_pool": opts.length_pool,
     }  # fmt: skip
 
 
@@ -555,7 +574,12 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
     base = baselines(corpus.train_codes, corpus.valid_codes, cfg.n_tokens)
     eval_bs = opts.eval_batch_size or opts.batch_size
     n_train = len(corpus.train_notes)
-    order = epoch_order(opts.seed, p.epoch, n_train)
+    lengths = np.array([len(x) for x in corpus.train_notes])
+
+    def order_of(epoch: int) -> np.ndarray:
+        return epoch_order(opts.seed, epoch, n_train, lengths, opts.batch_size, opts.length_pool)
+
+    order = order_of(p.epoch)
     session = {"from_step": p.step, "device": str(device), "precision": precision,
                "threads": torch.get_num_threads(), "tokens": 0, "train_seconds": 0.0}  # fmt: skip
     p.sessions.append(session)
@@ -587,7 +611,7 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
         p.pos += len(picks)
         if p.pos >= n_train:
             p.epoch, p.pos = p.epoch + 1, 0
-            order = epoch_order(opts.seed, p.epoch, n_train)
+            order = order_of(p.epoch)
         seqs = []
         for i in picks:
             notes = augment(corpus.train_notes[i], aug_rng, opts.max_beat) if opts.aug \
