@@ -51,6 +51,9 @@ class ExtractConfig:
     threads, which share the torch threads between them, else 1). A small model's
     operations are too short to keep two cores busy each, so on CPU two batches at once
     deliver more tokens/s than one batch on two threads; on a GPU one worker suffices.
+    ``shuffle_songs``: store the songs in a seeded random order (the run's seed) instead of
+    the dataset's, so that ``max_songs`` and the analyzers' ``max_tokens`` (the first
+    tokens of the store) take a random sample of a dataset sorted by collection.
     """
 
     hooks: list[str] = field(default_factory=list)
@@ -60,6 +63,7 @@ class ExtractConfig:
     length_slack: float | None = 0.1
     stride: int | None = None
     max_songs: int | None = None
+    shuffle_songs: bool = False
     forward_workers: int | None = None
     output: Path | None = None
     store: PluginRef = field(default="netcdf", metadata={"plugin": "activation_store"})  # type: ignore[assignment]
@@ -162,7 +166,10 @@ class ExtractStage(Stage):
         if encoding is not None:
             adapter.check_encoding(encoding, dataset.encoding_path)
         hooks = cfg.hook_points(adapter.hook_points())
-        names = list(dataset.names)[: cfg.max_songs]
+        names = list(dataset.names)
+        if cfg.shuffle_songs:  # a seeded order: the first songs (or tokens) are a random sample
+            names = [names[i] for i in np.random.default_rng(ctx.seed).permutation(len(names))]
+        names = names[: cfg.max_songs]
         self._names, self._dtype = names, getattr(adapter.config, "dtype", "float32")
         sources = [_source(dataset, n) for n in names]
         store = cfg.store.build(ctx.registry)

@@ -228,3 +228,16 @@ def test_forward_workers_must_be_positive(tmp_path):
     result = run_cli("run", str(pipeline))
     assert result.returncode != 0 and "forward_workers" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shuffled_song_order_is_seeded(tmp_path, fix):
+    orders = []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        pipeline = write_pipeline(tmp_path, data="bach", run=run,
+                                  extract="layers: [0]\nshuffle_songs: true\nmax_songs: 6")
+        pipeline.write_text(f"seed: {seed}\n" + pipeline.read_text())
+        assert run_cli("run", str(pipeline)).returncode == 0
+        orders.append(list(mi.open_activations(tmp_path / "acts" / run).song_name.values))
+    assert orders[0] == orders[1] != orders[2]
+    names = (fix / "data" / "bach" / "processed" / "names.txt").read_text().split()
+    assert orders[0] != names[:6] and set(orders[0]) <= set(names)
