@@ -47,9 +47,9 @@ def neuron_group(d_model: int) -> UnitGroup:
                      unit_names=[f"dim {i}" for i in range(d_model)])
 
 
-def embedding_group(names: Sequence[str], rows: Any) -> UnitGroup:
+def embedding_group(names: Sequence[str], rows: Any, device: Any = "cpu") -> UnitGroup:
     """Projections on unit-normalised input-embedding rows (rows: (k, d_model) tensor)."""
-    w = rows.detach().float().cpu()
+    w = rows.detach().float().to(device)
     w = (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).T.contiguous()
 
     def encode(x: Any) -> Any:
@@ -71,17 +71,17 @@ def random_group(sample: Any, densities: np.ndarray, seed: int) -> UnitGroup:
     alive = np.flatnonzero(densities > 0)
     gen = torch.Generator().manual_seed(int(seed))
     d = sample.shape[1]
-    w = torch.randn(d, len(alive), generator=gen)
+    w = torch.randn(d, len(alive), generator=gen).to(sample.device)
     w /= w.norm(dim=0, keepdim=True).clamp_min(1e-12)
     share = np.clip(densities[alive], 1.0 / max(len(sample), 1), 1.0)
-    thresholds = torch.zeros(len(alive))
+    thresholds = torch.zeros(len(alive), device=sample.device)
     if len(sample):
         for s in range(0, len(alive), 1024):  # (sample, 1024) projections at a time
             proj = sample.float() @ w[:, s: s + 1024]
             ranks = np.minimum(len(sample) - 1, np.floor((1.0 - share[s: s + 1024]) * len(sample)))
             ordered = proj.sort(dim=0).values
-            thresholds[s: s + 1024] = ordered[torch.from_numpy(ranks.astype(np.int64)),
-                                              torch.arange(proj.shape[1])]
+            thresholds[s: s + 1024] = ordered[torch.from_numpy(ranks.astype(np.int64)).to(sample.device),
+                                              torch.arange(proj.shape[1], device=sample.device)]
 
     def encode(x: Any) -> Any:
         return torch.relu(x @ w - thresholds)
@@ -96,7 +96,7 @@ def random_sae_group(d_sae: int, sample: Any, seed: int, k: int | None = None) -
 
     gen = torch.Generator().manual_seed(int(seed) + 1)
     d = sample.shape[1]
-    w = torch.randn(d, d_sae, generator=gen)
+    w = torch.randn(d, d_sae, generator=gen).to(sample.device)
     w /= w.norm(dim=0, keepdim=True).clamp_min(1e-12)
     b_dec = sample.float().mean(dim=0)
 

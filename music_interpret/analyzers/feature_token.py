@@ -105,13 +105,13 @@ class FeatureTokenConfig:
 # -- the streaming passes ---------------------------------------------------------------
 
 
-def one_hot(lab: np.ndarray, n_labels: int) -> Any:
-    """(n, labels) float32 tensor with a 1 at every kept label of every token."""
+def one_hot(lab: np.ndarray, n_labels: int, device: Any = "cpu") -> Any:
+    """(n, labels) float32 tensor on ``device`` with a 1 at every kept label of every token."""
     import torch
 
     rows, cols = np.nonzero(lab >= 0)
-    y = torch.zeros(len(lab), n_labels)
-    y[torch.from_numpy(rows), torch.from_numpy(lab[rows, cols])] = 1.0
+    y = torch.zeros(len(lab), n_labels, device=device)
+    y[torch.from_numpy(rows).to(device), torch.from_numpy(lab[rows, cols]).to(device)] = 1.0
     return y
 
 
@@ -128,8 +128,8 @@ class Units:
 
 @dataclass
 class LatentSource:
-    """The dictionary to analyse: ``encode`` (host float32 (n, d_model) -> (n, d_sae)
-    CPU float32), its size, and its top-k (None for ReLU dictionaries)."""
+    """The dictionary to analyse: ``encode`` (float32 (n, d_model) -> (n, d_sae), on the
+    analysis device), its size, and its top-k (None for ReLU dictionaries)."""
 
     encode: Callable[[Any], Any]
     d_sae: int
@@ -140,9 +140,11 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
                         d_sae: int | None, cfg: FeatureTokenConfig, max_tokens: int | None = None,
                         progress: Callable[..., Any] | None = None, *,
                         embeddings: tuple[list[str], Any] | None = None, seed: int = 0,
-                        meters: dict[int, Any] | None = None,
+                        meters: dict[int, Any] | None = None, device: Any = "cpu",
                         ) -> tuple[LabelSpace, dict[str, dict[str, np.ndarray]]]:
-    """Label statistics of the latents and of every control group of ``hook``.
+    """Label statistics of the latents and of every control group of ``hook``, computed on
+    ``device`` (activations read from the store move there once per chunk; the labels are
+    one-hot there; statistics stay there until the end).
 
     Returns the labels and, per group (``latent``, ``neuron``, ``embedding``, ``random``,
     ``random_sae`` as configured and available), :meth:`UnitStats.results` plus
@@ -168,13 +170,14 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
             # pieces of at most chunk_tokens tokens
             runs = [read_rows(reader, shard, rows)
                     for shard, rows in labels.sample(CALIB_PIECES, CALIB_PIECE_TOKENS)]
-            pieces = [torch.from_numpy(np.ascontiguousarray(r[s: s + cfg.chunk_tokens]))
+            pieces = [torch.from_numpy(np.ascontiguousarray(r[s: s + cfg.chunk_tokens])).to(device)
                       for r in runs for s in range(0, len(r), cfg.chunk_tokens)]
             groups = _groups(info, cfg, latents, pieces, embeddings, seed)
             units = {g.name: Units(g, UnitStats(g.n_units, len(labels), cfg.bins, sparse=g.sparse,
                                                 two_sided=g.two_sided,
                                                 n_null=len(shifts) if g.name == "latent" else 0,
-                                                auroc_only=g.name not in ("latent", "neuron")))
+                                                auroc_only=g.name not in ("latent", "neuron"),
+                                                device=device))
                      for g in groups if g.n_units > 0}
             for u in units.values():
                 u.stats.calibrate(u.values(p) for p in pieces)
@@ -182,9 +185,9 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
             bar = progress(total=2 * n_chunks, desc=f"feature_token {hook}") if progress else None
             for pass_ in (1, 2):
                 for chunk in labels.chunks(cfg.chunk_tokens, shifts if pass_ == 2 else ()):
-                    x = torch.from_numpy(read_rows(reader, chunk.shard, chunk.rows))
-                    y = one_hot(chunk.labels, len(labels)) if pass_ == 2 else None
-                    null = [one_hot(z, len(labels)) for z in chunk.shifted]
+                    x = torch.from_numpy(read_rows(reader, chunk.shard, chunk.rows)).to(device)
+                    y = one_hot(chunk.labels, len(labels), device) if pass_ == 2 else None
+                    null = [one_hot(z, len(labels), device) for z in chunk.shifted]
                     for u in units.values():
                         a = u.values(x)
                         if pass_ == 1:
@@ -224,12 +227,12 @@ def _groups(info: Any, cfg: FeatureTokenConfig, latents: LatentSource | None, pi
         groups.append(UnitGroup("latent", latents.d_sae, latents.encode, sparse=True,
                                 two_sided=False, unit_names=[str(i) for i in range(latents.d_sae)]))
         fired = sum((latents.encode(p) > 0).double().sum(0) for p in pieces)
-        densities = (fired / max(len(sample), 1)).numpy() if pieces else np.zeros(latents.d_sae)
+        densities = (fired / max(len(sample), 1)).cpu().numpy() if pieces else np.zeros(latents.d_sae)
     for name in cfg.controls:
         if name == "neuron":
             groups.append(neuron_group(info.d_model))
         elif name == "embedding" and embeddings is not None:
-            groups.append(embedding_group(*embeddings))
+            groups.append(embedding_group(*embeddings, device=sample.device))
         elif name == "random" and densities is not None:
             groups.append(random_group(sample, densities, seed))
         elif name == "random_sae" and latents is not None:
@@ -452,11 +455,11 @@ class FeatureTokenAnalyzer(Analyzer):
         findings: dict[str, list[dict[str, Any]]] = {}
         n_tokens = 0
         for hook in ctx.dictionaries:
-            dictionary = ctx.load_dictionary(hook)
-            latents = LatentSource(dictionary.encode_host, int(dictionary.d_sae), dictionary.k)
+            dictionary = ctx.load_dictionary(hook)  # on ctx.device
+            latents = LatentSource(dictionary.encode, int(dictionary.d_sae), dictionary.k)
             labels, results = feature_token_stats(
                 info, hook, latents, None, cfg, max_tokens, ctx.progress,
-                embeddings=embeddings, seed=seed, meters=meters)
+                embeddings=embeddings, seed=seed, meters=meters, device=ctx.device)
             n_tokens = labels.n_tokens
             analysis = analyse_findings(labels, results, cfg)
             attrs = {"hook": hook, "store_id": info.manifest.get("store_id", ""),

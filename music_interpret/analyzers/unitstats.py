@@ -32,40 +32,48 @@ UNIT_BLOCK = 1024  # units handled at once inside a chunk (bounds the temporarie
 
 
 class UnitStats:
-    """Streaming label statistics of ``n_units`` units."""
+    """Streaming label statistics of ``n_units`` units, kept as tensors on ``device`` (the
+    activations, labels and units are expected there: nothing crosses to the host per chunk)."""
 
     def __init__(self, n_units: int, n_labels: int, bins: int, *, sparse: bool,
-                 two_sided: bool = False, n_null: int = 0, auroc_only: bool = False) -> None:
+                 two_sided: bool = False, n_null: int = 0, auroc_only: bool = False,
+                 device: Any = "cpu") -> None:
+        import torch
+
         self.n_units, self.n_labels, self.bins, self.sparse = n_units, n_labels, bins, sparse
         self.two_sided, self.auroc_only = two_sided, auroc_only
+        self.device = torch.device(device)
         self.n_bins = bins + 1 if sparse else bins  # sparse: bin 0 holds the exact zeros
-        self.lo = np.zeros(n_units, np.float32)
-        self.hi = np.ones(n_units, np.float32)
-        self.hist = np.zeros((n_units, self.n_bins), np.int64)
-        self.midrank: Any = None  # torch float64 (units, n_bins) mid-rank / N, after pass 1
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self.lo = torch.zeros(n_units, device=self.device)
+        self.hi = torch.ones(n_units, device=self.device)
+        self.hist = torch.zeros((n_units, self.n_bins), dtype=torch.int64, device=self.device)
+        self.midrank: Any = None  # float64 (units, n_bins) mid-rank / N, after pass 1
         shape = (n_labels, n_units)
-        self.fires = np.zeros(shape)
-        self.sums = np.zeros(shape)
-        self.pos_sums = np.zeros(shape) if not sparse else self.sums
-        self.rank_sums = np.zeros(shape)
-        self.null_rank_sums = np.zeros((n_null, *shape))
-        self.total_fires = np.zeros(n_units)
-        self.total_pos = np.zeros(n_units)
+        self.fires = torch.zeros(shape, **f64)
+        self.sums = torch.zeros(shape, **f64)
+        self.pos_sums = torch.zeros(shape, **f64) if not sparse else self.sums
+        self.rank_sums = torch.zeros(shape, **f64)
+        self.null_rank_sums = torch.zeros((n_null, *shape), **f64)
+        self.total_fires = torch.zeros(n_units, **f64)
+        self.total_pos = torch.zeros(n_units, **f64)
 
     def calibrate(self, blocks: Iterable[Any]) -> None:
-        """Fix the bins from sample blocks (n, units) of activations (torch tensors)."""
-        lo = np.full(self.n_units, np.inf, np.float32)
-        hi = np.full(self.n_units, -np.inf, np.float32)
+        """Fix the bins from sample blocks (n, units) of activations (tensors on the device)."""
+        import torch
+
+        lo = torch.full((self.n_units,), float("inf"), device=self.device)
+        hi = torch.full((self.n_units,), float("-inf"), device=self.device)
         for b in blocks:
             if len(b):
-                lo = np.minimum(lo, b.amin(0).numpy())
-                hi = np.maximum(hi, b.amax(0).numpy())
+                lo = torch.minimum(lo, b.amin(0).float())
+                hi = torch.maximum(hi, b.amax(0).float())
         if self.sparse:
-            fallback = float(hi.max()) if np.any(hi > 0) else 1.0
-            self.hi = np.where(hi > 0, hi, fallback).astype(np.float32)
-        elif np.all(np.isfinite(lo)):
-            pad = np.maximum(hi - lo, 1e-6) * 0.05
-            self.lo, self.hi = (lo - pad).astype(np.float32), (hi + pad).astype(np.float32)
+            fallback = float(hi.max()) if bool((hi > 0).any()) else 1.0
+            self.hi = torch.where(hi > 0, hi, torch.full_like(hi, fallback))
+        elif bool(torch.isfinite(lo).all()):
+            pad = (hi - lo).clamp_min(1e-6) * 0.05
+            self.lo, self.hi = lo - pad, hi + pad
 
     def flat_bins(self, a: Any, s: int, e: int) -> Any:
         """``unit * n_bins + bin`` (int64 tensor) of activations ``a`` (n, e - s) of units s..e."""
@@ -73,15 +81,14 @@ class UnitStats:
 
         B = self.bins
         if self.sparse:  # bin 0: a <= 0; bins 1..B: linear in sqrt(a / hi)
-            inv = torch.from_numpy(1.0 / self.hi[s:e])
+            inv = 1.0 / self.hi[s:e]
             b = (a * inv).clamp_(0.0, 1.0).sqrt_().mul_(B).floor_().clamp_max_(B - 1).add_(1)
             b.masked_fill_(a <= 0, 0.0)
         else:
-            lo = torch.from_numpy(self.lo[s:e])
-            scale = torch.from_numpy(B / (self.hi[s:e] - self.lo[s:e]))
-            b = (a - lo).mul_(scale).clamp_(0.0, B - 1).floor_()
+            scale = B / (self.hi[s:e] - self.lo[s:e])
+            b = (a - self.lo[s:e]).mul_(scale).clamp_(0.0, B - 1).floor_()
         # integers stay exact in float32 (< 2**24) since n_bins * UNIT_BLOCK is far below
-        b.add_(torch.arange(e - s, dtype=torch.float32).mul_(self.n_bins))
+        b.add_(torch.arange(e - s, dtype=torch.float32, device=b.device).mul_(self.n_bins))
         return b.long()
 
     def add_pass1(self, a: Any) -> None:
@@ -92,15 +99,14 @@ class UnitStats:
             e = min(self.n_units, s + UNIT_BLOCK)
             counts = torch.bincount(self.flat_bins(a[:, s:e], s, e).view(-1),
                                     minlength=(e - s) * self.n_bins)
-            self.hist[s:e] += counts.view(e - s, self.n_bins).numpy()
+            self.hist[s:e] += counts.view(e - s, self.n_bins)
 
     def finish_pass1(self) -> None:
-        import torch
-
-        n = self.hist.sum(axis=1, keepdims=True).astype(np.float64)
-        below = np.cumsum(self.hist, axis=1) - self.hist
-        mid = (below + (self.hist + 1) / 2.0) / np.maximum(n, 1)
-        self.midrank = torch.from_numpy(mid)  # float64, like the rank sums (see add_pass2)
+        hist = self.hist.double()
+        n = hist.sum(dim=1, keepdim=True)
+        below = hist.cumsum(dim=1) - hist
+        # float64, like the rank sums (see add_pass2)
+        self.midrank = (below + (hist + 1) / 2.0) / n.clamp_min(1)
 
     def add_pass2(self, y: Any, a: Any, null: list[Any] | None = None) -> None:
         """Accumulate label sums: ``y`` (n, labels) one-hot float32, ``a`` (n, units);
@@ -116,22 +122,28 @@ class UnitStats:
             ranks = self.midrank[s:e].reshape(-1).take(self.flat_bins(blk, s, e))
             # in float64: float32 sums of ranks round differently for other chunkings, and the
             # AUROC formula subtracts two large terms (1e-5 relative error otherwise)
-            self.rank_sums[:, s:e] += (yt64 @ ranks).numpy()
+            self.rank_sums[:, s:e] += yt64 @ ranks
             if null32:
                 ranks32 = ranks.float()
                 for k, z in enumerate(null32):
-                    self.null_rank_sums[k, :, s:e] += (z @ ranks32).double().numpy()
-            self.total_fires[s:e] += fired.sum(0).double().numpy()
+                    self.null_rank_sums[k, :, s:e] += z @ ranks32
+            self.total_fires[s:e] += fired.sum(0)
             if self.auroc_only:  # controls: only their scores per label are needed
                 continue
-            self.fires[:, s:e] += (yt @ fired).double().numpy()
-            self.sums[:, s:e] += (yt @ blk).double().numpy()
+            self.fires[:, s:e] += yt @ fired
+            self.sums[:, s:e] += yt @ blk
             if self.sparse:
-                self.total_pos[s:e] += blk.sum(0).double().numpy()
+                self.total_pos[s:e] += blk.sum(0)
             else:
                 pos = blk.clamp_min(0)
-                self.pos_sums[:, s:e] += (yt @ pos).double().numpy()
-                self.total_pos[s:e] += pos.sum(0).double().numpy()
+                self.pos_sums[:, s:e] += yt @ pos
+                self.total_pos[s:e] += pos.sum(0)
+
+    def host(self) -> dict[str, np.ndarray]:
+        """The accumulators as float64 numpy arrays (one copy from the device, at the end)."""
+        names = ("hist", "fires", "sums", "pos_sums", "rank_sums", "null_rank_sums",
+                 "total_fires", "total_pos")
+        return {k: getattr(self, k).cpu().numpy() for k in names}
 
     def _auroc(self, rank_sums: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
         pos = counts.astype(np.float64)[:, None]
@@ -144,8 +156,9 @@ class UnitStats:
 
     def null_best(self, counts: np.ndarray, n: int) -> np.ndarray:
         """(null sets, units) best score over labels under each set of null labels."""
-        out = np.full((len(self.null_rank_sums), self.n_units), np.nan)
-        for k, rs in enumerate(self.null_rank_sums):
+        null = self.null_rank_sums.cpu().numpy()
+        out = np.full((len(null), self.n_units), np.nan)
+        for k, rs in enumerate(null):
             s = self.score(self._auroc(rs, counts, n))
             out[k] = np.nanmax(np.where(np.isfinite(s), s, np.nan), axis=0, initial=-np.inf)
         return out
@@ -156,24 +169,25 @@ class UnitStats:
         units), precision_mass, precision_fire (NaN for ``auroc_only`` units); per unit: best
         label and score, its error bound, monosemanticity (= precision_mass of the best
         label) and density."""
+        h = self.host()
         pos = counts.astype(np.float64)[:, None]
         neg = n - pos
-        auroc = self._auroc(self.rank_sums, counts, n)
+        auroc = self._auroc(h["rank_sums"], counts, n)
         score = self.score(auroc)
         with np.errstate(invalid="ignore", divide="ignore"):
-            approx = self.hist[:, 1:] if self.sparse else self.hist
+            approx = h["hist"][:, 1:] if self.sparse else h["hist"]
             bound = 0.5 * approx.max(axis=1)[None, :] / np.maximum(pos, neg)
-            mass = self.pos_sums / self.total_pos[None, :]
-            fire = self.fires / self.total_fires[None, :]
+            mass = h["pos_sums"] / h["total_pos"][None, :]
+            fire = h["fires"] / h["total_fires"][None, :]
         if self.auroc_only:
             mass = fire = np.full_like(auroc, np.nan)
-        alive = self.total_fires > 0
+        alive = h["total_fires"] > 0
         best = np.argmax(np.where(np.isfinite(score), score, -np.inf), axis=0)
         units = np.arange(self.n_units)
         nm = np.asarray(names, dtype=object)
         return {
-            "firing_rate": self.fires / pos,
-            "mean_activation": self.sums / pos,
+            "firing_rate": h["fires"] / pos,
+            "mean_activation": h["sums"] / pos,
             "auroc": auroc,
             "score": score,
             "precision_mass": mass,
@@ -187,5 +201,5 @@ class UnitStats:
             "best_score": np.where(alive, score[best, units], np.nan),
             "best_score_error": np.where(alive, bound[best, units], np.nan),
             "monosemanticity": np.where(alive, mass[best, units], np.nan),
-            "density": self.total_fires / max(n, 1),
+            "density": h["total_fires"] / max(n, 1),
         }

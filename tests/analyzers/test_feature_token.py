@@ -42,8 +42,8 @@ def run(planted: tuple[Path, Path], device: str = "cpu", **cfg: object) -> tuple
 
     store, folder = planted
     d = load_dictionary(folder, device)
-    return feature_token_stats(check_store(store), HOOK, d.encode_host, D_SAE,
-                               FeatureTokenConfig(**{"attributes": ATTRS, **cfg}))
+    return feature_token_stats(check_store(store), HOOK, d.encode, D_SAE,
+                               FeatureTokenConfig(**{"attributes": ATTRS, **cfg}), device=device)
 
 
 def test_planted_latents_are_recovered(planted: tuple[Path, Path], device: str) -> None:
