@@ -1,0 +1,21 @@
+"""Every pipeline shipped in pipelines/ validates (with small stand-ins for its model and data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from music_interpret.adapters.mmt.init_model import init_model
+from tests.conftest import FIXTURES, REPO, run_cli
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))
+def test_shipped_pipeline_validates(tmp_path: Path, name: str) -> None:
+    model = init_model(tmp_path / "model", dim=64, layers=6, heads=1, max_seq_len=1024, max_beat=256)
+    data = FIXTURES / "mmt" / "data" / "bach" / "processed"
+    result = run_cli("validate", str(REPO / "pipelines" / name), "--set", f"model.path={model}",
+                     "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'reports'}",
+                     "--set", f"extract.output={tmp_path / 'acts'}")
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
