@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-HELPERS = {"env", "xt_reference"}
+HELPERS = {"env", "interop_env", "xt_reference"}
 
 
 def benchmarks() -> list[str]:
