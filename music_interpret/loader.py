@@ -63,6 +63,7 @@ import numpy as np
 from .errors import UserError
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
 from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
+from .stores import schema
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ class ActivationLoader:
         if self._maps is None:
             import torch
 
-            self._maps = [(m, torch.from_numpy(m.rows)) for m in map_store(self.info)]
+            self._maps = [(m, rows_tensor(m.rows, m.dtype)) for m in map_store(self.info)]
         return self._maps
 
     def _rows_space(self) -> tuple[torch.Tensor | None, np.ndarray]:
@@ -235,7 +236,7 @@ class ActivationLoader:
             except NotMappable:
                 joined = None
             if joined is not None:
-                self._joined = (torch.from_numpy(joined.rows), joined.first)
+                self._joined = (rows_tensor(joined.rows, joined.dtype), joined.first)
             else:
                 sizes = [m.rows.shape[0] for m in maps]
                 self._joined = (None, np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64))
@@ -424,6 +425,9 @@ class ActivationLoader:
 
         bs = self.batch_size
         joined, _ = self._rows_space()
+        stored = schema.torch_dtype(self.info.dtype)
+        # 16-bit rows are gathered into their own buffer, then widened into the batch
+        narrow = torch.empty((bs, self.d_model), dtype=stored) if stored != torch.float32 else None
         carry, done = np.empty(0, np.int64), 0
         for buf in self._plan(epoch):
             rows = self._buffer_rows(carry, buf)
@@ -436,10 +440,14 @@ class ActivationLoader:
             for b in range(first, buf.n_batches):
                 out = memory.take(min(bs, len(rows) - b * bs))
                 dest = torch.from_numpy(out)
-                if joined is not None:
+                if joined is None:
+                    self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
+                elif narrow is None:
                     torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=dest)
                 else:
-                    self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
+                    part = narrow[: len(dest)]
+                    torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=part)
+                    dest.copy_(part)
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
@@ -466,7 +474,7 @@ class ActivationLoader:
         for k in np.unique(shard):
             at = np.flatnonzero(shard == k)
             part = torch.index_select(maps[int(k)][1], 0, torch.from_numpy(rows[at] - first[k]))
-            dest.index_copy_(0, torch.from_numpy(at), part)
+            dest.index_copy_(0, torch.from_numpy(at), part.to(dest.dtype))
 
     def _buffer_keys(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Global token ids of a buffer in delivery order: the carried ones, then its blocks."""
@@ -591,6 +599,15 @@ class _Filled:
     carry_len: int
     first_batch: int
     has_carry: bool
+
+
+def rows_tensor(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """Mapped rows as a tensor of the stored precision (16-bit bit patterns viewed as such)."""
+    import torch
+
+    if dtype == "float32":
+        return torch.from_numpy(rows)
+    return torch.from_numpy(rows.view(np.int16)).view(schema.torch_dtype(dtype))
 
 
 class _BatchMemory:
