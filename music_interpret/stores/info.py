@@ -196,8 +196,9 @@ def _check_shard(shard: Path, entry: Mapping[str, Any], info: StoreInfo) -> None
         raise UserError(f"{shard}: corrupt or truncated shard ({str(exc).splitlines()[0]})") from None
     if store_id != manifest["store_id"]:
         raise UserError(f"{shard}: shard belongs to another store (store_id {store_id})")
-    if (hooks.split() if hooks is not None else None) != list(manifest["hooks"]):
-        raise UserError(f"{shard}: hook points {hooks} disagree with the store's {manifest['hooks']}")
+    listed = hooks.split() if hooks is not None else None
+    if listed != list(manifest["hooks"]):
+        raise UserError(f"{shard}: hook points {listed} disagree with the store's {manifest['hooks']}")
     if shape[2] != manifest["d_model"]:
         raise UserError(f"{shard}: d_model {shape[2]} disagrees with the store's {manifest['d_model']}")
     if shape[0] != entry["tokens"]:

@@ -35,7 +35,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -225,7 +226,6 @@ class StoreWriter:
     def _write_file(self, tmp: Path, acts: np.ndarray, coords: Mapping[str, np.ndarray],
                     index: int, first: int, song_start: int, song_stop: int) -> None:
         """The shard's netCDF-4 file, written to ``tmp`` through h5netcdf."""
-        import h5netcdf
         import h5py
 
         m, cfg = self.manifest, self.config
@@ -235,7 +235,7 @@ class StoreWriter:
         zlib = {"compression": "gzip", "compression_opts": max(1, cfg.compression_level),
                 "shuffle": True} if cfg.compression_level > 0 and n else {}
         names = m["attrs"].get("instrument_names") or None
-        with H5_LOCK, h5netcdf.File(str(tmp), "w", **ALIGN) as nc:
+        with H5_LOCK, _netcdf_file(tmp, ALIGN) as nc:
             nc.dimensions = {"token": n, "hook": len(m["hooks"]), "d_model": d}
             nc.attrs.update(self._global_attrs(index, first, song_start, song_stop))
             token = nc.create_variable("token", ("token",), np.int64, chunks=coord_chunk if n else None,
@@ -294,14 +294,38 @@ class StoreWriter:
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
 
+@contextmanager
+def _netcdf_file(path: Path, options: Mapping[str, Any]) -> Iterator[Any]:
+    """An h5netcdf file open for writing at ``path``, closed (and flushed) on success.
+
+    On a failure (a full disk, say) the HDF5 file is closed without the final flush:
+    h5netcdf's own close would flush again into the failed file, which crashes HDF5.
+    """
+    import h5netcdf
+    import h5py
+
+    h5 = h5py.File(path, "w", track_order=True, **options)
+    nc = h5netcdf.File(h5, "w")
+    try:
+        yield nc
+        nc.flush()
+        h5.flush()  # write errors (a full disk) surface here, not in a silent close
+        nc.close()
+        h5.close()
+    except BaseException:
+        nc._closed = True  # no flush into the failed file (h5netcdf has no public way)
+        with suppress(Exception):
+            h5.close()
+        raise
+
+
 def _write_songs(path: Path, songs: Sequence[str], sources: Sequence[str], store_id: str) -> None:
     """``songs.nc``: the song table, written once (temporary name, then renamed)."""
-    import h5netcdf
     import h5py
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with H5_LOCK, h5netcdf.File(str(tmp), "w") as nc:
+        with H5_LOCK, _netcdf_file(tmp, {}) as nc:
             nc.dimensions = {"songs": len(songs)}
             nc.attrs.update({"Conventions": "CF-1.10", "title": "music-interpret song table",
                              "store_format": f"{FORMAT}/{FORMAT_VERSION}", "store_id": store_id})
