@@ -235,7 +235,10 @@ class StoreWriter:
         zlib = {"compression": "gzip", "compression_opts": max(1, cfg.compression_level),
                 "shuffle": True} if cfg.compression_level > 0 and n else {}
         names = m["attrs"].get("instrument_names") or None
-        with H5_LOCK, _netcdf_file(tmp, ALIGN) as nc:
+        # chunks smaller than the alignment threshold are aligned too (mappable rows)
+        chunk_bytes = chunk * d * schema.itemsize(self.dtype)
+        align = {**ALIGN, "alignment_threshold": max(1, min(ALIGN["alignment_threshold"], chunk_bytes))}
+        with H5_LOCK, _netcdf_file(tmp, align) as nc:
             nc.dimensions = {"token": n, "hook": len(m["hooks"]), "d_model": d}
             nc.attrs.update(self._global_attrs(index, first, song_start, song_stop))
             token = nc.create_variable("token", ("token",), np.int64, chunks=coord_chunk if n else None,
