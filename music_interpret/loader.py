@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
+from .gather import Widener
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
 from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores import schema
@@ -188,6 +189,7 @@ class ActivationLoader:
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
         self._maps: list[tuple[MappedShard, torch.Tensor]] | None = None  # per shard: map, rows
         self._joined: tuple[torch.Tensor | None, np.ndarray] | None = None  # see _rows_space
+        self._widen: Widener | None = None
         self.mapped = self._use_mmap(mmap)
         if prefetch is None:
             prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
@@ -425,9 +427,7 @@ class ActivationLoader:
 
         bs = self.batch_size
         joined, _ = self._rows_space()
-        stored = schema.torch_dtype(self.info.dtype)
-        # 16-bit rows are gathered into their own buffer, then widened into the batch
-        narrow = torch.empty((bs, self.d_model), dtype=stored) if stored != torch.float32 else None
+        widen = self._widener()
         carry, done = np.empty(0, np.int64), 0
         for buf in self._plan(epoch):
             rows = self._buffer_rows(carry, buf)
@@ -442,16 +442,22 @@ class ActivationLoader:
                 dest = torch.from_numpy(out)
                 if joined is None:
                     self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
-                elif narrow is None:
+                elif widen is None:
                     torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=dest)
                 else:
-                    part = narrow[: len(dest)]
-                    torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=part)
-                    dest.copy_(part)
+                    widen(joined, index[b * bs : b * bs + len(dest)], dest)
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
                 del out
+
+    def _widener(self) -> Widener | None:
+        """The gatherer that widens 16-bit rows to float32 (None for float32 stores)."""
+        if self.info.dtype == "float32":
+            return None
+        if self._widen is None:
+            self._widen = Widener(self.d_model, schema.torch_dtype(self.info.dtype))
+        return self._widen
 
     def _buffer_rows(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Rows (of :meth:`_rows_space`) of a buffer's tokens in delivery order: the
@@ -581,6 +587,9 @@ class ActivationLoader:
         self._active.clear()
         self._spare = []
         self._maps = self._joined = None
+        if self._widen is not None:
+            self._widen.close()
+            self._widen = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "

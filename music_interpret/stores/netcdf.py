@@ -235,9 +235,13 @@ class StoreWriter:
         zlib = {"compression": "gzip", "compression_opts": max(1, cfg.compression_level),
                 "shuffle": True} if cfg.compression_level > 0 and n else {}
         names = m["attrs"].get("instrument_names") or None
-        # chunks smaller than the alignment threshold are aligned too (mappable rows)
-        chunk_bytes = chunk * d * schema.itemsize(self.dtype)
-        align = {**ALIGN, "alignment_threshold": max(1, min(ALIGN["alignment_threshold"], chunk_bytes))}
+        # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
+        # on a whole-row grid whatever d_model (aligned chunks of another size would not)
+        whole = m.get("layout", "chunked") == "contiguous" or n < cfg.chunk_tokens
+        align = dict(ALIGN)
+        if not whole:  # chunks under the threshold are aligned too, so that they lie on rows
+            align["alignment_threshold"] = min(align["alignment_threshold"],
+                                               chunk * d * schema.itemsize(self.dtype))
         with H5_LOCK, _netcdf_file(tmp, align) as nc:
             nc.dimensions = {"token": n, "hook": len(m["hooks"]), "d_model": d}
             nc.attrs.update(self._global_attrs(index, first, song_start, song_stop))
@@ -247,9 +251,6 @@ class StoreWriter:
             hook = nc.create_variable("hook", ("hook",), h5py.string_dtype())
             hook[:] = np.asarray(m["hooks"], dtype=object)
             hook.attrs["long_name"] = "hook point"
-            # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
-            # on a whole-row grid whatever d_model (aligned chunks of another size would not)
-            whole = m.get("layout", "chunked") == "contiguous" or n < cfg.chunk_tokens
             stored = schema.encode(acts, self.dtype)
             var = nc.create_variable(schema.variable(self.dtype), ("token", "hook", "d_model"),
                                      stored.dtype, chunks=None if whole else (chunk, 1, d),
