@@ -454,9 +454,25 @@ class _HookJob:
                      "dataset": attrs.get("dataset"), "split": attrs.get("split"),
                      "events": attrs.get("events")},
             "model": {"name": "mmt", "sha256": attrs.get("model_sha256"), "source": attrs.get("source"),
+                      "path": attrs.get("model_path"),
                       "context_size": model_cfg.get("max_seq_len") if isinstance(model_cfg, dict) else None},
+            "input": {"space": "raw", "mean_norm": self._raw_mean_norm()},
             "music_interpret_version": __version__,
         }
+
+    def _raw_mean_norm(self, tokens: int = 65_536) -> float:
+        """Mean L2 norm of raw training activations (what ``encode`` checks batches against)."""
+        import torch
+
+        from ..loader import ActivationLoader
+
+        loader = ActivationLoader(self.info.path, self.hook, min(tokens, self.n_train),
+                                  filters={**self.cfg.filters, "song": self.train_songs},
+                                  seed=self.seed, prefetch=0)
+        try:
+            return float(torch.linalg.vector_norm(next(iter(loader)), dim=1).mean())
+        finally:
+            loader.close()
 
 
 class _DownstreamSource:
