@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
-from .gather import Widener
+from .gather import Gatherer
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
 from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores import schema
@@ -189,7 +189,7 @@ class ActivationLoader:
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
         self._maps: list[tuple[MappedShard, torch.Tensor]] | None = None  # per shard: map, rows
         self._joined: tuple[torch.Tensor | None, np.ndarray] | None = None  # see _rows_space
-        self._widen: Widener | None = None
+        self._gather: Gatherer | None = None
         self.mapped = self._use_mmap(mmap)
         if prefetch is None:
             prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
@@ -427,7 +427,7 @@ class ActivationLoader:
 
         bs = self.batch_size
         joined, _ = self._rows_space()
-        widen = self._widener()
+        gather = self._gatherer()
         carry, done = np.empty(0, np.int64), 0
         for buf in self._plan(epoch):
             rows = self._buffer_rows(carry, buf)
@@ -442,22 +442,18 @@ class ActivationLoader:
                 dest = torch.from_numpy(out)
                 if joined is None:
                     self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
-                elif widen is None:
-                    torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=dest)
                 else:
-                    widen(joined, index[b * bs : b * bs + len(dest)], dest)
+                    gather(joined, index[b * bs : b * bs + len(dest)], dest)
                 self.normalizer.apply_tensor_(dest)
                 del dest
                 yield out
                 del out
 
-    def _widener(self) -> Widener | None:
-        """The gatherer that widens 16-bit rows to float32 (None for float32 stores)."""
-        if self.info.dtype == "float32":
-            return None
-        if self._widen is None:
-            self._widen = Widener(self.d_model, schema.torch_dtype(self.info.dtype))
-        return self._widen
+    def _gatherer(self) -> Gatherer:
+        """Gathers (and widens 16-bit) rows into batches, see :mod:`music_interpret.gather`."""
+        if self._gather is None:
+            self._gather = Gatherer(self.d_model, schema.torch_dtype(self.info.dtype))
+        return self._gather
 
     def _buffer_rows(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Rows (of :meth:`_rows_space`) of a buffer's tokens in delivery order: the
@@ -587,9 +583,9 @@ class ActivationLoader:
         self._active.clear()
         self._spare = []
         self._maps = self._joined = None
-        if self._widen is not None:
-            self._widen.close()
-            self._widen = None
+        if self._gather is not None:
+            self._gather.close()
+            self._gather = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "

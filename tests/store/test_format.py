@@ -160,16 +160,16 @@ def test_contiguous_layout_and_small_shards(tmp_path) -> None:
     assert np.array_equal(plain.activations.values, acts)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_widener_gathers_and_widens(dtype) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gatherer_gathers_and_widens(dtype) -> None:
     import torch
 
-    from music_interpret.gather import Widener
+    from music_interpret.gather import Gatherer
 
     rows = torch.randn(300, 4096).to(getattr(torch, dtype))
     index = torch.randint(0, 300, (101,))
     dest = torch.empty(101, 4096)
-    widen = Widener(4096, rows.dtype, threads=3)  # pieces of 8 rows, three parts
+    widen = Gatherer(4096, rows.dtype, threads=3)  # pieces of 8 rows, three parts
     widen(rows, index, dest)
     widen.close()
     assert torch.equal(dest, rows[index].float())
