@@ -63,8 +63,8 @@ import numpy as np
 from .errors import UserError
 from .gather import Gatherer
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
-from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores import schema
+from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
 if TYPE_CHECKING:
@@ -221,7 +221,6 @@ class ActivationLoader:
     def _map(self) -> list[tuple[MappedShard, torch.Tensor]]:
         """Every shard memory-mapped, with its rows as a (rows, d_model) tensor."""
         if self._maps is None:
-            import torch
 
             self._maps = [(m, rows_tensor(m.rows, m.dtype)) for m in map_store(self.info)]
         return self._maps
@@ -230,7 +229,6 @@ class ActivationLoader:
         """(all shards' rows as one tensor, or None where they cannot be joined; the
         first row of each shard in that tensor, or in a virtual one without gaps)."""
         if self._joined is None:
-            import torch
 
             maps = [m for m, _ in self._map()]
             try:

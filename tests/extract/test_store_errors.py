@@ -86,9 +86,7 @@ def test_hook_not_extracted(store):
 def test_d_model_disagrees(copy, tmp_path):
     import numpy as np
 
-    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore
-
-    from music_interpret.stores.netcdf import check_store
+    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore, check_store
 
     manifest = json.loads((copy / "store.json").read_text())
     info = check_store(copy)

@@ -21,7 +21,7 @@ from music_interpret.loader import ActivationLoader
 from music_interpret.stores.netcdf import check_store
 
 from ..conftest import REPO
-from .conftest import D, HOOKS
+from .conftest import HOOKS, D
 
 
 def make_dictionary(folder: Path, store: Path, *, k: int | None = None, b_dec_in: bool = True,

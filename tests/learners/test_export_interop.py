@@ -21,7 +21,7 @@ from music_interpret.learners.export import SAELENS_VERSION, export_dictionary
 from music_interpret.learners.io import load_dictionary
 
 from ..conftest import REPO
-from .conftest import D, HOOKS
+from .conftest import HOOKS, D
 from .test_export import make_dictionary
 
 PYTHON = REPO / "bench" / ".venv-saelens" / "bin" / "python"

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from music21 import chord, note, stream
+
+pytest.importorskip("music21", reason="the demo-data builder needs the [demo] extra")
+from music21 import chord, note, stream  # noqa: E402
 
 from music_interpret.adapters.mmt import demo_data
 from music_interpret.adapters.mmt.dataset import open_dataset, read_notes
