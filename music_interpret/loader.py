@@ -20,12 +20,13 @@ Two ways to deliver the same batches (bitwise):
   whose chunks lie in order, as the ``netcdf`` store writes them in either layout):
   each shard's activations are memory-mapped (:mod:`music_interpret.stores.mapped`),
   on Linux all of them side by side in one address range, and every batch is one
-  gather of its rows straight from the page cache into the batch tensor: no read
-  buffers, and the memory in use is the batches in flight (the OS keeps the hot part
-  of the files cached, as for any file read). Elsewhere each batch takes one gather
-  per shard it draws from.
+  gather of its rows straight from the page cache into the batch tensor
+  (:mod:`music_interpret.gather`: a small thread pool, no OpenMP barrier; 16-bit
+  stores are widened to float32 on the way): no read buffers, and the memory in use is
+  the batches in flight (the OS keeps the hot part of the files cached, as for any
+  file read). Elsewhere each batch takes one gather per shard it draws from.
 * **pooled** (stores that cannot be mapped, e.g. compressed, or ``mmap=False``): blocks are read
-  through netCDF into read buffers, then permuted into batches (below).
+  through h5py into read buffers (decoded to float32), then permuted into batches (below).
 
 Because block sizes and permutations are known without reading data, the loader
 resumes mid-epoch (:meth:`ActivationLoader.state_dict`) by replaying the index
@@ -43,9 +44,8 @@ the other permutes them into batches (``prefetch`` batches queued), so reading a
 batching overlap. They use two read buffers of about
 ``(buffer_blocks x block_tokens + batch_size) x d_model x 4`` bytes each (about 1 GiB
 together at the defaults with d_model 512), kept between iterations; ``close()``
-frees them. The netCDF-C library is not thread-safe: reads hold xarray's netCDF lock
-(which xarray and dask reads take too); avoid other direct ``netCDF4`` calls in the
-same process while a prefetching loader is being iterated.
+frees them. Every HDF5 read holds xarray's HDF5 lock (which xarray and dask reads take
+too). Batches are float32 whatever the stored precision (float32, float16, bfloat16).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ FilterValue = int | str | Sequence[int | str]
 
 
 def _io_lock() -> Any:
-    """The package-wide netCDF lock (shared with xarray's reads)."""
+    """The package-wide HDF5 lock (shared with xarray's reads)."""
     return NC_LOCK
 
 

@@ -17,7 +17,7 @@ page size, which keeps the kernel's huge-page mappings of the page cache.
 Mapping is refused (:class:`NotMappable`, with the reason) for compressed or filtered
 activations, chunks of another shape or not on whole rows, unallocated data, a range
 that would run past the end of the file, or when the mapped rows disagree with the
-rows netCDF reads (checked on the first, middle and last token of every hook of every shard). A
+rows h5py reads (checked on the first, middle and last token of every hook of every shard). A
 mapped file must not be truncated in place while it is mapped (the OS would stop the
 process with SIGBUS); stores are only ever replaced by renaming, which is safe.
 """
@@ -112,7 +112,7 @@ def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> MappedS
 
 
 def map_store(info: StoreInfo) -> list[MappedShard]:
-    """Every shard of a checked store, memory-mapped and verified against netCDF reads."""
+    """Every shard of a checked store, memory-mapped and verified against HDF5 reads."""
     maps = []
     for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
         n = int(entry["tokens"])
@@ -122,7 +122,7 @@ def map_store(info: StoreInfo) -> list[MappedShard]:
             got = schema.decode(mapped.rows[mapped.row_index(ends, h)], mapped.dtype)
             want = np.concatenate([read_block(shard, h, int(t), int(t) + 1) for t in ends])
             if not np.array_equal(got, want, equal_nan=True):
-                raise NotMappable(f"{shard}: mapped activations differ from the netCDF read")
+                raise NotMappable(f"{shard}: mapped activations differ from the HDF5 read")
         maps.append(mapped)
     return maps
 
