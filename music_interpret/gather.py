@@ -7,8 +7,8 @@ Rows stored as float16 / bfloat16 must also be widened to float32, and doing tha
 second pass over the batch costs a round trip through memory. :class:`Gatherer` splits
 a batch into one contiguous part per thread of a small pool; each thread gathers (and
 widens) its part in pieces of at most ``PIECE_ELEMENTS`` values, below torch's parallel
-grain so that every op runs inline: one pass over the batch memory, no barrier but the
-batch's own join. On the 2-core benchmark machine under load this delivered 4-6x the
+grain so that every op runs inline, and normalises it while it is in cache: one pass
+over the batch memory, no barrier but the batch's own join. On the 2-core benchmark machine under load this delivered 4-6x the
 tokens/s of the single ``index_select`` (``bench/loader_dtype.py``).
 """
 
@@ -24,7 +24,8 @@ PIECE_ELEMENTS = 32_768  # torch's GRAIN_SIZE: smaller ops are not split across 
 
 
 class Gatherer:
-    """``dest[i] = float32(rows[index[i]])`` for float32 or 16-bit ``rows``, on ``threads`` threads."""
+    """``dest[i] = (float32(rows[index[i]]) - shift) * scale`` for float32 or 16-bit ``rows``,
+    on ``threads`` threads (``shift`` / ``scale``: the loader's normalisation, or None)."""
 
     def __init__(self, d_model: int, dtype: torch.dtype, threads: int | None = None) -> None:
         import torch
@@ -37,30 +38,38 @@ class Gatherer:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="widen") \
             if self.threads > 1 else None
 
-    def __call__(self, rows: torch.Tensor, index: torch.Tensor, dest: torch.Tensor) -> None:
+    def __call__(self, rows: torch.Tensor, index: torch.Tensor, dest: torch.Tensor,
+                 shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
         n = len(dest)
+        args = (rows, index, dest, shift, scale)
         if self._pool is None or n <= self.piece:
-            self._part(rows, index, dest, 0, n, 0)
+            self._part(*args, 0, n, 0)
             return
         bounds = [n * k // self.threads for k in range(self.threads + 1)]
-        futures = [self._pool.submit(self._part, rows, index, dest, bounds[k], bounds[k + 1], k)
+        futures = [self._pool.submit(self._part, *args, bounds[k], bounds[k + 1], k)
                    for k in range(self.threads)]
         for future in futures:
             future.result()
 
     def _part(self, rows: torch.Tensor, index: torch.Tensor, dest: torch.Tensor,
+              shift: torch.Tensor | None, scale: torch.Tensor | None,
               start: int, stop: int, slot: int) -> None:
         import torch
 
         narrow = self._narrow[slot]
         for s in range(start, stop, self.piece):
             e = min(stop, s + self.piece)
+            out = dest[s:e]
             if narrow is None:
-                torch.index_select(rows, 0, index[s:e], out=dest[s:e])
-                continue
-            part = narrow[: e - s]
-            torch.index_select(rows, 0, index[s:e], out=part)
-            dest[s:e].copy_(part)
+                torch.index_select(rows, 0, index[s:e], out=out)
+            else:
+                part = narrow[: e - s]
+                torch.index_select(rows, 0, index[s:e], out=part)
+                out.copy_(part)
+            if shift is not None:  # normalised while the piece is in cache
+                out.sub_(shift)
+            if scale is not None:
+                out.mul_(scale)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -440,9 +440,9 @@ class ActivationLoader:
                 dest = torch.from_numpy(out)
                 if joined is None:
                     self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
+                    self.normalizer.apply_tensor_(dest)
                 else:
-                    gather(joined, index[b * bs : b * bs + len(dest)], dest)
-                self.normalizer.apply_tensor_(dest)
+                    gather(joined, index[b * bs : b * bs + len(dest)], dest, *self.normalizer.float32)
                 del dest
                 yield out
                 del out

@@ -423,7 +423,7 @@ class Normalizer:
 
     def apply_tensor_(self, t: torch.Tensor) -> torch.Tensor:
         """Normalise a float32 CPU tensor in place, on every core; the values of :meth:`apply_`."""
-        shift, scale = self._float32
+        shift, scale = self.float32
         if shift is not None:
             t.sub_(shift)
         if scale is not None:
@@ -431,7 +431,7 @@ class Normalizer:
         return t
 
     @cached_property
-    def _float32(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def float32(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Shift and scale as float32 tensors (None where they change nothing)."""
         import torch
 

@@ -169,7 +169,10 @@ def test_gatherer_gathers_and_widens(dtype) -> None:
     rows = torch.randn(300, 4096).to(getattr(torch, dtype))
     index = torch.randint(0, 300, (101,))
     dest = torch.empty(101, 4096)
-    widen = Gatherer(4096, rows.dtype, threads=3)  # pieces of 8 rows, three parts
-    widen(rows, index, dest)
-    widen.close()
+    gather = Gatherer(4096, rows.dtype, threads=3)  # pieces of 8 rows, three parts
+    gather(rows, index, dest)
     assert torch.equal(dest, rows[index].float())
+    shift, scale = torch.randn(4096), torch.rand(4096) + 0.5
+    gather(rows, index, dest, shift, scale)
+    gather.close()
+    assert torch.equal(dest, (rows[index].float() - shift) * scale)
