@@ -161,18 +161,22 @@ def test_contiguous_layout_and_small_shards(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_gatherer_gathers_and_widens(dtype) -> None:
+def test_gatherer_modes_agree(dtype) -> None:
     import torch
 
-    from music_interpret.gather import Gatherer
+    from music_interpret.gather import PROBES, Gatherer
 
     rows = torch.randn(300, 4096).to(getattr(torch, dtype))
     index = torch.randint(0, 300, (101,))
-    dest = torch.empty(101, 4096)
-    gather = Gatherer(4096, rows.dtype, threads=3)  # pieces of 8 rows, three parts
-    gather(rows, index, dest)
-    assert torch.equal(dest, rows[index].float())
     shift, scale = torch.randn(4096), torch.rand(4096) + 0.5
-    gather(rows, index, dest, shift, scale)
-    gather.close()
-    assert torch.equal(dest, (rows[index].float() - shift) * scale)
+    want = (rows[index].float() - shift) * scale
+    for mode in ("whole", "pool", "auto"):
+        gather = Gatherer(4096, rows.dtype, threads=3, mode=mode)  # pieces of 8 rows, 3 parts
+        for _ in range(2 * PROBES + 1):
+            dest = torch.empty(101, 4096)
+            gather(rows, index, dest, shift, scale)
+            assert torch.equal(dest, want), mode
+        gather(rows, index, dest)
+        assert torch.equal(dest, rows[index].float())
+        assert gather.chosen in ("whole", "pool")
+        gather.close()
