@@ -9,7 +9,8 @@
   (+1e-10, as SAELens logs it), counted in one pass over the held-out songs of the
   store the dictionary was trained on (all its tokens when none were held out).
 * ``sparsify``: ``cfg.json`` + ``sae.safetensors`` as ``sparsify.Sae.load_from_disk``
-  reads them (``encoder.weight`` = W_enc^T, ``encoder.bias``, ``W_dec``, ``b_dec``).
+  reads them (``encoder.weight`` = W_enc^T, ``encoder.bias``, ``W_dec``, ``b_dec``), and
+  ``music_interpret.json`` with the metadata (sparsify's config takes no extra keys).
   sparsify only knows top-k coders: ``topk`` maps one to one; ``relu_l1`` becomes a
   top-k coder with k = d_sae, which keeps every positive pre-activation and is therefore
   exactly the ReLU dictionary (slow to decode: every latent is a candidate).
@@ -32,6 +33,7 @@ from ..jsonio import write_json_atomic
 from .dictionary import Dictionary
 
 SAELENS_VERSION = "6.54.12"
+RELU_NOTE = "relu_l1 exported as top-k with k = d_sae (exactly the ReLU dictionary)"
 FORMATS = ("saelens", "sparsify")
 EPS = 1e-10
 
@@ -54,6 +56,7 @@ def export_dictionary(path: str | Path, out: str | Path,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose another --out")
     files: dict[str, Any] = {}
+    extra: dict[str, Any] = {}  # more JSON files
     if fmt == "saelens":
         files["sae_weights.safetensors"] = _tensors(model)
         config = saelens_config(cfg)
@@ -64,7 +67,10 @@ def export_dictionary(path: str | Path, out: str | Path,
     else:
         files["sae.safetensors"] = sparsify_tensors(model)
         config = sparsify_config(cfg, model)
-    return _publish(out, config, files)
+        extra["music_interpret.json"] = {**_metadata(cfg), "source_architecture":
+                                         "topk" if model.k else "relu",
+                                         "note": None if model.k else RELU_NOTE}
+    return _publish(out, config, files, extra)
 
 
 def _tensors(model: Dictionary) -> dict[str, torch.Tensor]:
@@ -72,7 +78,8 @@ def _tensors(model: Dictionary) -> dict[str, torch.Tensor]:
             for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
-def _publish(out: Path, config: dict[str, Any], files: dict[str, dict[str, torch.Tensor]]) -> Path:
+def _publish(out: Path, config: dict[str, Any], files: dict[str, dict[str, torch.Tensor]],
+             extra: dict[str, Any]) -> Path:
     """Write the export into ``.<out>.partial-<pid>`` next to ``out``, then rename it."""
     from safetensors.torch import save_file
 
@@ -84,6 +91,8 @@ def _publish(out: Path, config: dict[str, Any], files: dict[str, dict[str, torch
         for name, tensors in files.items():
             save_file(tensors, str(tmp / name))
         write_json_atomic(tmp / "cfg.json", config)
+        for name, data in extra.items():
+            write_json_atomic(tmp / name, data)
         if out.exists():
             out.rmdir()  # empty (checked before)
         os.replace(tmp, out)
@@ -99,6 +108,9 @@ def _layer(hook: str | None) -> int | None:
 
 def _metadata(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the dictionary knows of its hook point, model, data and normalisation."""
+    from ..stores.provenance import source_checkpoint
+    from .io import input_norm
+
     hook, model, data = cfg.get("hook_point"), cfg.get("model") or {}, cfg.get("data") or {}
     norm = cfg.get("normalization") or {}
     return {
@@ -106,13 +118,14 @@ def _metadata(cfg: dict[str, Any]) -> dict[str, Any]:
         "hook_name": hook, "hook_layer": _layer(hook), "hook_head_index": None,
         "context_size": model.get("context_size"),
         "dataset_path": data.get("dataset") or data.get("store_path"),
-        "model_path": model.get("path"), "model_sha256": model.get("sha256"),
+        "model_path": model.get("path") or source_checkpoint(model.get("source")),
+        "model_sha256": model.get("sha256"),
         "activation_store": data.get("store_path"), "activation_store_id": data.get("store_id"),
         "activation_space": cfg.get("activation_space", "raw"),
         "normalization": {"training": (norm.get("loader") or {}).get("mode", "none"),
                           "input_scale": norm.get("input_scale"),
                           "folded_into_weights": bool(norm.get("folded", True))},
-        "input_mean_norm": (cfg.get("input") or {}).get("mean_norm"),
+        "input_mean_norm": input_norm(cfg),
         "learner": (cfg.get("learner") or {}).get("name"),
         "music_interpret_version": cfg.get("music_interpret_version"),
     }
@@ -151,9 +164,6 @@ def sparsify_config(cfg: dict[str, Any], model: Dictionary) -> dict[str, Any]:
         "normalize_decoder": bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)),
         "num_latents": model.d_sae, "k": int(model.k or model.d_sae),
         "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": model.d_in,
-        "music_interpret": {**_metadata(cfg), "source_architecture": "topk" if model.k else "relu",
-                            "note": None if model.k else "relu_l1 exported as top-k with k = d_sae "
-                            "(exactly the ReLU dictionary)"},
     }
 
 

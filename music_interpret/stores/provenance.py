@@ -25,6 +25,12 @@ class Recorded:
     sha256: str | None
 
 
+def source_checkpoint(source: str | None) -> str | None:
+    """The checkpoint path of an extract ``source`` line, if it is one."""
+    match = _SOURCE.match(str(source or ""))
+    return match["path"] if match else None
+
+
 def recorded_inputs(attrs: dict[str, Any]) -> Recorded | str:
     """The recorded model and data when both still exist, else why not (one phrase)."""
     adapter, model, data = attrs.get("model_adapter"), attrs.get("model_path"), attrs.get("data_path")

@@ -83,6 +83,8 @@ def test_sparsify_files_match_ours(store: Path, tmp_path: Path, k: int | None, b
     assert cfg["activation"] == "topk" and cfg["k"] == (k or 48) and cfg["d_in"] == D
     t = load_file(out / "sae.safetensors")
     assert set(t) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    meta = json.loads((out / "music_interpret.json").read_text())
+    assert meta["hook_name"] == HOOKS[1] and meta["source_architecture"] == ("topk" if k else "relu")
     # sparsify's encode (relu, top-k on x - b_dec) and decode, written out here
     x = torch.randn(40, D) * 3
     pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
