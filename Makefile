@@ -13,7 +13,7 @@ TORCH ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.2)
 .PHONY: init test demo bench lint clean help gpu-check
 
 help:
-	@echo "make init   create .venv and install torch, music-interpret[dev,dask] and plugins/*"
+	@echo "make init   create .venv and install torch, music-interpret[dev,dask,demo] and plugins/*"
 	@echo "make test   run the test suite (runs init first when needed)"
 	@echo "make demo   python -m music_interpret run pipeline.yaml on the bundled demo"
 	@echo "make bench  run the benchmarks in bench/ (results in bench/results/)"
@@ -25,7 +25,7 @@ init: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,dask]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,dask,demo]"
 	$(foreach d,$(PLUGIN_DIRS),$(BIN)/python -m pip install --quiet --disable-pip-version-check -e "$(d)" &&) true
 	@# headless Chromium for the HTML report's browser test (Debian package; skipped elsewhere)
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-HELPERS = {"env", "xt_reference", "gpu_check"}  # gpu_check: bench/gpu_check.sh on a GPU
+HELPERS = {"env", "interop_env", "xt_reference", "gpu_check"}  # gpu_check: bench/gpu_check.sh on a GPU
 
 
 def benchmarks() -> list[str]:

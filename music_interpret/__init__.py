@@ -1,12 +1,21 @@
-"""Music Interpret: interpretability of symbolic-music transformers."""
+"""Music Interpret: interpretability of symbolic-music transformers.
+
+The Python API (see :mod:`music_interpret.api`): :func:`run`, :func:`load_model`,
+:func:`load_dictionary`, :func:`encode` and :func:`open_activations`.
+"""
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("music-interpret")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
 
-__all__ = ["__version__", "open_activations"]
+__all__ = ["__version__", "encode", "load_dictionary", "load_model", "open_activations", "run"]
+_API = {"encode", "load_dictionary", "load_model", "run"}
 
 
 def __getattr__(name: str) -> Any:
@@ -15,4 +24,12 @@ def __getattr__(name: str) -> Any:
         from .activations import open_activations
 
         return open_activations
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'music_interpret' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--shard-mb", type=float, default=256.0, help="size of a shard file in MiB")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="stored precision of the activations (read back as float32)")
     p.add_argument("--max-songs", type=int, default=None, help="only the first N songs")
     p.add_argument("--forward-workers", type=int, default=None,
                    help="threads running forward batches side by side (default: 2 on CPU, 1 on GPU)")
@@ -35,7 +37,7 @@ def run(argv: list[str] | None = None) -> int:
     out = store_path(ns)
     extract: dict[str, Any] = {
         "layers": ns.layers, "hooks": ns.hooks, "events": ns.events, "batch_size": ns.batch_size,
-        "output": str(out), "store": {"name": "netcdf", "shard_mb": ns.shard_mb},
+        "dtype": ns.dtype, "output": str(out), "store": {"name": "netcdf", "shard_mb": ns.shard_mb},
     }
     for key in ("max_songs", "forward_workers"):
         if getattr(ns, key) is not None:

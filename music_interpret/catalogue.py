@@ -1,4 +1,5 @@
-"""The committed catalogue under ``registry/``: known plugins (and, later, promoted dictionaries)."""
+"""The committed catalogue of known plugins (and, later, promoted dictionaries), shipped as
+package data (``music_interpret/data/plugins.yaml``; ``registry/plugins.yaml`` links to it)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,22 @@ ENV = "MUSIC_INTERPRET_REGISTRY"
 REQUIRED = ("kind", "name", "distribution", "description")
 
 
-def default_path() -> Path:
-    """``$MUSIC_INTERPRET_REGISTRY`` or ``registry/plugins.yaml`` next to the package."""
+def default_path() -> Path | None:
+    """``$MUSIC_INTERPRET_REGISTRY``, or None for the catalogue shipped in the package
+    (``music_interpret/data/plugins.yaml``; the repository's ``registry/plugins.yaml``
+    links to it)."""
     env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "registry" / "plugins.yaml"
+    return Path(env) if env else None
 
 
 def load_catalogue(path: Path | None = None) -> list[dict[str, Any]]:
     """Entries of the catalogue, checked: each has kind, name, distribution, description."""
     path = Path(path) if path else default_path()
+    if path is None:
+        from importlib.resources import as_file, files
+
+        with as_file(files("music_interpret") / "data" / "plugins.yaml") as shipped:
+            return load_catalogue(Path(shipped))
     if not path.exists():
         raise UserError(f"{path}: catalogue not found (pass --path or set {ENV})")
     data = load_yaml(path)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m music_interpret {run,validate,plugins,registry}``."""
+"""Command line: ``python -m music_interpret {run,validate,plugins,registry,export,schema}``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@guarded
+def cmd_export(args: argparse.Namespace) -> int:
+    from .learners.export import export_dictionary
+
+    out = export_dictionary(args.dictionary, args.out, args.format, sparsity=not args.no_sparsity,
+                            store=args.store)
+    print(out)
+    return EXIT_OK
+
+
+@guarded
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .jsonio import write_json_atomic
+    from .plugins import get_registry
+    from .schema import pipeline_schema
+
+    schema = pipeline_schema(get_registry())
+    if args.out is None:
+        print(json.dumps(schema, indent=2))
+    else:
+        write_json_atomic(args.out, schema)
+        print(args.out)
+    return EXIT_OK
+
+
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -190,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", type=Path, default=None, help="catalogue file (default: the repository's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("export", help="export a dictionary for SAELens or sparsify",
+                       description="Write the dictionary folder DICTIONARY (config.json + "
+                       "weights.safetensors) in SAELens 6's layout (cfg.json, sae_weights."
+                       "safetensors, sparsity.safetensors) or sparsify's (cfg.json, sae.safetensors) "
+                       "to the new folder DIR.")
+    p.add_argument("dictionary", type=Path, metavar="DICTIONARY")
+    p.add_argument("--format", choices=("saelens", "sparsify"), default="saelens")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new (or empty) folder")
+    p.add_argument("--store", type=Path, default=None,
+                   help="activation store for sparsity.safetensors (default: the recorded one)")
+    p.add_argument("--no-sparsity", action="store_true", help="SAELens: skip sparsity.safetensors")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("schema", help="JSON Schema of pipeline.yaml (for editor completion)",
+                       description="Print (or write to FILE) the JSON Schema of pipeline.yaml, "
+                       "built from the config dataclasses and every installed plugin's Config.")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE")
+    p.set_defaults(func=cmd_schema)
     return parser
 
 

@@ -164,7 +164,7 @@ def versions(registry: PluginRegistry) -> dict[str, Any]:
         "platform": platform.platform(),
         "music_interpret": __version__,
     }
-    for mod in ("numpy", "torch", "xarray", "netCDF4", "sklearn"):
+    for mod in ("numpy", "torch", "xarray", "h5py", "h5netcdf", "netCDF4", "sklearn"):
         module = sys.modules.get(mod)
         if module is not None:
             info[mod] = getattr(module, "__version__", "?")

@@ -20,12 +20,13 @@ Two ways to deliver the same batches (bitwise):
   whose chunks lie in order, as the ``netcdf`` store writes them in either layout):
   each shard's activations are memory-mapped (:mod:`music_interpret.stores.mapped`),
   on Linux all of them side by side in one address range, and every batch is one
-  gather of its rows straight from the page cache into the batch tensor: no read
-  buffers, and the memory in use is the batches in flight (the OS keeps the hot part
-  of the files cached, as for any file read). Elsewhere each batch takes one gather
-  per shard it draws from.
+  gather of its rows straight from the page cache into the batch tensor
+  (:mod:`music_interpret.gather`: a small thread pool, no OpenMP barrier; 16-bit
+  stores are widened to float32 on the way): no read buffers, and the memory in use is
+  the batches in flight (the OS keeps the hot part of the files cached, as for any
+  file read). Elsewhere each batch takes one gather per shard it draws from.
 * **pooled** (stores that cannot be mapped, e.g. compressed, or ``mmap=False``): blocks are read
-  through netCDF into read buffers, then permuted into batches (below).
+  through h5py into read buffers (decoded to float32), then permuted into batches (below).
 
 Because block sizes and permutations are known without reading data, the loader
 resumes mid-epoch (:meth:`ActivationLoader.state_dict`) by replaying the index
@@ -43,9 +44,8 @@ the other permutes them into batches (``prefetch`` batches queued), so reading a
 batching overlap. They use two read buffers of about
 ``(buffer_blocks x block_tokens + batch_size) x d_model x 4`` bytes each (about 1 GiB
 together at the defaults with d_model 512), kept between iterations; ``close()``
-frees them. The netCDF-C library is not thread-safe: reads hold xarray's netCDF lock
-(which xarray and dask reads take too); avoid other direct ``netCDF4`` calls in the
-same process while a prefetching loader is being iterated.
+frees them. Every HDF5 read holds xarray's HDF5 lock (which xarray and dask reads take
+too). Batches are float32 whatever the stored precision (float32, float16, bfloat16).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import UserError
+from .gather import Gatherer
 from .preprocess import MODES, BlockReader, Normalizer, check_stats_for, load_stats, reader_for
+from .stores import schema
 from .stores.mapped import JoinedRows, MappedShard, NotMappable, join_maps, map_store
 from .stores.netcdf import EVENT_TYPES, NC_LOCK, TOKEN_COORDS, check_store, read_coords
 
@@ -73,7 +75,7 @@ FilterValue = int | str | Sequence[int | str]
 
 
 def _io_lock() -> Any:
-    """The package-wide netCDF lock (shared with xarray's reads)."""
+    """The package-wide HDF5 lock (shared with xarray's reads)."""
     return NC_LOCK
 
 
@@ -187,6 +189,7 @@ class ActivationLoader:
         self._spare: list[np.ndarray] = []  # read buffers kept for the next iteration
         self._maps: list[tuple[MappedShard, torch.Tensor]] | None = None  # per shard: map, rows
         self._joined: tuple[torch.Tensor | None, np.ndarray] | None = None  # see _rows_space
+        self._gather: Gatherer | None = None
         self.mapped = self._use_mmap(mmap)
         if prefetch is None:
             prefetch = 0 if self.mapped and self.device.type == "cpu" else 2
@@ -218,16 +221,14 @@ class ActivationLoader:
     def _map(self) -> list[tuple[MappedShard, torch.Tensor]]:
         """Every shard memory-mapped, with its rows as a (rows, d_model) tensor."""
         if self._maps is None:
-            import torch
 
-            self._maps = [(m, torch.from_numpy(m.rows)) for m in map_store(self.info)]
+            self._maps = [(m, rows_tensor(m.rows, m.dtype)) for m in map_store(self.info)]
         return self._maps
 
     def _rows_space(self) -> tuple[torch.Tensor | None, np.ndarray]:
         """(all shards' rows as one tensor, or None where they cannot be joined; the
         first row of each shard in that tensor, or in a virtual one without gaps)."""
         if self._joined is None:
-            import torch
 
             maps = [m for m, _ in self._map()]
             try:
@@ -235,7 +236,7 @@ class ActivationLoader:
             except NotMappable:
                 joined = None
             if joined is not None:
-                self._joined = (torch.from_numpy(joined.rows), joined.first)
+                self._joined = (rows_tensor(joined.rows, joined.dtype), joined.first)
             else:
                 sizes = [m.rows.shape[0] for m in maps]
                 self._joined = (None, np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64))
@@ -424,6 +425,7 @@ class ActivationLoader:
 
         bs = self.batch_size
         joined, _ = self._rows_space()
+        gather = self._gatherer()
         carry, done = np.empty(0, np.int64), 0
         for buf in self._plan(epoch):
             rows = self._buffer_rows(carry, buf)
@@ -436,14 +438,20 @@ class ActivationLoader:
             for b in range(first, buf.n_batches):
                 out = memory.take(min(bs, len(rows) - b * bs))
                 dest = torch.from_numpy(out)
-                if joined is not None:
-                    torch.index_select(joined, 0, index[b * bs : (b + 1) * bs], out=dest)
-                else:
+                if joined is None:
                     self._gather_by_shard(rows[b * bs : (b + 1) * bs], dest)
-                self.normalizer.apply_tensor_(dest)
+                    self.normalizer.apply_tensor_(dest)
+                else:
+                    gather(joined, index[b * bs : b * bs + len(dest)], dest, *self.normalizer.float32)
                 del dest
                 yield out
                 del out
+
+    def _gatherer(self) -> Gatherer:
+        """Gathers (and widens 16-bit) rows into batches, see :mod:`music_interpret.gather`."""
+        if self._gather is None:
+            self._gather = Gatherer(self.d_model, schema.torch_dtype(self.info.dtype))
+        return self._gather
 
     def _buffer_rows(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Rows (of :meth:`_rows_space`) of a buffer's tokens in delivery order: the
@@ -466,7 +474,7 @@ class ActivationLoader:
         for k in np.unique(shard):
             at = np.flatnonzero(shard == k)
             part = torch.index_select(maps[int(k)][1], 0, torch.from_numpy(rows[at] - first[k]))
-            dest.index_copy_(0, torch.from_numpy(at), part)
+            dest.index_copy_(0, torch.from_numpy(at), part.to(dest.dtype))
 
     def _buffer_keys(self, carry: np.ndarray, buf: _Buffer) -> np.ndarray:
         """Global token ids of a buffer in delivery order: the carried ones, then its blocks."""
@@ -573,6 +581,9 @@ class ActivationLoader:
         self._active.clear()
         self._spare = []
         self._maps = self._joined = None
+        if self._gather is not None:
+            self._gather.close()
+            self._gather = None
 
     def __repr__(self) -> str:
         return (f"ActivationLoader({str(self.info.path)!r}, {self.hook!r}, batch_size={self.batch_size}, "
@@ -591,6 +602,15 @@ class _Filled:
     carry_len: int
     first_batch: int
     has_carry: bool
+
+
+def rows_tensor(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """Mapped rows as a tensor of the stored precision (16-bit bit patterns viewed as such)."""
+    import torch
+
+    if dtype == "float32":
+        return torch.from_numpy(rows)
+    return torch.from_numpy(rows.view(np.int16)).view(schema.torch_dtype(dtype))
 
 
 class _BatchMemory:

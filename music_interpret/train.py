@@ -1,18 +1,25 @@
 """``python -m music_interpret.train <series_name> <experiment_name> <layer_dir> --input-dim D --latent-dim N``.
 
 The seed project's training command. ``<layer_dir>`` is an activation store folder
-relative to ``data/activations/`` (under ``--root``); one dictionary is trained per
-hook point of the store unless ``--hook`` picks one. Results go to
-``reports/<series_name>/<experiment_name>/`` (``manifest.json`` and ``train/``:
-``dictionaries/<hook>/`` and ``tensorboard/<hook>/``). The command runs the ``train``
+relative to ``data/activations/`` (under ``--root``): ``<dataset>/<model>`` is the store
+``python -m music_interpret.activation_extraction <dataset> <model>`` writes. One
+dictionary is trained per hook point of the store unless ``--hook`` picks one. Results
+go to ``reports/<series_name>/<experiment_name>/`` (``manifest.json`` and ``train/``:
+``dictionaries/<hook>/`` and ``tensorboard/<hook>/``); a ``reports/<series_name>/`` that
+is itself another run's folder (a pipeline's) is refused. The command runs the ``train``
 stage through the engine, so rerunning it after a crash resumes from the last
 checkpoint, and rerunning it unchanged does nothing.
+
+Defaults that converge on a store of the demo's size (relu_l1's default preset): batch
+1,024, lr 1e-3, l1_coeff 2.0 and ``max(2,500 steps, one epoch)``; the downstream loss
+is measured on the model and data the store records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="topk: active latents per token")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the learner's)")
     p.add_argument("--batch-size", type=int, default=None, help="tokens per step")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: one epoch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (default: {DEFAULT_STEPS:,} or one epoch, the larger)")
     p.add_argument("--normalization", default="auto",
                    help="auto (from the preprocess stage), none, standardize or unit_mean_norm")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
@@ -45,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a different run of the same name / redo an up-to-date one")
     return p
+
+
+DEFAULT_STEPS = 2500
+#: relu_l1 (default preset) recipe of the seed command: what the demo pipeline trains with
+SEED_RECIPE = {"lr": 1e-3, "batch_size": 1024, "l1_coeff": 2.0}
 
 
 def _learner(ns: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +85,8 @@ def _learner(ns: argparse.Namespace) -> dict[str, Any]:
     for key in ("lr", "batch_size"):
         if getattr(ns, key) is not None:
             options[key] = getattr(ns, key)
+    if ns.learner == "relu_l1" and options.get("preset", "default") == "default":
+        options = {**SEED_RECIPE, **options}
     return options
 
 
@@ -80,7 +95,7 @@ def build_pipeline(ns: argparse.Namespace) -> dict[str, Any]:
     from .stores.netcdf import check_store
 
     root = ns.root.resolve()
-    info = check_store(root / "data" / "activations" / ns.layer_dir)
+    info = check_store(_store_folder(root, ns.layer_dir))
     if ns.input_dim != info.d_model:
         raise UserError(f"--input-dim {ns.input_dim} disagrees with the store {info.path} "
                         f"(d_model {info.d_model})")
@@ -89,13 +104,33 @@ def build_pipeline(ns: argparse.Namespace) -> dict[str, Any]:
                         f"(extracted: {', '.join(info.hooks)})")
     if ns.latent_dim < 1:
         raise UserError(f"--latent-dim must be positive, got {ns.latent_dim}")
-    train: dict[str, Any] = {"learner": _learner(ns), "store": str(info.path),
+    learner = _learner(ns)
+    train: dict[str, Any] = {"learner": learner, "store": str(info.path),
                              "hooks": [ns.hook] if ns.hook else [], "normalization": ns.normalization,
                              "checkpoint_every": ns.checkpoint_every}
-    if ns.steps is not None:
-        train["steps"] = ns.steps
-    return {"run": ns.experiment_name, "output_dir": str(root / "reports" / ns.series_name),
+    batch = int(learner.get("batch_size") or 4096)
+    train["steps"] = ns.steps if ns.steps is not None else \
+        max(DEFAULT_STEPS, math.ceil(0.9 * info.n_tokens / batch))  # 0.9: the hold-out split
+    series = root / "reports" / ns.series_name
+    if (series / "manifest.json").exists():
+        raise UserError(f"{series}: is the run folder of another run (it holds manifest.json); "
+                        "choose another series name")
+    return {"run": ns.experiment_name, "output_dir": str(series),
             "stages": ["train"], "seed": ns.seed, "device": ns.device, "train": train}
+
+
+def _store_folder(root: Path, layer_dir: str) -> Path:
+    """``data/activations/<layer_dir>``; when missing, the error lists the stores there are."""
+    base = root / "data" / "activations"
+    path = base / layer_dir
+    if not (path / "store.json").exists() and base.is_dir():
+        found = sorted(str(p.parent.relative_to(base)) for p in base.rglob("store.json")
+                       if "stats" not in p.parent.relative_to(base).parts)
+        if found:
+            raise UserError(f"{path}: no activation store here (stores under {base}: "
+                            f"{', '.join(found)}; the seed extraction command writes "
+                            "<dataset>/<model>)")
+    return path
 
 
 def run(argv: list[str] | None = None) -> int:

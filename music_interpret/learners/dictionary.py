@@ -7,7 +7,11 @@ A dictionary maps an activation ``x`` (d_in) to codes ``f`` (d_sae) and back::
     x^  = f @ W_dec + b_dec
 
 Training happens on normalised inputs ``(x - shift) * scale``; :meth:`Dictionary.folded`
-turns the trained weights into the equivalent dictionary on raw activations.
+turns the trained weights into the equivalent dictionary on raw activations, the space
+every saved dictionary acts on. A loaded dictionary knows the mean L2 norm of the raw
+activations it was trained on (``input_norm``), and :meth:`Dictionary.encode` refuses
+batches whose mean norm is off by more than a factor of two (normalised batches, say):
+:meth:`Dictionary.for_normalized` gives the dictionary for a loader's normalised batches.
 """
 
 from __future__ import annotations
@@ -22,11 +26,24 @@ from torch import nn
 from ..interfaces import DictionaryLearner
 
 EPS = 1e-8
+INPUT_NORM_BAND = 2.0  # encode refuses batches whose mean norm is off by more than this factor
+INPUT_CHECK_MIN_TOKENS = 16  # (fewer tokens: too noisy to judge)
 SPARSE_MODES = ("auto", "always", "never")  # RecipeConfig.sparse_backward, see sparse_step
 
 
+class InputSpaceError(ValueError):
+    """Activations given to a dictionary are not in the space it acts on."""
+
+
 class Dictionary(nn.Module):
-    """Sparse autoencoder with a ReLU (``k=None``) or top-k activation."""
+    """Sparse autoencoder with a ReLU (``k=None``) or top-k activation.
+
+    ``input_norm``: mean L2 norm of the activations the dictionary acts on (raw
+    activations for a saved dictionary), when known; :meth:`encode` checks batches
+    against it.
+    """
+
+    input_norm: float | None = None
 
     def __init__(self, d_in: int, d_sae: int, *, k: int | None = None,
                  apply_b_dec_to_input: bool = True) -> None:
@@ -64,8 +81,37 @@ class Dictionary(nn.Module):
         return torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes (..., d_sae) of activations (..., d_in)."""
+        """Codes (..., d_sae) of activations (..., d_in), in the space the dictionary acts on
+        (raw activations for a saved one; checked against ``input_norm``)."""
+        self.check_input(x)
         return self.activate(self.pre_acts(x))
+
+    @torch.no_grad()
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`InputSpaceError` when the batch's mean norm is more than a factor of
+        ``INPUT_NORM_BAND`` away from ``input_norm`` (batches of 16 tokens or more)."""
+        if not self.input_norm or x.dim() < 2 or x[..., 0].numel() < INPUT_CHECK_MIN_TOKENS:
+            return
+        got = float(x.float().norm(dim=-1).mean())
+        if INPUT_NORM_BAND ** -1 <= got / self.input_norm <= INPUT_NORM_BAND:
+            return
+        hook = (getattr(self, "config", None) or {}).get("hook_point") or "its hook point"
+        raise InputSpaceError(
+            f"inputs are not in the dictionary's space: their mean L2 norm is {got:.4g}, the "
+            f"activations this dictionary acts on (raw activations of {hook}) have {self.input_norm:.4g}. "
+            "Feed raw activations (ActivationLoader(..., normalization='none')), or encode "
+            "normalised batches with dictionary.for_normalized(loader.normalizer)")
+
+    def for_normalized(self, normalizer: Any) -> Dictionary:
+        """The same dictionary acting on ``normalizer``'s outputs ``(x - shift) * scale``
+        (a loader's normalised batches); codes are equal, reconstructions normalised too."""
+        shift = torch.as_tensor(normalizer.shift, dtype=torch.float32)
+        scale = torch.as_tensor(normalizer.scale, dtype=torch.float32)
+        out = self.folded(-shift * scale, 1.0 / scale)  # raw x = y / scale + shift
+        constant = bool((scale == scale[0]).all())
+        out.input_norm = self.input_norm * float(scale[0]) if self.input_norm and constant else None
+        out.config = {**(getattr(self, "config", None) or {}), "activation_space": normalizer.mode}
+        return out.eval().requires_grad_(self.W_enc.requires_grad)
 
     @torch.no_grad()
     def encode_host(self, x: torch.Tensor | Any) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Dictionary files: ``weights.safetensors`` + ``config.json`` + ``metrics.json``, and SAELens export.
+"""Dictionary files: ``weights.safetensors`` + ``config.json`` + ``metrics.json``.
 
 The saved weights act on raw activations (normalisation and input scaling folded in)::
 
@@ -100,41 +100,43 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
         raise UserError(f"{folder / WEIGHTS}: tensor shapes disagree with {CONFIG}: {', '.join(bad)}")
     model.load_state_dict({k: tensors[k] for k in KEYS})
     model.config = cfg  # type: ignore[assignment]
-    return model.to(device).eval()
+    model.input_norm = input_norm(cfg)
+    return model.to(device).eval().requires_grad_(False)  # inference: no autograd graph
+
+
+def input_norm(cfg: dict[str, Any]) -> float | None:
+    """Mean L2 norm of the raw activations a dictionary was trained on, when it can be told:
+    recorded in ``config.json`` (``input.mean_norm``), implied by a ``unit_mean_norm``
+    normalisation, or read from the statistics it was normalised with."""
+    import math
+
+    recorded = (cfg.get("input") or {}).get("mean_norm")
+    if recorded:
+        return float(recorded)
+    norm = cfg.get("normalization") or {}
+    loader = norm.get("loader") or {}
+    if loader.get("mode") == "unit_mean_norm" and loader.get("scale_value"):
+        return math.sqrt(int(cfg["d_in"])) / float(loader["scale_value"])
+    stats = norm.get("stats_dir")
+    if stats and cfg.get("hook_point"):
+        try:
+            from ..preprocess import load_stats
+
+            return float(load_stats(stats)["mean_norm"].sel(hook=cfg["hook_point"]))
+        except (UserError, KeyError, ValueError, OSError):
+            return None
+    return None
 
 
 def saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """SAELens's ``cfg.json`` for one of our dictionaries (v6 layout plus the older flat keys)."""
-    hook = cfg.get("hook_point")
-    meta = {"model_name": cfg.get("model", {}).get("name") or "mmt", "hook_name": hook,
-            "hook_layer": _layer(hook), "hook_head_index": None, "prepend_bos": False,
-            "context_size": cfg.get("model", {}).get("context_size"),
-            "dataset_path": cfg.get("data", {}).get("store_path")}
-    out: dict[str, Any] = {
-        "architecture": "topk" if cfg.get("k") else "standard",
-        "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
-        "normalize_activations": "none", "reshape_activations": "none",
-        "meta": meta, **meta,
-    }
-    if cfg.get("k"):
-        out["k"] = int(cfg["k"])
-    out["activation_fn_str"] = "topk" if cfg.get("k") else "relu"
-    out["activation_fn_kwargs"] = {"k": int(cfg["k"])} if cfg.get("k") else {}
-    out["music_interpret"] = {k: cfg.get(k) for k in ("hook_point", "learner", "data", "normalization")}
-    return out
+    """SAELens 6's ``cfg.json`` for a dictionary config (see :mod:`.export`)."""
+    from .export import saelens_config as config
+
+    return config(cfg)
 
 
-def _layer(hook: str | None) -> int | None:
-    tail = (hook or "").rsplit(".", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+def export_saelens(path: str | Path, out: str | Path, *, sparsity: bool = True) -> Path:
+    """Write SAELens's layout of dictionary ``path`` to ``out`` (see :mod:`.export`)."""
+    from .export import export_dictionary
 
-
-def export_saelens(path: str | Path, out: str | Path) -> Path:
-    """Write SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``) of dictionary ``path``."""
-    model = load_dictionary(path)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_tensors(model, out / "sae_weights.safetensors")
-    write_json_atomic(out / "cfg.json", saelens_config(model.config))  # type: ignore[arg-type]
-    return out
+    return export_dictionary(path, out, "saelens", sparsity=sparsity)

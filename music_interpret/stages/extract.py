@@ -54,6 +54,8 @@ class ExtractConfig:
     ``shuffle_songs``: store the songs in a seeded random order (the run's seed) instead of
     the dataset's, so that ``max_songs`` and the analyzers' ``max_tokens`` (the first
     tokens of the store) take a random sample of a dataset sorted by collection.
+    ``dtype``: the stored precision of the activations (computed in float32; float16
+    and bfloat16 halve the store and are read back as float32 by every reader).
     """
 
     hooks: list[str] = field(default_factory=list)
@@ -66,6 +68,7 @@ class ExtractConfig:
     shuffle_songs: bool = False
     forward_workers: int | None = None
     output: Path | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     store: PluginRef = field(default="netcdf", metadata={"plugin": "activation_store"})  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -182,14 +185,18 @@ class ExtractStage(Stage):
             "model_config": adapter.train_args,
             "model_sha256": adapter.checkpoint_sha256,
             "dataset": str(dataset.notes_dir),
+            "model_adapter": header.model.adapter.name,
+            "model_path": str(Path(header.model.path).resolve()),
+            "data_path": str(Path(header.data.path).resolve()),
             "split": dataset.split or "all",
             "events": cfg.events,
             "pipeline_config": json.dumps(_jsonable(ctx.pipeline.raw)),
             "instrument_names": list(INSTRUMENT_NAMES),
             "fingerprint": ctx.fingerprint,
         }
+        extra = {"dtype": cfg.dtype} if cfg.dtype != "float32" else {}
         writer = store.create(ctx.work_dir, hooks=hooks, d_model=adapter.d_model, songs=names,
-                              sources=sources, attrs=attrs, resume=True)
+                              sources=sources, attrs=attrs, resume=True, **extra)
         start = writer.next_song
         if start:
             print(f"extract: resuming after {writer.n_shards} complete shard(s), at song {start}/{len(names)}",
@@ -234,7 +241,7 @@ class ExtractStage(Stage):
         seconds = time.perf_counter() - t0
         summary = {
             "store": str(ctx.out_dir), "songs": len(names), "hooks": hooks, "d_model": adapter.d_model,
-            "shards": writer.n_shards, "tokens": int(sum(s["tokens"] for s in writer.manifest["shards"])),
+            "dtype": cfg.dtype, "shards": writer.n_shards, "tokens": int(sum(s["tokens"] for s in writer.manifest["shards"])),
             "tokens_this_run": stats["tokens"], "windows_this_run": stats["windows"],
             "dropped_notes": stats["dropped_notes"], "seconds": round(seconds, 2),
             "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),

@@ -243,6 +243,7 @@ class TrainStage(Stage):
         if result.downstream:
             metrics["downstream"] = result.downstream
         save_dictionary(out_dir, raw, config, metrics)
+        _warn_if_poor(hook, metrics)
         if not self.config.keep_checkpoints:
             shutil.rmtree(ckpt.parent, ignore_errors=True)
         return _summary(metrics)
@@ -320,6 +321,31 @@ def member_sizes(lc: Any, sweep: dict[str, list[Any]], d_in: int) -> list[int]:
         d_sae = point.get("d_sae", lc.d_sae)
         out.append(int(d_sae) if d_sae else int(point.get("expansion", lc.expansion)) * d_in)
     return out
+
+
+MIN_STEPS, MIN_LR_STEPS = 1000, 0.25  # below either, a dictionary rarely converges
+POOR_FVU = 0.5
+
+
+def _warn_if_short(hook: str, steps: int, lr: float) -> None:
+    """A warning on stderr when the run looks too short to converge."""
+    import sys
+
+    if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS:
+        return
+    print(f"train: warning: {hook}: {steps:,} steps at lr {lr:g} (lr x steps = {lr * steps:.3g}) "
+          f"is likely too short to converge (fewer than {MIN_STEPS:,} steps, or lr x steps below "
+          f"{MIN_LR_STEPS}); set train.steps / --steps (the demo trains 2,500 steps at lr 1e-3, "
+          "batch 1,024)", file=sys.stderr, flush=True)
+
+
+def _warn_if_poor(hook: str, metrics: dict[str, Any]) -> None:
+    import sys
+
+    fvu = (metrics.get("holdout") or {}).get("fvu")
+    if fvu is not None and fvu > POOR_FVU:
+        print(f"train: warning: {hook}: held-out FVU {fvu:.3g}: the dictionary reconstructs "
+              "poorly (train longer, or lower l1_coeff / raise k)", file=sys.stderr, flush=True)
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -416,6 +442,7 @@ class _HookJob:
             steps = max(1, self.n_train // self.batch_size)  # one epoch
         loader = self.loader(self.train_songs, self.batch_size, seed=self.seed, drop_last=True,
                              epochs=None, device=self.device)
+        _warn_if_short(self.hook, steps, float(lc.lr))
         settings = TrainSettings(steps=steps, log_every=cfg.log_every,
                                  checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                                  dead_window_tokens=cfg.dead_window_tokens,
@@ -479,9 +506,25 @@ class _HookJob:
                      "dataset": attrs.get("dataset"), "split": attrs.get("split"),
                      "events": attrs.get("events")},
             "model": {"name": "mmt", "sha256": attrs.get("model_sha256"), "source": attrs.get("source"),
+                      "path": attrs.get("model_path"),
                       "context_size": model_cfg.get("max_seq_len") if isinstance(model_cfg, dict) else None},
+            "input": {"space": "raw", "mean_norm": self._raw_mean_norm()},
             "music_interpret_version": __version__,
         }
+
+    def _raw_mean_norm(self, tokens: int = 65_536) -> float:
+        """Mean L2 norm of raw training activations (what ``encode`` checks batches against)."""
+        import torch
+
+        from ..loader import ActivationLoader
+
+        loader = ActivationLoader(self.info.path, self.hook, min(tokens, self.n_train),
+                                  filters={**self.cfg.filters, "song": self.train_songs},
+                                  seed=self.seed, prefetch=0)
+        try:
+            return float(torch.linalg.vector_norm(next(iter(loader)), dim=1).mean())
+        finally:
+            loader.close()
 
 
 class _DownstreamSource:
@@ -505,20 +548,33 @@ class _DownstreamSource:
                 raise UserError(f"train.downstream: {reason}")
             print(f"train: no downstream evaluation ({reason})", file=sys.stderr, flush=True)
 
-        if header.model is None or header.data is None:
-            skip("the pipeline names no model and data")
-            return None
         from ..adapters.mmt.dataset import open_dataset
 
-        adapter = header.model.adapter.build(ctx.registry)
-        adapter.load(header.model.path, device=device)
+        if header.model is not None and header.data is not None:
+            adapter = header.model.adapter.build(ctx.registry)
+            model_path, data_path, data_split = header.model.path, header.data.path, header.data.split
+        else:  # no pipeline model/data (a seed command): those the store was extracted from
+            from ..stores.provenance import recorded_inputs
+
+            recorded = recorded_inputs(attrs)
+            if isinstance(recorded, str):
+                skip(f"the pipeline names no model and data, and {recorded}")
+                return None
+            cls_ = ctx.registry.find("model_adapter", recorded.adapter)
+            if cls_ is None:
+                skip(f"model adapter {recorded.adapter!r} recorded by the store is not installed")
+                return None
+            adapter = cls_(cls_.Config())
+            model_path, data_path, data_split = recorded.model_path, recorded.data_path, "all"
+            print(f"train: downstream evaluation on the model and data the store was extracted "
+                  f"from ({model_path}, {data_path})", file=sys.stderr, flush=True)
+        adapter.load(model_path, device=device)
         stored = attrs.get("model_sha256")
         if stored and stored != adapter.checkpoint_sha256:
-            skip(f"the store {info.path} was extracted from another checkpoint than "
-                 f"{header.model.path}")
+            skip(f"the store {info.path} was extracted from another checkpoint than {model_path}")
             return None
         split = attrs.get("split") if attrs.get("split") in ("all", "train", "valid", "test") else None
-        dataset = open_dataset(header.data.path, split or header.data.split)
+        dataset = open_dataset(data_path, split or data_split)
         return cls(adapter, dataset, attrs.get("events") == "notes")
 
     def evaluator(self, hook: str, songs: list[str], cfg: TrainConfig) -> Any:

@@ -3,7 +3,8 @@
 The ``netcdf`` store writes activations uncompressed and aligned to 4 KiB, either in
 chunks of ``(chunk_tokens, 1, d_model)`` (one hook point each, the default) or as one
 contiguous (token, hook, d_model) block. Either way every chunk is a run of whole
-little-endian float32 rows in the file: h5py gives the chunks' byte offsets,
+little-endian rows in the file (float32, or the uint16 bit patterns of float16 /
+bfloat16 activations, which the loader views as torch half / bfloat16 rows): h5py gives the chunks' byte offsets,
 :func:`map_store` maps the byte range that holds them read-only (copy-on-write) with
 :class:`numpy.memmap`, and :meth:`MappedShard.row_index` turns (token, hook) into a
 row of it. A training batch is then one gather from the page cache, with no HDF5
@@ -16,7 +17,7 @@ page size, which keeps the kernel's huge-page mappings of the page cache.
 Mapping is refused (:class:`NotMappable`, with the reason) for compressed or filtered
 activations, chunks of another shape or not on whole rows, unallocated data, a range
 that would run past the end of the file, or when the mapped rows disagree with the
-rows netCDF reads (checked on the first, middle and last token of every hook of every shard). A
+rows h5py reads (checked on the first, middle and last token of every hook of every shard). A
 mapped file must not be truncated in place while it is mapped (the OS would stop the
 process with SIGBUS); stores are only ever replaced by renaming, which is safe.
 """
@@ -30,7 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .netcdf import StoreInfo, read_block
+from . import schema
+from .info import H5_LOCK, StoreInfo, open_h5, read_block, shard_variable
 
 
 class NotMappable(Exception):
@@ -41,7 +43,8 @@ class NotMappable(Exception):
 class MappedShard:
     """A shard's activation rows in a memory map.
 
-    ``rows`` is (R, d_model). Contiguous layout (``chunk == 0``): the row of token
+    ``rows`` is (R, d_model), in the stored form (``dtype``: float32 rows, or uint16 bit
+    patterns of float16 / bfloat16). Contiguous layout (``chunk == 0``): the row of token
     ``t`` and hook ``h`` is ``t * n_hooks + h``. Chunked: ``starts[c * n_hooks + h]``
     is the first row of the chunk holding tokens ``c * chunk ...`` of hook ``h``, and
     the row is ``starts[...] + t % chunk``.
@@ -51,6 +54,7 @@ class MappedShard:
     chunk: int
     n_hooks: int
     starts: np.ndarray
+    dtype: str = "float32"
 
     def row_index(self, tokens: np.ndarray, hook: int) -> np.ndarray:
         """Rows of ``tokens`` (int64 token indices of the shard) for hook index ``hook``."""
@@ -62,7 +66,7 @@ class MappedShard:
 def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int
             ) -> tuple[int, int, int, np.ndarray]:
     """(byte offset, rows, chunk, chunk starts) of the mapped activation rows."""
-    row_bytes = 4 * d_model
+    row_bytes = ds.dtype.itemsize * d_model
     if ds.chunks is None:
         offset = ds.id.get_offset()
         if offset is None:
@@ -88,40 +92,37 @@ def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int
 def map_shard(shard: Path, n_tokens: int, n_hooks: int, d_model: int) -> MappedShard:
     """The activations of one shard, memory-mapped (see the module docstring)."""
     try:
-        import h5py
-    except ImportError as exc:  # pragma: no cover - h5py is a dependency
-        raise NotMappable(f"h5py is not installed ({exc})") from None
-    try:
-        with h5py.File(shard, "r", locking=False) as f:
-            ds = f["activations"]
+        with H5_LOCK, open_h5(shard) as f:
+            ds, dtype = shard_variable(f)
             if ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None:
                 raise NotMappable(f"{shard}: activations are filtered or compressed")
-            if ds.dtype != np.dtype("<f4"):
-                raise NotMappable(f"{shard}: activations are {ds.dtype}, not little-endian float32")
+            want = np.dtype("<f4" if dtype == "float32" else "<u2")
+            if ds.dtype != want:
+                raise NotMappable(f"{shard}: activations are {ds.dtype}, not little-endian {want}")
             if ds.shape != (n_tokens, n_hooks, d_model):
                 raise NotMappable(f"{shard}: activations have shape {ds.shape}, "
                                   f"expected {(n_tokens, n_hooks, d_model)}")
             offset, n_rows, chunk, starts = _layout(ds, shard, n_tokens, n_hooks, d_model)
     except (OSError, KeyError) as exc:
         raise NotMappable(f"{shard}: {exc}") from None
-    if offset + 4 * n_rows * d_model > shard.stat().st_size:
+    if offset + want.itemsize * n_rows * d_model > shard.stat().st_size:
         raise NotMappable(f"{shard}: activation rows run past the end of the file (truncated?)")
-    rows = np.memmap(shard, dtype="<f4", mode="c", offset=offset, shape=(n_rows, d_model))
-    return MappedShard(rows, chunk, n_hooks, starts)
+    rows = np.memmap(shard, dtype=want, mode="c", offset=offset, shape=(n_rows, d_model))
+    return MappedShard(rows, chunk, n_hooks, starts, dtype)
 
 
 def map_store(info: StoreInfo) -> list[MappedShard]:
-    """Every shard of a checked store, memory-mapped and verified against netCDF reads."""
+    """Every shard of a checked store, memory-mapped and verified against HDF5 reads."""
     maps = []
     for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
         n = int(entry["tokens"])
         mapped = map_shard(shard, n, len(info.hooks), info.d_model)
         ends = np.asarray(sorted({0, n // 2, n - 1}), np.int64)
         for h in range(len(info.hooks) if n else 0):  # (an empty shard has nothing to check)
-            got = mapped.rows[mapped.row_index(ends, h)]
+            got = schema.decode(mapped.rows[mapped.row_index(ends, h)], mapped.dtype)
             want = np.concatenate([read_block(shard, h, int(t), int(t) + 1) for t in ends])
             if not np.array_equal(got, want, equal_nan=True):
-                raise NotMappable(f"{shard}: mapped activations differ from the netCDF read")
+                raise NotMappable(f"{shard}: mapped activations differ from the HDF5 read")
         maps.append(mapped)
     return maps
 
@@ -144,6 +145,7 @@ class JoinedRows:
 
     rows: np.ndarray
     first: np.ndarray  # int64 per shard
+    dtype: str = "float32"
 
 
 def _first_row(row_bytes: int, target: int, modulus: int, lower: int) -> int | None:
@@ -205,8 +207,10 @@ def join_maps(maps: list[MappedShard], max_copy_bytes: int = 256 << 20) -> Joine
 
     if not sys.platform.startswith("linux") or sys.maxsize < 2**32 or not maps:
         raise NotMappable("joined maps need 64-bit Linux")
-    d_model = maps[0].rows.shape[1]
-    row_bytes, page = 4 * d_model, mm.PAGESIZE
+    d_model, dtype = maps[0].rows.shape[1], maps[0].rows.dtype
+    if any(m.rows.dtype != dtype for m in maps):
+        raise NotMappable("shards store activations in different dtypes")
+    row_bytes, page = dtype.itemsize * d_model, mm.PAGESIZE
     places = _placements(maps, row_bytes, page)
     copied = sum(m.rows.nbytes for m, place in zip(maps, places, strict=True) if place.copy)
     if copied > max_copy_bytes:
@@ -246,8 +250,8 @@ def join_maps(maps: list[MappedShard], max_copy_bytes: int = 256 << 20) -> Joine
     memory = (ctypes.c_char * (n_rows * row_bytes)).from_address(base)
     unmap = weakref.finalize(memory, libc.munmap, reserved, size)  # with the last view of it
     unmap.atexit = False  # at exit the OS unmaps it; no late reader can then touch freed pages
-    rows = np.frombuffer(memory, dtype="<f4").reshape(n_rows, d_model)
-    joined = JoinedRows(rows, np.asarray([p.first for p in places], np.int64))
+    rows = np.frombuffer(memory, dtype=dtype).reshape(n_rows, d_model)
+    joined = JoinedRows(rows, np.asarray([p.first for p in places], np.int64), maps[0].dtype)
     for m, place in zip(maps, places, strict=True):
         if place.copy:
             rows[place.first : place.first + m.rows.shape[0]] = m.rows

@@ -1,100 +1,84 @@
-"""The ``netcdf`` activation store: one netCDF-4 file per shard plus ``store.json``.
+"""The ``netcdf`` activation store: netCDF-4 shards, a song table and ``store.json``.
 
-Layout of a store folder::
+Layout of a store folder (format 2)::
 
-    store.json          manifest: hooks, d_model, song table, shards (rewritten atomically)
-    shard-00000.nc      activations(token, hook, d_model) float32 + coordinates on token
+    store.json          manifest: hooks, d_model, dtype, shards (rewritten atomically)
+    songs.nc            the song table: song_name(songs), song_source(songs), written once
+    shard-00000.nc      activations(token, hook, d_model) + coordinates on token
     shard-00001.nc      ...
     stats/              written by the preprocess stage
 
-Each shard is written to ``.shard-NNNNN.nc.tmp`` and renamed when complete, then
-the manifest is updated; a shard file that is not in the manifest is not part of
-the store. Activations are stored uncompressed, aligned to 4 KiB: with the default
-``layout: chunked`` in chunks of ``chunk_tokens`` tokens of one hook point (fast
-sequential and block reads of one hook), with ``layout: contiguous`` (and for a
-shard of fewer tokens than one chunk, whatever the layout) as one token-major block.
-Either way a shard's activations are one byte range that the
-training loader memory-maps and gathers rows from (see
-:mod:`music_interpret.stores.mapped`). The small integer coordinates are
-zlib-compressed in chunks of ``COORD_CHUNK_FACTOR * chunk_tokens`` tokens.
+Every shard is CF-1.10 and self-describing: an int64 index coordinate ``token``
+(global over the store, so ``xarray.open_mfdataset("store/shard-*.nc")`` with default
+arguments concatenates the shards in order), the per-token coordinates named in the
+activations' ``coordinates`` attribute, with ``long_name``, ``units``, ``valid_min`` /
+``valid_max`` and ``flag_values`` / ``flag_meanings`` where they apply
+(:mod:`~music_interpret.stores.schema`). Shards are written through h5netcdf, so the
+package reads and writes stores through one HDF5 library (h5py's); netCDF-C reads them
+as well.
+
+Each shard is written to ``.shard-NNNNN.nc.tmp`` and renamed when complete, then the
+manifest is updated; a shard file that is not in the manifest is not part of the store.
+Activations are stored uncompressed, aligned to 4 KiB: with the default ``layout:
+chunked`` in chunks of ``chunk_tokens`` tokens of one hook point, with ``layout:
+contiguous`` (and for a shard of fewer tokens than one chunk) as one token-major block.
+Either way a shard's activations are one byte range that the training loader
+memory-maps (:mod:`music_interpret.stores.mapped`). The small integer coordinates are
+zlib-compressed in chunks of ``COORD_CHUNK_FACTOR * chunk_tokens`` tokens. Stores of
+format 1 (song table in every shard and in ``store.json``, no ``token`` coordinate)
+stay readable (:mod:`music_interpret.stores.info`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..checksums import checksum_matches, file_checksum
+from ..checksums import file_checksum
 from ..errors import DiskFull, UserError
 from ..interfaces import ActivationStore
 from ..jsonio import is_disk_full, write_json_atomic
+from . import schema
+from .info import (  # noqa: F401 - re-exported: the store's reading side
+    COORD_CHUNK_FACTOR,
+    FORMAT,
+    FORMAT_VERSION,
+    H5_LOCK,
+    MANIFEST,
+    NC_LOCK,
+    SONGS_FILE,
+    StoreInfo,
+    check_store,
+    read_block,
+    read_coords,
+)
+from .schema import DTYPES, EVENT_TYPES, TOKEN_COORDS  # noqa: F401 - re-exported
 
-FORMAT = "music-interpret-activations"
-FORMAT_VERSION = 1
-MANIFEST = "store.json"
-COORD_CHUNK_FACTOR = 4  # coordinates (and dask chunks) span this many activation chunks
 LAYOUTS = ("chunked", "contiguous")
-ALIGN = (1 << 16, 4096)  # HDF5 objects of 64 KiB or more start on a 4 KiB boundary
-EVENT_TYPES = ("start-of-song", "instrument", "start-of-notes", "note", "end-of-song")
-
-#: coordinates on every token: name -> (netCDF type, description)
-TOKEN_COORDS: dict[str, tuple[str, str]] = {
-    "song": ("i4", "index into the song table (song_name, song_source)"),
-    "seq_pos": ("i4", "position of the token in the model input window"),
-    "song_token": ("i4", "position of the token in the whole song's token sequence"),
-    "window": ("i4", "index of the model window (of this song) the activation comes from"),
-    "event_type": ("i1", "MMT event type"),
-    "beat": ("i4", "beat of the note onset in the song (-1: not a note)"),
-    "position": ("i2", "onset inside the beat in 1/12 beat (-1: not a note)"),
-    "pitch": ("i2", "MIDI pitch (-1: not a note)"),
-    "duration": ("i4", "duration in 1/12 beats (-1: not a note)"),
-    "instrument": ("i2", "MMT instrument code (-1: none)"),
-    "program": ("i2", "General MIDI program (-1: none)"),
-}
-
-
-def _netcdf_lock() -> Any:
-    """The lock xarray takes around netCDF4/HDF5 calls (netCDF-C is not thread-safe)."""
-    try:
-        from xarray.backends.netCDF4_ import NETCDF4_PYTHON_LOCK
-
-        return NETCDF4_PYTHON_LOCK
-    except (ImportError, AttributeError):  # pragma: no cover - xarray is a dependency
-        import threading
-
-        return threading.Lock()
-
-
-#: every netCDF4 call of the package holds this lock (shared with xarray's reads)
-NC_LOCK = _netcdf_lock()
-
-
-@contextmanager
-def _aligned(netCDF4: Any) -> Iterator[None]:
-    """Files created inside align their large objects (the activation chunks) to 4 KiB."""
-    previous = tuple(netCDF4.get_alignment())
-    netCDF4.set_alignment(*ALIGN)
-    try:
-        yield
-    finally:  # (0, 0) means "never set"; setting it would make HDF5 refuse every file
-        netCDF4.set_alignment(*(previous if previous != (0, 0) else (1, 1)))
+ALIGN = {"alignment_threshold": 1 << 16, "alignment_interval": 4096}  # 64 KiB+ on 4 KiB
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.nc"
 
 
+def songs_digest(songs: Sequence[str]) -> str:
+    """sha256 of the song list (what a resumed extraction must agree on)."""
+    return hashlib.sha256(json.dumps(list(songs)).encode()).hexdigest()
+
+
 @dataclass
 class NetCDFStoreConfig:
-    """Options of the ``netcdf`` store."""
+    """Options of the ``netcdf`` store (``shard_mb`` counts float32 activations)."""
 
     shard_mb: float = 256.0
     shard_tokens: int | None = None
@@ -127,10 +111,11 @@ class NetCDFStore(ActivationStore):
     Config = NetCDFStoreConfig
 
     def create(self, path: Path, *, hooks: Sequence[str], d_model: int, songs: Sequence[str],
-               sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True) -> StoreWriter:
-        """Start (or resume) writing a store in ``path``."""
+               sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True,
+               dtype: str = "float32") -> StoreWriter:
+        """Start (or resume) writing a store in ``path``; ``dtype`` is the stored precision."""
         return StoreWriter.open(Path(path), self.config, list(hooks), int(d_model), list(songs),
-                                list(sources), dict(attrs), resume)
+                                list(sources), dict(attrs), resume, schema.check_dtype(dtype))
 
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         return self.config.tokens_per_shard(n_hooks, d_model)
@@ -151,26 +136,33 @@ class StoreWriter:
 
     @classmethod
     def open(cls, path: Path, config: NetCDFStoreConfig, hooks: list[str], d_model: int,
-             songs: list[str], sources: list[str], attrs: dict[str, Any], resume: bool) -> StoreWriter:
+             songs: list[str], sources: list[str], attrs: dict[str, Any], resume: bool,
+             dtype: str = "float32") -> StoreWriter:
         path.mkdir(parents=True, exist_ok=True)
-        identity = {"hooks": hooks, "d_model": d_model, "songs": songs,
+        identity = {"hooks": hooks, "d_model": d_model, "n_songs": len(songs),
+                    "songs_sha256": songs_digest(songs), "dtype": dtype,
                     "fingerprint": attrs.get("fingerprint")}
         existing = path / MANIFEST
         if resume and existing.exists():
-            manifest = json.loads(existing.read_text())
-            same = all(manifest.get(k) == v for k, v in identity.items())
-            if same and not manifest.get("complete"):
+            try:
+                manifest = json.loads(existing.read_text())
+            except (OSError, ValueError):
+                manifest = {}
+            same = manifest.get("format_version") == FORMAT_VERSION and \
+                all(manifest.get(k) == v for k, v in identity.items())
+            if same and not manifest.get("complete") and (path / SONGS_FILE).exists():
                 writer = cls(path, config, manifest)
                 writer._drop_strays()
                 return writer
-        for stale in path.glob("*shard-*.nc*"):
+        for stale in [*path.glob("*shard-*.nc*"), *path.glob(f"*{SONGS_FILE}*")]:
             stale.unlink()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": uuid.uuid4().hex,
-            **identity, "song_sources": sources, "chunk_tokens": config.chunk_tokens,
-            "layout": config.layout,
+            **identity, "songs_file": SONGS_FILE, "variable": schema.variable(dtype),
+            "chunk_tokens": config.chunk_tokens, "layout": config.layout,
             "attrs": attrs, "shards": [], "complete": False,
         }
+        _write_songs(path / SONGS_FILE, songs, sources, manifest["store_id"])
         write_json_atomic(existing, manifest)
         return cls(path, config, manifest)
 
@@ -190,6 +182,10 @@ class StoreWriter:
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest.get("dtype", "float32"))
+
     def write_shard(self, acts: np.ndarray, coords: Mapping[str, np.ndarray],
                     song_start: int, song_stop: int) -> Path:
         """Write one shard: ``acts`` (n_tokens, n_hooks, d_model) float32 and token coordinates.
@@ -204,78 +200,87 @@ class StoreWriter:
             raise ValueError(f"shard activations {acts.shape} do not match hooks/d_model")
         index = self.n_shards
         final = self.path / shard_name(index)
+        if self.dtype == "float16" and n and (peak := float(np.abs(acts).max())) > schema.FLOAT16_MAX:
+            raise UserError(f"{final}: activations reach |x| = {peak:.4g}, beyond float16's range "
+                            f"({schema.FLOAT16_MAX:g}); extract with dtype bfloat16 or float32")
         tmp = self.path / f".{final.name}.tmp"
+        first = sum(int(s["tokens"]) for s in m["shards"])
         try:
-            self._write_file(tmp, acts, coords, index, song_start, song_stop)
+            self._write_file(tmp, acts, coords, index, first, song_start, song_stop)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             checksum = file_checksum(tmp)
             os.replace(tmp, final)
         except BaseException as exc:
-            # netCDF-C reports a full disk as a bare "HDF error": told by the free space
             full = is_disk_full(exc, self.path, need=acts.nbytes + (1 << 20))
             tmp.unlink(missing_ok=True)
             if full:
                 raise DiskFull(f"no space left on device while writing {final}") from None
             raise
-        m["shards"].append({"file": final.name, "tokens": int(n), "song_start": int(song_start),
-                            "song_stop": int(song_stop), "checksum": checksum})
+        m["shards"].append({"file": final.name, "tokens": int(n), "token_start": first,
+                            "song_start": int(song_start), "song_stop": int(song_stop),
+                            "checksum": checksum})
         write_json_atomic(self.path / MANIFEST, m)
         return final
 
     def _write_file(self, tmp: Path, acts: np.ndarray, coords: Mapping[str, np.ndarray],
-                    index: int, song_start: int, song_stop: int) -> None:
-        """The shard's netCDF file, written to ``tmp``."""
-        import netCDF4
+                    index: int, first: int, song_start: int, song_stop: int) -> None:
+        """The shard's netCDF-4 file, written to ``tmp`` through h5netcdf."""
+        import h5py
 
-        m = self.manifest
-        n = acts.shape[0]
-        chunk = max(1, min(self.config.chunk_tokens, n))
-        with NC_LOCK, _aligned(netCDF4), netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
-            nc.createDimension("token", n)
-            nc.createDimension("hook", len(m["hooks"]))
-            nc.createDimension("d_model", m["d_model"])
-            nc.createDimension("songs", len(m["songs"]))
-            for key, value in self._global_attrs(index, song_start, song_stop).items():
-                nc.setncattr(key, value)
-            hook = nc.createVariable("hook", str, ("hook",))
+        m, cfg = self.manifest, self.config
+        n, d = acts.shape[0], m["d_model"]
+        chunk = max(1, min(cfg.chunk_tokens, n))
+        coord_chunk = (max(1, min(n, COORD_CHUNK_FACTOR * chunk)),)
+        zlib = {"compression": "gzip", "compression_opts": max(1, cfg.compression_level),
+                "shuffle": True} if cfg.compression_level > 0 and n else {}
+        names = m["attrs"].get("instrument_names") or None
+        # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
+        # on a whole-row grid whatever d_model (aligned chunks of another size would not)
+        whole = m.get("layout", "chunked") == "contiguous" or n < cfg.chunk_tokens
+        align = dict(ALIGN)
+        if not whole:  # chunks under the threshold are aligned too, so that they lie on rows
+            align["alignment_threshold"] = min(align["alignment_threshold"],
+                                               chunk * d * schema.itemsize(self.dtype))
+        with H5_LOCK, _netcdf_file(tmp, align) as nc:
+            nc.dimensions = {"token": n, "hook": len(m["hooks"]), "d_model": d}
+            nc.attrs.update(self._global_attrs(index, first, song_start, song_stop))
+            token = nc.create_variable("token", ("token",), np.int64, chunks=coord_chunk if n else None,
+                                       data=np.arange(first, first + n, dtype=np.int64), **zlib)
+            token.attrs.update(schema.token_attrs())
+            hook = nc.create_variable("hook", ("hook",), h5py.string_dtype())
             hook[:] = np.asarray(m["hooks"], dtype=object)
-            hook.long_name = "hook point"
-            # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
-            # on a whole-row grid whatever d_model (aligned chunks of another size would not)
-            whole = m.get("layout", "chunked") == "contiguous" or n < self.config.chunk_tokens
-            layout = {"contiguous": True} if whole else {"chunksizes": (chunk, 1, m["d_model"])}
-            var = nc.createVariable("activations", "f4", ("token", "hook", "d_model"), **layout)
-            var.long_name = "residual stream activation"
-            var[:] = np.ascontiguousarray(acts, dtype=np.float32)
-            for name, (dtype, doc) in TOKEN_COORDS.items():
-                v = nc.createVariable(name, dtype, ("token",), zlib=self.config.compression_level > 0,
-                                      complevel=max(1, self.config.compression_level),
-                                      chunksizes=(min(n, COORD_CHUNK_FACTOR * chunk),))
-                v.long_name = doc
-                if name == "event_type":
-                    v.flag_values = np.arange(len(EVENT_TYPES), dtype=np.int8)
-                    v.flag_meanings = " ".join(e.replace("-", "_") for e in EVENT_TYPES)
-                elif name not in ("song", "seq_pos", "song_token", "window"):
-                    v.comment = "-1 where not applicable (kept as an integer, not a fill value)"
-                v[:] = np.asarray(coords[name]).astype(dtype)
-            names = nc.createVariable("song_name", str, ("songs",))
-            names[:] = np.asarray(m["songs"], dtype=object)
-            srcs = nc.createVariable("song_source", str, ("songs",))
-            srcs[:] = np.asarray(m["song_sources"], dtype=object)
+            hook.attrs["long_name"] = "hook point"
+            stored = schema.encode(acts, self.dtype)
+            var = nc.create_variable(schema.variable(self.dtype), ("token", "hook", "d_model"),
+                                     stored.dtype, chunks=None if whole else (chunk, 1, d),
+                                     fill_time="never")
+            var.attrs.update(schema.activation_attrs(self.dtype))
+            var.attrs["coordinates"] = " ".join(TOKEN_COORDS)
+            if n:
+                var[...] = stored
+            for name, (kind, _) in TOKEN_COORDS.items():
+                v = nc.create_variable(name, ("token",), np.dtype(kind),
+                                       chunks=coord_chunk if n else None,
+                                       data=np.asarray(coords[name]).astype(kind), **zlib)
+                v.attrs.update(schema.coord_attrs(name, names))
 
-    def _global_attrs(self, index: int, song_start: int, song_stop: int) -> dict[str, Any]:
+    def _global_attrs(self, index: int, first: int, song_start: int, song_stop: int) -> dict[str, Any]:
         m = self.manifest
-        attrs = {
+        attrs: dict[str, Any] = {
             "Conventions": "CF-1.10",
             "title": "music-interpret token activations",
             "store_format": f"{FORMAT}/{FORMAT_VERSION}",
             "store_id": m["store_id"],
             "shard_index": index,
+            "token_start": first,
             "song_start": song_start,
             "song_stop": song_stop,
             "hook_points": " ".join(m["hooks"]),
             "d_model": m["d_model"],
+            "stored_dtype": self.dtype,
+            "song_table": f"{SONGS_FILE} (song_name, song_source over songs; coordinate 'song' "
+                          "indexes it)",
             "instrument_names": json.dumps(m["attrs"].get("instrument_names", [])),
         }
         for key, value in m["attrs"].items():
@@ -293,120 +298,53 @@ class StoreWriter:
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
 
-# -- reading ---------------------------------------------------------------------------
+@contextmanager
+def _netcdf_file(path: Path, options: Mapping[str, Any]) -> Iterator[Any]:
+    """An h5netcdf file open for writing at ``path``, closed (and flushed) on success.
 
-
-@dataclass(frozen=True)
-class StoreInfo:
-    """A checked store: manifest plus the shard files, in order."""
-
-    path: Path
-    manifest: dict[str, Any]
-    shards: tuple[Path, ...]
-
-    @property
-    def hooks(self) -> list[str]:
-        return list(self.manifest["hooks"])
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(s["tokens"] for s in self.manifest["shards"]))
-
-    @property
-    def songs(self) -> list[str]:
-        return list(self.manifest["songs"])
-
-    def hook_index(self, hook: str) -> int:
-        """Position of ``hook`` in the hook dimension; UserError naming the hooks that exist."""
-        if hook not in self.manifest["hooks"]:
-            raise UserError(f"{self.path}: hook point {hook!r} was not extracted "
-                            f"(extracted: {', '.join(self.manifest['hooks'])})")
-        return self.manifest["hooks"].index(hook)
-
-
-def check_store(path: Path | str, require_complete: bool = True, verify_shards: bool = True,
-                verify_checksums: bool = False) -> StoreInfo:
-    """Validate a store folder; every problem is a one-line UserError naming the file.
-
-    ``verify_shards`` opens every shard and checks its identity and sizes against the
-    manifest; ``verify_checksums`` also reads every shard's bytes and compares them with
-    the checksum recorded when it was written (stores written before checksums existed
-    have none to compare).
+    On a failure (a full disk, say) the HDF5 file is closed without the final flush:
+    h5netcdf's own close would flush again into the failed file, which crashes HDF5.
     """
-    path = Path(path)
-    if path.is_file() and path.name == MANIFEST:
-        path = path.parent
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise UserError(f"{path}: activation store folder not found")
-    if not manifest_path.exists():
-        raise UserError(f"{manifest_path}: not an activation store (no {MANIFEST})")
+    import h5netcdf
+    import h5py
+
+    h5 = h5py.File(path, "w", track_order=True, **options)
+    nc = h5netcdf.File(h5, "w")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{manifest_path}: unreadable store manifest ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{manifest_path}: not a {FORMAT} manifest")
-    if require_complete and not manifest.get("complete"):
-        raise UserError(f"{path}: the store is incomplete (extraction did not finish; rerun it to resume)")
-    if not manifest["shards"]:
-        raise UserError(f"{path}: the store has no shards")
-    shards = tuple(path / s["file"] for s in manifest["shards"])
-    if verify_shards or verify_checksums:
-        for entry, shard in zip(manifest["shards"], shards, strict=True):
-            _check_shard(shard, entry, manifest)
-            recorded = entry.get("checksum")
-            if verify_checksums and recorded and not checksum_matches(shard, recorded):
-                raise UserError(f"{shard}: the file changed after it was written (checksum "
-                                f"mismatch with {MANIFEST}); extract the store again")
-    return StoreInfo(path, manifest, shards)
+        yield nc
+        nc.flush()
+        h5.flush()  # write errors (a full disk) surface here, not in a silent close
+        nc.close()
+        h5.close()
+    except BaseException:
+        nc._closed = True  # no flush into the failed file (h5netcdf has no public way)
+        with suppress(Exception):
+            h5.close()
+        raise
 
 
-def _check_shard(shard: Path, entry: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
-    import netCDF4
+def _write_songs(path: Path, songs: Sequence[str], sources: Sequence[str], store_id: str) -> None:
+    """``songs.nc``: the song table, written once (temporary name, then renamed)."""
+    import h5py
 
-    if not shard.exists():
-        raise UserError(f"{shard}: shard listed in {MANIFEST} is missing")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with NC_LOCK, netCDF4.Dataset(shard) as nc:
-            store_id = nc.getncattr("store_id") if "store_id" in nc.ncattrs() else None
-            hooks = nc.getncattr("hook_points").split() if "hook_points" in nc.ncattrs() else None
-            n = len(nc.dimensions["token"])
-            d = len(nc.dimensions["d_model"])
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{shard}: corrupt or truncated shard ({str(exc).splitlines()[0]})") from None
-    if store_id != manifest["store_id"]:
-        raise UserError(f"{shard}: shard belongs to another store (store_id {store_id})")
-    if hooks != list(manifest["hooks"]):
-        raise UserError(f"{shard}: hook points {hooks} disagree with the store's {manifest['hooks']}")
-    if d != manifest["d_model"]:
-        raise UserError(f"{shard}: d_model {d} disagrees with the store's {manifest['d_model']}")
-    if n != entry["tokens"]:
-        raise UserError(f"{shard}: holds {n} tokens, the manifest says {entry['tokens']}")
-
-
-def read_block(shard: Path, hook_index: int, start: int, stop: int) -> np.ndarray:
-    """Activations of one hook for tokens [start, stop) of a shard, as float32 (n, d_model)."""
-    import netCDF4
-
-    with NC_LOCK, netCDF4.Dataset(shard) as nc:
-        var = nc.variables["activations"]
-        var.set_auto_mask(False)
-        return np.asarray(var[start:stop, hook_index, :], dtype=np.float32)
-
-
-def read_coords(shard: Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Token coordinates of a shard (all of them unless ``names`` is given)."""
-    import netCDF4
-
-    with NC_LOCK, netCDF4.Dataset(shard) as nc:
-        out = {}
-        for name in names or TOKEN_COORDS:
-            var = nc.variables[name]
-            var.set_auto_mask(False)
-            out[name] = np.asarray(var[:])
-        return out
+        with H5_LOCK, _netcdf_file(tmp, {}) as nc:
+            nc.dimensions = {"songs": len(songs)}
+            nc.attrs.update({"Conventions": "CF-1.10", "title": "music-interpret song table",
+                             "store_format": f"{FORMAT}/{FORMAT_VERSION}", "store_id": store_id})
+            for name, values, doc in (("song_name", songs, "song name"),
+                                      ("song_source", sources, "file the song was read from")):
+                var = nc.create_variable(name, ("songs",), h5py.string_dtype())
+                if len(values):
+                    var[:] = np.asarray(list(values), dtype=object)
+                var.attrs["long_name"] = doc
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        full = is_disk_full(exc, path.parent, need=1 << 20)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFull(f"no space left on device while writing {path}") from None
+        raise

@@ -86,11 +86,12 @@ def test_hook_not_extracted(store):
 def test_d_model_disagrees(copy, tmp_path):
     import numpy as np
 
-    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore
+    from music_interpret.stores.netcdf import TOKEN_COORDS, NetCDFStore, check_store
 
     manifest = json.loads((copy / "store.json").read_text())
+    info = check_store(copy)
     writer = NetCDFStore().create(tmp_path / "narrow", hooks=manifest["hooks"], d_model=8,
-                                  songs=manifest["songs"], sources=manifest["song_sources"], attrs={})
+                                  songs=info.songs, sources=info.song_sources, attrs={})
     n = manifest["shards"][0]["tokens"]
     shard = writer.write_shard(np.zeros((n, 1, 8), np.float32),
                                {k: np.zeros(n, np.int64) for k in TOKEN_COORDS}, 0, 1)

@@ -91,7 +91,8 @@ def test_saelens_export_round_trip(trained: Path, tmp_path: Path) -> None:
     out = export_saelens(folder, tmp_path / "saelens")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["d_in"] == 16 and cfg["d_sae"] == 32
-    assert cfg["hook_name"] == HOOKS[1] == cfg["meta"]["hook_name"] and cfg["dtype"] == "float32"
+    assert cfg["metadata"]["hook_name"] == HOOKS[1] and cfg["dtype"] == "float32"
+    assert cfg["metadata"]["input_mean_norm"] > 5  # recorded by the train stage
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     ours, theirs = load_file(folder / "weights.safetensors"), load_file(out / "sae_weights.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours) and set(theirs) == set(ours)

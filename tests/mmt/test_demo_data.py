@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("music21", reason="music21 builds the demo data (pip install music21)")
+pytest.importorskip("music21", reason="the demo-data builder needs the [demo] extra")
 from music21 import chord, note, stream  # noqa: E402
 
 from music_interpret.adapters.mmt import demo_data  # noqa: E402

@@ -92,8 +92,9 @@ class BuildResult:
 def _music21() -> Any:
     try:
         import music21
-    except ImportError as exc:  # pragma: no cover - music21 is a dependency
-        raise UserError(f"music21 is required to build demo data: {exc}") from None
+    except ImportError as exc:  # music21 comes with the [demo] extra
+        raise UserError(f"building demo data needs music21, which is not installed ({exc}); "
+                        "install it with: pip install 'music-interpret[demo]'") from None
     return music21
 
 
