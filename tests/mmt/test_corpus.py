@@ -190,6 +190,11 @@ def test_program_rules() -> None:
     assert programs(PartInfo("Violin I", "String Ensemble 1", 48)) == [(40, "name")]
     assert programs(PartInfo("P1", "Grand Piano", 0), PartInfo(""))[0] == (0, "instrument")
     assert programs(PartInfo("", "", 52)) == [(52, "midi")]
+    assert programs(PartInfo("", staff=True), PartInfo("", staff=True)) == [(0, "staff")] * 2
+    assert [corpus.name_program(n)[1] for n in ("Klarinette", "Flöte", "Trompete", "Alt")] == [
+        71, 73, 56, 41,
+    ]  # fmt: skip
+    assert corpus.name_program("Gesang") == (True, None)
     assert programs(PartInfo("", "", 120)) == [(40, "melody")]  # 120: not an MMT instrument
     assert programs(PartInfo("", mean_pitch=60), PartInfo("", mean_pitch=45)) == [
         (41, "range"), (43, "range"),
@@ -197,6 +202,24 @@ def test_program_rules() -> None:
     assert programs(PartInfo("MusicXML Part", "Tenor Sax", 66, 55.0), vocal=True) == [
         (42, "range")
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "played", "implied"),
+    [
+        ("CDEF|CDEF:|GABc|GABc:|", "CDEF CDEF CDEF CDEF GABC GABC GABC GABC", 1),
+        ("|:CDEF|CDEF:||:GABc|GABc:|", "CDEF CDEF CDEF CDEF GABC GABC GABC GABC", 0),
+        ("|:CDEF|[1 CDEF:|[2 EDCz||GABc|GABc:|", "CDEF CDEF CDEF EDC GABC GABC GABC GABC", 1),
+        ("CDEF|[1 CDEF:|[2 EDCz|GABc|[1 GABc:|[2 cBAG|]", "CDEF CDEF CDEF EDC GABC GABC GABC CBAG",
+         1),
+    ],
+)  # fmt: skip
+def test_bare_end_repeats_go_back_to_the_previous_one(body: str, played: str, implied: int) -> None:
+    music21 = demo_data._music21()
+    score = music21.converter.parseData(f"X:1\nM:2/4\nL:1/8\nK:C\n{body}\n", format="abc")
+    assert corpus.imply_repeat_starts(score) == implied
+    notes = score.expandRepeats().flatten().notes
+    assert "".join(n.name for n in notes) == played.replace(" ", "")
 
 
 def test_melody_key_ignores_transposition_and_note_values() -> None:

@@ -19,13 +19,23 @@ each part named after its voice (the tune's second ``T:`` line).
 **Notes**: the demo's rules (:func:`~.demo_data.score_notes`, :func:`~.demo_data.mmt_filter`):
 resolution 12, repeats expanded with music21's ``expandRepeats`` (as muspy does), ties
 merged, chords split, grace notes, rests and chord symbols dropped, MMT's length filters,
-sorted unique rows, first beat shifted to 0. A score without any measure cannot hold a
-repeat mark (music21 refuses to expand it): it is kept as written, and ``sources.json``
-says ``"repeats": "none (no measures)"``; this happens for Essen songs with ``M: none``.
-A score whose repeats music21 cannot expand is skipped with music21's reason. A note whose
-pitch lies outside MIDI 0..127 (music21 would fold it by octaves) skips the song. Every
-duration is representable: MMT's encoding snaps it to its known durations and caps it at
-384, as it does for MMT's own data.
+sorted unique rows, first beat shifted to 0. Two additions for repeats:
+
+* An end-repeat with no start-repeat since the previous end-repeat first gets the start
+  it implies (:func:`imply_repeat_starts`): the usual convention, which music21 does not
+  follow (it goes back to the beginning, so the abc idiom ``A :| B :|`` would play
+  ``A A B A A B``, and a tune of eight such sections grew 64-fold in a trial). Scores
+  with a start for every end-repeat, such as the demo's chorales, are not changed.
+  ``sources.json`` counts the implied starts per song.
+* A score without any measure holds no repeat mark as music21 reads it (it refuses to
+  expand such a score): it is kept as written, ``"repeats": "none (no measures)"`` (Essen
+  songs with ``M: none``); if it does hold repeat marks it is skipped.
+
+A score whose repeats music21 cannot expand is skipped with music21's reason (skipping is
+the demo's rule; playing it unexpanded would play first and second endings in a row). A
+note whose pitch lies outside MIDI 0..127 (music21 would fold it by octaves) skips the
+song. Every duration is representable: MMT's encoding snaps it to its known durations and
+caps it at 384, as it does for MMT's own data.
 
 **Programs** (:func:`assign_programs`), per part, the first rule that applies:
 
@@ -36,25 +46,28 @@ duration is representable: MMT's encoding snaps it to its known durations and ca
    contratenor, triplum, "voice", choir, ...) takes the ``range`` rule.
 2. ``instrument``: music21's instrument name matches :data:`NAME_RULES`.
 3. ``midi``: music21's ``midiProgram``, when MMT's encoding maps it to an instrument.
-4. ``melody``: the only part of a score: 40 (monophonic folk tunes: one melody instrument).
-5. ``range``: the voice of the part's mean pitch: >= 64.5 -> 40, >= 58.5 -> 41,
+4. ``staff``: one staff of a multi-staff part (music21's ``PartStaff``): 0 (piano).
+5. ``melody``: the only part of a score: 40 (monophonic folk tunes: one melody instrument).
+6. ``range``: the voice of the part's mean pitch: >= 64.5 -> 40, >= 58.5 -> 41,
    >= 51.5 -> 42, else 43.
 
 The part name is tried before ``midiProgram`` because, in this corpus, the stored programs
 are mostly notation-software defaults (piano for Monteverdi's voices, String Ensemble for
 every Haydn/Mozart quartet part, "choir" for every Palestrina voice), while the names are
 specific. In the vocal collections (:data:`VOCAL_SUBCORPORA`) an unnamed part skips rules
-2-4 (their instrument names, e.g. "Tenor Sax", are playback placeholders).
+2-5 (their instrument names, e.g. "Tenor Sax", are playback placeholders).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import re
 import statistics
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +90,7 @@ VOCAL_SUBCORPORA = frozenset(
     {"palestrina", "josquin", "trecento", "ciconia", "luca", "lusitano", "monteverdi"}
 )
 MELODY_PROGRAM = 40
+STAFF_PROGRAM = 0  # an unnamed staff of a multi-staff part: piano
 RANGE_PROGRAMS = ((64.5, 40), (58.5, 41), (51.5, 42))  # mean pitch >= bound -> program
 LOW_PROGRAM = 43
 _SKIP_DIRS = {"__pycache__", "_metadataCache"}
@@ -98,23 +112,23 @@ NAME_RULES: tuple[tuple[str, int | None], ...] = (
     (r"guitar|\blute\b|\bliuto\b|theorbo", 24),
     (r"piccolo", 72),
     (r"recorder|flauto dolce|blockfl", 74),
-    (r"flute|flauto|traverso", 73),
+    (r"flute|flauto|traverso|\bflote", 73),
     (r"english horn|cor anglais|oboe da caccia", 69),
     (r"\boboe|hautbois", 68),
-    (r"clarinet", 71),
+    (r"clarinet|klarinet", 71),
     (r"bassoon|fagott", 70),
-    (r"trumpet|tromba|clarino|cornet", 56),
+    (r"trumpet|tromba|tromp|clarino|cornet", 56),
     (r"trombone|posaune", 57),
     (r"\btuba\b", 58),
     (r"\bhorn|\bcorno\b|\bcorni\b", 60),
     (r"timpani|\btimp\b|pauken", 47),
     (r"mezzo", 41),
     (r"soprano|\bsopran|\bcantus\b|\bcanto\b|superius|discantus|treble", 40),
-    (r"\balto\b|\baltus\b|contralto|countertenor", 41),
+    (r"\balto\b|\balt\b|\baltus\b|contralto|countertenor", 41),
     (r"\btenor\b|\btenore\b", 42),
     (r"\bbass\b|\bbassus\b|\bbasso\b|bariton|\bbarit\b", 43),
     (r"quint|\bsext|septim|vagans|contratenor|triplum|motetus|voice|\bvox\b|choir|chorus"
-     r"|\bcoro\b|vocal|\bsolo\b", None),
+     r"|\bcoro\b|vocal|\bsolo\b|gesang|stimme", None),
 )  # fmt: skip
 _NAME_PATTERNS = tuple((re.compile(pattern), program) for pattern, program in NAME_RULES)
 
@@ -172,8 +186,8 @@ def corpus_tasks(
 ) -> tuple[list[Task], list[Skip]]:
     """Tasks and file-level skips for every file in a folder of ``root``, in path order.
 
-    ``include``: corpus-relative glob patterns (``fnmatch`` style via ``PurePath.match``
-    on the full relative path); files matching none are ignored without a record.
+    ``include``: glob patterns (``fnmatch``, where ``*`` also crosses folders) matched
+    against the corpus-relative path; files matching none are ignored without a record.
     """
     files = sorted(
         (p.relative_to(root).as_posix(), p)
@@ -198,7 +212,7 @@ def corpus_tasks(
 
 
 def _matches(rel: str, pattern: str) -> bool:
-    return PurePosixPath(rel).match(pattern) or rel == pattern
+    return fnmatch.fnmatchcase(rel, pattern)
 
 
 def _file_skip_reason(rel: str, path: Path, stems: set[str]) -> tuple[str, str] | None:
@@ -269,7 +283,8 @@ def _abc_tasks(rel: str, path: Path) -> list[Task]:
 
 
 def _normalise(name: str) -> str:
-    return " ".join(re.sub(r"[^a-z]+", " ", name.lower()).split())
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return " ".join(re.sub(r"[^a-z]+", " ", plain.lower()).split())
 
 
 def name_program(name: str) -> tuple[bool, int | None]:
@@ -299,6 +314,7 @@ class PartInfo:
     instrument_name: str = ""
     midi_program: int | None = None
     mean_pitch: float | None = None
+    staff: bool = False  # one staff of a multi-staff instrument (music21 PartStaff)
 
 
 def assign_programs(parts: Sequence[PartInfo], vocal: bool = False) -> list[tuple[int, str]]:
@@ -320,6 +336,8 @@ def _program(part: PartInfo, n_parts: int, vocal: bool) -> tuple[int, str]:
         midi = part.midi_program
         if midi is not None and 0 <= midi < 128 and representation.PROGRAM_INSTRUMENT_MAP[midi]:
             return midi, "midi"
+        if part.staff:
+            return STAFF_PROGRAM, "staff"
         if n_parts == 1:
             return MELODY_PROGRAM, "melody"
     return range_program(part.mean_pitch), "range"
@@ -405,7 +423,46 @@ def _part_info(part: Any) -> PartInfo:
         instrument_name=str(inst.instrumentName or "") if inst is not None else "",
         midi_program=inst.midiProgram if inst is not None else None,
         mean_pitch=statistics.fmean(pitches) if pitches else None,
+        staff=isinstance(part, music21.stream.PartStaff),
     )
+
+
+def imply_repeat_starts(score: Any) -> int:
+    """Give every end-repeat without a start-repeat its implied start; returns how many.
+
+    The first section needs none: music21 already goes back to the beginning.
+
+    By the usual convention a bare end-repeat goes back to the previous end-repeat (past
+    any later endings of it) or to the beginning. music21's ``expandRepeats`` always goes
+    back to the beginning, so ``A :| B :|``, common in abc, would play ``A A B A A B``
+    and longer tunes grow exponentially. Marks are added in place, part by part.
+    """
+    music21 = _music21()
+    added = 0
+    for part in score.parts:
+        measures = list(part.getElementsByClass("Measure"))
+        in_ending = {
+            id(m)
+            for bracket in part.spannerBundle.getByClass(music21.spanner.RepeatBracket)
+            for m in bracket.getSpannedElements()
+        }
+        section_start, has_start = 0, False
+        for i, measure in enumerate(measures):
+            if _is_repeat(measure.leftBarline, "start"):
+                has_start = True
+            if _is_repeat(measure.rightBarline, "end"):
+                if not has_start and 0 < section_start <= i:  # 0: music21's own choice
+                    measures[section_start].leftBarline = music21.bar.Repeat(direction="start")
+                    added += 1
+                has_start = False
+                section_start = i + 1
+            elif i == section_start and id(measure) in in_ending and not has_start:
+                section_start = i + 1  # a later ending of the previous repeat
+    return added
+
+
+def _is_repeat(barline: Any, direction: str) -> bool:
+    return getattr(barline, "direction", None) == direction and type(barline).__name__ == "Repeat"
 
 
 def _expand(score: Any) -> tuple[Any, str]:
@@ -415,7 +472,8 @@ def _expand(score: Any) -> tuple[Any, str]:
             raise SkipSong("repeats", "repeat marks in a score without measures")
         return score, "none (no measures)"
     try:
-        return score.expandRepeats(), "expanded"
+        implied = imply_repeat_starts(score)
+        return score.expandRepeats(), "expanded" + (f", {implied} implied start" if implied else "")
     except Exception as exc:
         raise SkipSong("repeats", f"music21 cannot expand the repeats ({_describe(exc)})") from None
 
