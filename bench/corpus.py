@@ -7,7 +7,7 @@ main process (``RUSAGE_SELF``) and of the largest worker (each worker's own
 ``ru_maxrss``, and ``RUSAGE_CHILDREN`` once they are reaped), with the per-sub-corpus
 table. About an hour on 2 cores.
 
-    python -m bench corpus [--workers N] [--out DIR] [--time-limit S] [--quick]
+    python -m bench corpus [--workers N] [--out DIR] [--time-limit S] [--quick] [--progress]
 
 ``--out DIR`` keeps the dataset at ``DIR/music21_notes`` (default: a temporary folder,
 removed afterwards). ``--quick``: three files, no result file.
@@ -55,10 +55,12 @@ print(json.dumps({
 """
 
 
-def run_build(out: Path, workers: int, time_limit: float, include: list[str]) -> dict[str, Any]:
+def run_build(
+    out: Path, workers: int, time_limit: float, include: list[str], progress: bool
+) -> dict[str, Any]:
     """The build in a fresh interpreter; its JSON report."""
-    progress = "on" if sys.stderr.isatty() else "off"
-    cmd = [sys.executable, "-c", CHILD, str(out), str(workers), str(time_limit), progress,
+    progress_arg = "on" if progress or sys.stderr.isatty() else "off"
+    cmd = [sys.executable, "-c", CHILD, str(out), str(workers), str(time_limit), progress_arg,
            *include]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -84,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None, help="keep the dataset in OUT/music21_notes")
     p.add_argument("--quick", action="store_true", help="three files, no result file")
+    p.add_argument("--progress", action="store_true", help="progress bar even without a tty")
     args = p.parse_args(argv)
+    described = machine()  # load average before the build
     out = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="mi-bench-corpus-"))
     try:
-        result = run_build(out, args.workers, args.time_limit, QUICK if args.quick else [])
+        include = QUICK if args.quick else []
+        result = run_build(out, args.workers, args.time_limit, include, args.progress)
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
     result.update(
-        machine=machine(),
+        machine=described,
+        nice=os.nice(0),
         workers=args.workers,
         time_limit_s=args.time_limit,
         songs_per_s=result["songs"] / result["seconds"],
