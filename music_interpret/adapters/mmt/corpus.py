@@ -25,8 +25,9 @@ sorted unique rows, first beat shifted to 0. Two additions for repeats:
   it implies (:func:`imply_repeat_starts`): the usual convention, which music21 does not
   follow (it goes back to the beginning, so the abc idiom ``A :| B :|`` would play
   ``A A B A A B``, and a tune of eight such sections grew 64-fold in a trial). Scores
-  with a start for every end-repeat, such as the demo's chorales, are not changed.
-  ``sources.json`` counts the implied starts per song.
+  with a start for every later end-repeat, such as all 307 demo chorales, are not
+  changed. If music21 then refuses to expand the score, it is expanded as music21 reads
+  it. ``sources.json`` says which, with the number of implied starts.
 * A score without any measure holds no repeat mark as music21 reads it (it refuses to
   expand such a score): it is kept as written, ``"repeats": "none (no measures)"`` (Essen
   songs with ``M: none``); if it does hold repeat marks it is skipped.
@@ -427,38 +428,42 @@ def _part_info(part: Any) -> PartInfo:
     )
 
 
-def imply_repeat_starts(score: Any) -> int:
-    """Give every end-repeat without a start-repeat its implied start; returns how many.
-
-    The first section needs none: music21 already goes back to the beginning.
+def imply_repeat_starts(score: Any) -> list[tuple[Any, Any]]:
+    """Give every end-repeat without a start-repeat its implied start, in place.
 
     By the usual convention a bare end-repeat goes back to the previous end-repeat (past
     any later endings of it) or to the beginning. music21's ``expandRepeats`` always goes
     back to the beginning, so ``A :| B :|``, common in abc, would play ``A A B A A B``
-    and longer tunes grow exponentially. Marks are added in place, part by part.
+    and longer tunes grow exponentially. The first section needs no mark (music21 already
+    goes back to the beginning). Returns ``(measure, previous left barline)`` per mark
+    added, for :func:`_undo`.
     """
     music21 = _music21()
-    added = 0
+    bracket = music21.spanner.RepeatBracket
+    added: list[tuple[Any, Any]] = []
     for part in score.parts:
         measures = list(part.getElementsByClass("Measure"))
-        in_ending = {
-            id(m)
-            for bracket in part.spannerBundle.getByClass(music21.spanner.RepeatBracket)
-            for m in bracket.getSpannedElements()
-        }
         section_start, has_start = 0, False
         for i, measure in enumerate(measures):
             if _is_repeat(measure.leftBarline, "start"):
                 has_start = True
             if _is_repeat(measure.rightBarline, "end"):
-                if not has_start and 0 < section_start <= i:  # 0: music21's own choice
-                    measures[section_start].leftBarline = music21.bar.Repeat(direction="start")
-                    added += 1
+                if not has_start and 0 < section_start <= i:
+                    target = measures[section_start]
+                    added.append((target, target.leftBarline))
+                    target.leftBarline = music21.bar.Repeat(direction="start")
                 has_start = False
                 section_start = i + 1
-            elif i == section_start and id(measure) in in_ending and not has_start:
+            elif i == section_start and not has_start and any(
+                isinstance(site, bracket) for site in measure.getSpannerSites()
+            ):
                 section_start = i + 1  # a later ending of the previous repeat
     return added
+
+
+def _undo(added: list[tuple[Any, Any]]) -> None:
+    for measure, barline in added:
+        measure.leftBarline = barline
 
 
 def _is_repeat(barline: Any, direction: str) -> bool:
@@ -466,14 +471,21 @@ def _is_repeat(barline: Any, direction: str) -> bool:
 
 
 def _expand(score: Any) -> tuple[Any, str]:
+    """The score with repeats expanded (see the module docstring) and how it was done."""
     if not any(part.getElementsByClass("Measure") for part in score.parts):
         marks = score.recurse().getElementsByClass(("Repeat", "RepeatMark", "RepeatBracket"))
         if marks.first() is not None:
             raise SkipSong("repeats", "repeat marks in a score without measures")
         return score, "none (no measures)"
+    added = imply_repeat_starts(score)
+    if added:
+        try:
+            return score.expandRepeats(), f"expanded, {len(added)} implied start(s)"
+        except Exception:
+            _undo(added)  # music21 rejects them: fall back to its own reading
     try:
-        implied = imply_repeat_starts(score)
-        return score.expandRepeats(), "expanded" + (f", {implied} implied start" if implied else "")
+        how = "expanded" if not added else "expanded (implied starts rejected by music21)"
+        return score.expandRepeats(), how
     except Exception as exc:
         raise SkipSong("repeats", f"music21 cannot expand the repeats ({_describe(exc)})") from None
 
