@@ -18,7 +18,9 @@ cantata, sections of one mass, see :func:`.corpus._work_key`) or a melody key (t
 tune in another collection or key, :func:`.corpus.melody_key`) form one group; groups
 are ranked by ``sha256("<seed>:<first name>")`` and fill test, then valid (``round(0.1 n)``
 songs each, possibly one group over), the rest is train. Output bytes depend only on the
-options and the corpus, not on the worker count or the order in which tasks finish.
+options and the corpus, not on the worker count or the order in which tasks finish. The
+time limit counts CPU seconds, so the machine's load does not decide what times out (the
+slowest tasks, whole-quartet files, need a few minutes of CPU; the default limit is 600 s).
 """
 
 from __future__ import annotations
@@ -277,6 +279,7 @@ def build_corpus(
 ) -> CorpusBuildResult:
     """Convert the whole corpus (or the ``include`` globs) and write ``<out>/<name>_notes``.
 
+    ``time_limit``: CPU seconds per task (5x that of wall clock, see :mod:`.pool`).
     ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal).
     """
     if not _DATASET_NAME.fullmatch(dataset_name):
@@ -343,7 +346,7 @@ def _sources(
         "corpus": "music21 bundled corpus (--corpus all)",
         "music21_version": version,
         "include": list(include) if include else None,
-        "time_limit_s": time_limit,
+        "time_limit_cpu_s": time_limit,
         "resolution": RESOLUTION,
         "filters": {"min_beats": MIN_BEATS, "max_beats": MAX_BEATS, "min_notes": MIN_NOTES},
         "split": {"method": "groups by sha256(seed:group) rank", "seed": seed,

@@ -363,8 +363,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--time-limit", type=float, default=600.0, metavar="SECONDS",
-        help="per-file (per-tune) time limit; a task past it is recorded as a timeout "
-        "(default: 600)",
+        help="CPU seconds allowed per file (per abc tune), and 5x that of wall clock; a "
+        "task past it is recorded as a timeout (default: 600)",
     )
     group.add_argument(
         "--include", action="append", default=None, metavar="GLOB",

@@ -1,18 +1,24 @@
-"""A small process pool with a wall-clock limit per task (for the corpus build).
+"""A small process pool with a time limit per task (for the corpus build).
 
 ``concurrent.futures`` cannot stop one running task, so a hung parse would hold its worker
-forever. Here each worker is a ``spawn`` process fed over its own pipe; a task that runs
-past ``time_limit`` has its worker killed and replaced, and a worker that dies takes only
-its current task with it. Results come back in task order, whatever the worker count.
-Workers are replaced after ``max_tasks`` tasks to bound the memory music21 keeps.
+forever. Here each worker is a ``spawn`` process fed over its own pipe. Before each task
+the worker caps its own CPU time at what it has used plus ``time_limit`` seconds
+(``RLIMIT_CPU``): the kernel ends a task that computes too long, however busy the machine
+is, so which tasks time out does not depend on the load. A task that blocks without
+computing is stopped by the main process after ``wall_limit`` seconds. Either way the
+worker is replaced, and a worker that dies takes only its current task with it. Results
+come back in task order, whatever the worker count. Workers are replaced after
+``max_tasks`` tasks to bound the memory music21 keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -34,7 +40,7 @@ class Outcome:
 
 @dataclass
 class PoolStats:
-    """Peak resident memory (MiB) of any worker, and worker (re)starts."""
+    """Peak resident memory (MiB) of any worker, worker starts, timeouts and crashes."""
 
     worker_peak_rss_mib: float = 0.0
     starts: int = 0
@@ -51,9 +57,16 @@ class _Slot:
     done: int = 0
 
 
-def _worker(conn: Connection, fn: Callable[[Any], Any], classify: Callable) -> None:
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _worker(conn: Connection, fn: Callable[[Any], Any], classify: Callable, limit: float) -> None:
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - music21 chatter
     warnings.simplefilter("ignore")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would dump core
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     while True:
         try:
             message = conn.recv()
@@ -62,6 +75,9 @@ def _worker(conn: Connection, fn: Callable[[Any], Any], classify: Callable) -> N
         if message is None:
             return
         index, task = message
+        soft = math.ceil(_cpu_seconds() + limit)
+        capped = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (capped, hard))
         try:
             result = (index, True, fn(task), None)
         except Exception as exc:  # reported, never raised
@@ -76,15 +92,18 @@ def run_tasks(
     classify: Callable[[BaseException], tuple[str, str]],
     workers: int = 2,
     time_limit: float = 600.0,
+    wall_limit: float | None = None,
     max_tasks: int = 500,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Outcome], PoolStats]:
     """Run ``fn(task)`` for every task on ``workers`` processes; outcomes in task order.
 
-    ``fn`` and ``classify`` must be importable top-level functions; ``classify`` turns an
-    exception raised by ``fn`` into ``(category, detail)``. ``progress(n)`` is called as
-    tasks finish.
+    ``time_limit``: CPU seconds per task; ``wall_limit``: wall-clock seconds per task
+    (default ``5 * time_limit``). ``fn`` and ``classify`` must be importable top-level
+    functions; ``classify`` turns an exception raised by ``fn`` into ``(category,
+    detail)``. ``progress(n)`` is called as tasks finish.
     """
+    wall = wall_limit if wall_limit is not None else 5 * time_limit
     ctx = mp.get_context("spawn")
     stats = PoolStats()
     outcomes: list[Outcome | None] = [None] * len(tasks)
@@ -93,7 +112,8 @@ def run_tasks(
 
     def start() -> _Slot:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker, args=(child, fn, classify), daemon=True)
+        args = (child, fn, classify, time_limit)
+        process = ctx.Process(target=_worker, args=args, daemon=True)
         process.start()
         child.close()
         stats.starts += 1
@@ -121,6 +141,15 @@ def run_tasks(
             stop(slot, kill=kill)
             slots[slots.index(slot)] = start()
 
+    def died(slot: _Slot) -> Outcome:
+        slot.process.join(5)
+        code = slot.process.exitcode
+        if code == -signal.SIGXCPU:
+            stats.timeouts += 1
+            return Outcome(False, error=("timeout", f"more than {time_limit:g} s of CPU time"))
+        stats.crashes += 1
+        return Outcome(False, error=("crash", f"worker died (exit code {code})"))
+
     try:
         slots.extend(start() for _ in range(max(1, min(workers, len(tasks)))))
         while pending or any(slot.task is not None for slot in slots):
@@ -129,16 +158,13 @@ def run_tasks(
                     slot.task, slot.started = pending.popleft(), time.monotonic()
                     slot.conn.send((slot.task, tasks[slot.task]))
             busy = {slot.conn: slot for slot in slots if slot.task is not None}
-            deadline = min(slot.started for slot in busy.values()) + time_limit
+            deadline = min(slot.started for slot in busy.values()) + wall
             for conn in wait(list(busy), timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
                 slot = busy[conn]
                 try:
                     index, ok, value, error, rss = conn.recv()
                 except (EOFError, OSError):
-                    stats.crashes += 1
-                    code = slot.process.exitcode
-                    finish(slot, Outcome(False, error=("crash", f"worker died (exit {code})")),
-                           kill=True)
+                    finish(slot, died(slot), kill=True)
                     continue
                 stats.worker_peak_rss_mib = max(stats.worker_peak_rss_mib, rss)
                 slot.done += 1
@@ -146,13 +172,14 @@ def run_tasks(
                 finish(slot, outcome, replace=slot.done >= max_tasks)
             now = time.monotonic()
             for slot in list(slots):
-                if slot.task is not None and now - slot.started > time_limit:
+                if slot.task is not None and now - slot.started > wall:
                     stats.timeouts += 1
-                    detail = f"no result within the time limit of {time_limit:g} s"
+                    detail = f"no result within {wall:g} s (wall clock)"
                     finish(slot, Outcome(False, error=("timeout", detail)), kill=True)
     finally:
         for slot in slots:
             stop(slot, kill=slot.task is not None)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     stats.worker_peak_rss_mib = max(stats.worker_peak_rss_mib, children)
-    return [o if o is not None else Outcome(False, error=("error", "not run")) for o in outcomes], stats
+    missing = Outcome(False, error=("error", "not run"))
+    return [o if o is not None else missing for o in outcomes], stats

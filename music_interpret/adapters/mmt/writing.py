@@ -8,6 +8,7 @@ is a previous build of the same command.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -83,6 +84,9 @@ def write_dataset(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
         _write_folder(tmp, songs, splits, sources)
         for file_name, text in (extra or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
