@@ -18,7 +18,8 @@ bwv277 is song 13 and ``--limit 24`` ends at bwv308 instead of bwv32_6.)
 
 Output: ``<out>/<dataset>_notes/notes/`` with ``<name>.npy``, ``<name>.csv``,
 ``encoding.json``, ``names.txt``, ``{train,valid,test}-names.txt`` and ``sources.json``.
-The folder is built in a temporary sibling and renamed into place, replacing an old one.
+The folder is built in a temporary sibling and renamed into place, replacing a previous
+build of the same command; any other existing folder is refused (``check_replaceable``).
 The split ranks songs by ``sha256("<seed>:<name>")``: the first ``round(0.1 n)`` are test,
 the next ``round(0.1 n)`` valid (each at least 1 when n >= 3), the rest train; every list
 keeps ``names.txt`` order. Output bytes depend only on the options and music21's corpus.
@@ -28,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import UserError
-from . import representation
-from .dataset import CSV_HEADER, NAMES_FILE, SOURCES_FILE, SPLITS
+from .dataset import SPLITS
+from .writing import check_replaceable, write_dataset
 
 RESOLUTION = 12
 MIN_BEATS, MAX_BEATS, MIN_NOTES = 40, 8000, 50
@@ -59,6 +58,7 @@ QUARTET_NOTE = (
     " expanded by music21 and are skipped."
 )
 _DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+GENERATOR = "music_interpret.adapters.mmt.demo_data"
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,15 @@ def corpus_root() -> Path:
 def score_notes(score: Any, programs: Sequence[int]) -> tuple[np.ndarray, int]:
     """Sorted unique rows (beat, position, pitch, duration, program) of ``score``, unshifted.
 
-    ``programs[i]`` is the program of ``score.parts[i]``. Also returns the end tick (latest
-    note offset), which MMT's length filter uses.
+    ``programs[i]`` is the program of ``score.parts[i]``. Grace notes and chord symbols are
+    skipped. Also returns the end tick (latest note offset), which MMT's length filter uses.
     """
+    harmony = _music21().harmony.Harmony  # chord symbols: muspy ignores <harmony>
     rows: set[tuple[int, int, int, int, int]] = set()
     end_tick = 0
     for part, program in zip(score.parts, programs, strict=True):
         for element in part.stripTies().flatten().notes:
-            if element.duration.isGrace:
+            if element.duration.isGrace or isinstance(element, harmony):
                 continue
             onset = round(Fraction(element.offset) * RESOLUTION)
             duration = max(1, round(Fraction(element.duration.quarterLength) * RESOLUTION))
@@ -239,44 +240,6 @@ def split_names(names: Sequence[str], seed: int = 0) -> dict[str, tuple[str, ...
     return {split: tuple(s for s in names if split_of[s] == split) for split in SPLITS}
 
 
-def csv_text(notes: np.ndarray) -> str:
-    """Notes as MMT's CSV (``np.savetxt(fmt='%d', delimiter=',')`` with the header)."""
-    lines = [CSV_HEADER, *(",".join(str(int(v)) for v in row) for row in notes)]
-    return "\n".join(lines) + "\n"
-
-
-def _names_text(names: Sequence[str]) -> str:
-    return "".join(f"{name}\n" for name in names)
-
-
-def _write_folder(
-    folder: Path, songs: Sequence[Song], splits: dict[str, tuple[str, ...]], sources: dict
-) -> None:
-    notes_dir = folder / "notes"
-    notes_dir.mkdir(parents=True)
-    for song in songs:
-        np.save(notes_dir / f"{song.name}.npy", song.notes)
-        (notes_dir / f"{song.name}.csv").write_text(csv_text(song.notes), encoding="utf-8")
-    encoding = json.dumps(representation.get_encoding())
-    (notes_dir / "encoding.json").write_text(encoding, encoding="utf-8")
-    (notes_dir / NAMES_FILE).write_text(_names_text([s.name for s in songs]), encoding="utf-8")
-    for split, names in splits.items():
-        (notes_dir / f"{split}-names.txt").write_text(_names_text(names), encoding="utf-8")
-    text = json.dumps(sources, indent=2) + "\n"
-    (notes_dir / SOURCES_FILE).write_text(text, encoding="utf-8")
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        old.rmdir()
-        final.rename(old)
-    new.rename(final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def build_dataset(
     dataset_name: str,
     files: Sequence[Path] | Iterator[Path],
@@ -289,6 +252,7 @@ def build_dataset(
     """Convert ``files`` in order (stopping after ``limit`` kept songs) and write the dataset."""
     if not _DATASET_NAME.fullmatch(dataset_name):
         raise UserError(f"dataset name {dataset_name!r} must match [a-z0-9][a-z0-9_-]*")
+    check_replaceable(out / f"{dataset_name}_notes", GENERATOR)
     started = time.perf_counter()
     songs: list[Song] = []
     skipped: list[tuple[str, str]] = []
@@ -317,14 +281,7 @@ def build_dataset(
         )
     splits = split_names([s.name for s in songs], seed)
     sources = _sources(songs, skipped, splits, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out))
-    try:
-        _write_folder(tmp, songs, splits, sources)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dataset(final, GENERATOR, [(s.name, s.notes) for s in songs], splits, sources)
     seconds = time.perf_counter() - started
     return BuildResult(final, tuple(s.name for s in songs), splits, tuple(skipped), seconds)
 
@@ -335,7 +292,7 @@ def _sources(
     version = _music21().__version__
     split_of = {name: split for split, names in splits.items() for name in names}
     return {
-        "generator": "music_interpret.adapters.mmt.demo_data",
+        "generator": GENERATOR,
         "corpus": "music21 bundled corpus",
         "music21_version": version,
         "resolution": RESOLUTION,
@@ -365,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Build MMT notes datasets from music21's bundled corpus (offline).",
     )
     parser.add_argument(
+        "--corpus",
+        choices=("chorales", "all"),
+        default="chorales",
+        help="chorales: the demo's four-part chorales (default); all: everything in the "
+        "corpus that MMT's encoding can represent (see adapters/mmt/corpus.py; ~1 h on 2 cores)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("data/base"),
@@ -372,14 +336,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dataset-name",
-        default="bach",
-        help="chorale dataset name, written to <out>/<name>_notes (default: bach)",
+        default=None,
+        help="dataset name, written to <out>/<name>_notes (default: bach, or music21 with "
+        "--corpus all)",
     )
     parser.add_argument(
         "--limit",
         type=int,
         default=None,
-        help="keep at most N songs per dataset (default: all that qualify)",
+        help="keep at most N songs per dataset (chorales only; default: all that qualify)",
     )
     parser.add_argument(
         "--quartets",
@@ -392,6 +357,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log skipped files")
+    group = parser.add_argument_group("--corpus all")
+    group.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help="worker processes (default: the CPU count)",
+    )
+    group.add_argument(
+        "--time-limit", type=float, default=600.0, metavar="SECONDS",
+        help="CPU seconds allowed per file (per abc tune), and 5x that of wall clock; a "
+        "task past it is recorded as a timeout (default: 600)",
+    )
+    group.add_argument(
+        "--include", action="append", default=None, metavar="GLOB",
+        help="only corpus files matching this corpus-relative glob (repeatable), e.g. "
+        "'bach/bwv1*.mxl'",
+    )
+    group.add_argument(
+        "--corpus-root", type=Path, default=None,
+        help="read this folder instead of music21's bundled corpus (for tests)",
+    )
+    group.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="tqdm progress bar on stderr (default: when stderr is a terminal)",
+    )
     return parser  # fmt: skip
 
 
@@ -402,9 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise UserError(f"--limit must be >= 1, got {args.limit}")
-        if args.quartets and args.quartets_name == args.dataset_name:
-            raise UserError(f"--quartets-name and --dataset-name are both {args.dataset_name!r}")
-        jobs = [(args.dataset_name, chorale_files(), chorale_programs)]
+        if args.corpus == "all":
+            return _main_all(args)
+        dataset_name = args.dataset_name or "bach"
+        if args.quartets and args.quartets_name == dataset_name:
+            raise UserError(f"--quartets-name and --dataset-name are both {dataset_name!r}")
+        jobs = [(dataset_name, chorale_files(), chorale_programs)]
         if args.quartets:
             jobs.append((args.quartets_name, quartet_files(), quartet_programs))
         for name, files, programs_for in jobs:
@@ -417,6 +408,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    return 0
+
+
+def _main_all(args: argparse.Namespace) -> int:
+    from .corpus_build import build_corpus, stats_table
+
+    if args.limit is not None or args.quartets:
+        raise UserError("--limit and --quartets apply to --corpus chorales; use --include")
+    result = build_corpus(
+        args.out, args.dataset_name or "music21", args.corpus_root, args.include,
+        args.workers, args.time_limit, args.seed, args.progress,
+    )  # fmt: skip
+    if args.verbose:
+        for skip in result.skipped:
+            tune = f" X:{skip.tune}" if skip.tune is not None else ""
+            print(f"skip {skip.corpus_path}{tune}: {skip.category}: {skip.detail}", file=sys.stderr)
+    counts = ", ".join(f"{k} {len(v)}" for k, v in result.splits.items())
+    print(stats_table(result.stats))
+    print(
+        f"{result.path.name}: wrote {len(result.songs)} songs ({counts}) to {result.path}, "
+        f"skipped {len(result.skipped)} files/tunes (see sources.json), {result.seconds:.0f} s, "
+        f"{len(result.songs) / result.seconds:.2f} songs/s, peak RSS main "
+        f"{result.main_peak_rss_mib:.0f} MiB, workers {result.pool.worker_peak_rss_mib:.0f} MiB"
+    )
     return 0
 
 
