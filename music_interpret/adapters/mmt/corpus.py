@@ -75,6 +75,7 @@ import numpy as np
 
 from . import representation
 from .demo_data import _music21, mmt_filter, score_notes
+from .meters import score_meters, shift_meters
 
 FORMATS = (".mxl", ".musicxml", ".xml", ".krn", ".abc")  # twins: the first one present wins
 EXCLUDED_DIRS = {
@@ -177,6 +178,7 @@ class Converted:
     notes: np.ndarray
     parts: tuple[tuple[str, int, str], ...]  # (part name, program, rule)
     repeats: str
+    meters: tuple[tuple[float, int, int], ...] = ()  # on the song's beat axis (see meters.py)
 
 
 # --------------------------------------------------------------------------- files
@@ -369,7 +371,9 @@ def convert_task(task: Task) -> Converted:
     if kept is None:
         raise SkipSong(_FILTER_CATEGORY[reason.split(" ")[0]], reason)
     parts = tuple((info.name, p, rule) for info, (p, rule) in zip(infos, programs, strict=True))
-    return Converted(notes=kept, parts=parts, repeats=repeats)
+    first_beat = int(notes[0, 0]) if len(notes) else 0  # mmt_filter shifts the notes by it
+    meters = tuple(tuple(m) for m in shift_meters(score_meters(score), first_beat))
+    return Converted(notes=kept, parts=parts, repeats=repeats, meters=meters)
 
 
 _FILTER_CATEGORY = {"shorter": "too-short", "longer": "too-long", "fewer": "too-few-notes"}

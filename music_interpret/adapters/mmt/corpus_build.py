@@ -363,6 +363,7 @@ def _song_record(song: CorpusSong, split_of: dict[str, str], groups: dict) -> di
     record.update(
         parts=[{"part": n, "program": p, "rule": r} for n, p, r in song.song.parts],
         repeats=song.song.repeats,
+        meters=[list(m) for m in song.song.meters],
         notes=len(song.notes),
         beats=int(song.notes[-1, 0]) + 1,
         tokens=song.tokens,

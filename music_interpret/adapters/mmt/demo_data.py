@@ -43,6 +43,7 @@ import numpy as np
 
 from ...errors import UserError
 from .dataset import SPLITS
+from .meters import score_meters, shift_meters
 from .writing import check_replaceable, write_dataset
 
 RESOLUTION = 12
@@ -69,6 +70,7 @@ class Song:
     corpus_path: str
     parts: tuple[tuple[str, int], ...]
     notes: np.ndarray
+    meters: tuple[tuple[float, int, int], ...] = ()  # on the song's beat axis (see meters.py)
 
     @property
     def n_beats(self) -> int:
@@ -188,7 +190,9 @@ def convert(
     if kept is None:
         return None, reason
     parts = tuple(zip(part_names, programs, strict=True))
-    return Song(name=name, corpus_path=rel, parts=parts, notes=kept), ""
+    first_beat = int(notes[0, 0]) if len(notes) else 0  # mmt_filter shifts the notes by it
+    meters = tuple(tuple(m) for m in shift_meters(score_meters(score), first_beat))
+    return Song(name=name, corpus_path=rel, parts=parts, notes=kept, meters=meters), ""
 
 
 # --------------------------------------------------------------------------- candidates
@@ -305,6 +309,7 @@ def _sources(
                 "parts": [{"part": part, "program": program} for part, program in s.parts],
                 "notes": len(s.notes),
                 "beats": s.n_beats,
+                "meters": [list(m) for m in s.meters],
                 "split": split_of[s.name],
             }
             for s in songs
