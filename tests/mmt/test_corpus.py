@@ -62,6 +62,9 @@ def test_real_files_of_each_format(built: Path) -> None:
         ("Soprano", 40), ("Alto", 41), ("Tenor", 42), ("Bass", 43),
     ]  # fmt: skip
     assert {p["rule"] for p in songs["nottingham-dataset_reelsa-c-81"]["parts"]} == {"melody"}
+    # every song records its metre on its own beat axis (bwv277 opens with a one-beat pickup)
+    assert all(songs[name]["meters"] for name in EXPECTED_NAMES)
+    assert songs["bach_bwv277"]["meters"][0][1:] == [4, 4]
     skipped = {(s["corpus_path"], s["category"]) for s in sources["skipped"]}
     assert skipped == {("bach/bwv277.krn", "twin")}
     for name in EXPECTED_NAMES:
