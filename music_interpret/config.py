@@ -29,6 +29,9 @@ if typing.TYPE_CHECKING:
     from .plugins import PluginRegistry
 
 STANDARD_STAGES = ("extract", "preprocess", "train", "analyze", "report")
+#: the model adapter and activation store a pipeline uses unless it names others
+DEFAULT_ADAPTER = "mmt"
+DEFAULT_STORE = "netcdf"
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu|hpu|npu|mtia)(:\d+)?)$")
@@ -421,7 +424,7 @@ class ModelSection:
     """Which trained model to analyse."""
 
     path: Path = field(metadata={"input": "dir"})
-    adapter: PluginRef = field(default="mmt", metadata={"plugin": "model_adapter"})  # type: ignore[assignment]
+    adapter: PluginRef = field(default=DEFAULT_ADAPTER, metadata={"plugin": "model_adapter"})  # type: ignore[assignment]
 
 
 @dataclass

@@ -110,17 +110,19 @@ def input_norm(cfg: dict[str, Any]) -> float | None:
     normalisation, or read from the statistics it was normalised with."""
     import math
 
+    from ..normalize import UNIT_MEAN_NORM
+
     recorded = (cfg.get("input") or {}).get("mean_norm")
     if recorded:
         return float(recorded)
     norm = cfg.get("normalization") or {}
     loader = norm.get("loader") or {}
-    if loader.get("mode") == "unit_mean_norm" and loader.get("scale_value"):
+    if loader.get("mode") == UNIT_MEAN_NORM and loader.get("scale_value"):
         return math.sqrt(int(cfg["d_in"])) / float(loader["scale_value"])
     stats = norm.get("stats_dir")
     if stats and cfg.get("hook_point"):
         try:
-            from ..preprocess import load_stats
+            from ..stats import load_stats
 
             return float(load_stats(stats)["mean_norm"].sel(hook=cfg["hook_point"]))
         except (UserError, KeyError, ValueError, OSError):

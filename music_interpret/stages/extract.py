@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..config import Pipeline, PluginRef
+from ..config import DEFAULT_STORE, Pipeline, PluginRef
 from ..errors import UserError
 from ..interfaces import Batch, Stage
 
@@ -69,7 +69,7 @@ class ExtractConfig:
     forward_workers: int | None = None
     output: Path | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    store: PluginRef = field(default="netcdf", metadata={"plugin": "activation_store"})  # type: ignore[assignment]
+    store: PluginRef = field(default=DEFAULT_STORE, metadata={"plugin": "activation_store"})  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         bad = [h for h in self.hooks if not HOOK_RE.match(h)]
@@ -432,7 +432,7 @@ def _source(dataset: Any, name: str) -> str:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

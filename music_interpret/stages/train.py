@@ -483,7 +483,7 @@ class _HookJob:
 
     def describe(self, result: Any, ctx: Any) -> dict[str, Any]:
         """The ``config.json`` fields beyond the architecture."""
-        from .. import __version__
+        from ..version import __version__
         from ..jsonio import to_jsonable
 
         m = self.info.manifest

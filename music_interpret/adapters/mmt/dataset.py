@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import UserError
+from ...interfaces import SongDataset
 from .representation import RESOLUTION
 
 CSV_HEADER = "beat,position,pitch,duration,program"
@@ -41,8 +42,9 @@ _MAX_MIDI = 127  # pitch and program are MIDI numbers
 
 
 @dataclass(frozen=True)
-class NoteDataset:
-    """A folder of MMT notes files, restricted to one split.
+class NoteDataset(SongDataset):
+    """A folder of MMT notes files, restricted to one split (the ``mmt`` adapter's
+    :class:`~music_interpret.interfaces.SongDataset`; a song is its notes array).
 
     ``names`` are the songs of the selected split in list order (or sorted file names when
     no list exists). Iterating yields the names; :meth:`items` yields ``(name, notes)``.
@@ -64,6 +66,29 @@ class NoteDataset:
 
     def __contains__(self, name: object) -> bool:
         return name in self.files
+
+    @property
+    def location(self) -> Path:
+        """The notes folder."""
+        return self.notes_dir
+
+    def _song_info(self, name: str) -> Any:
+        sources = self.sources if isinstance(self.sources, dict) else {}
+        songs = sources.get("songs", sources)
+        return songs.get(name) if isinstance(songs, dict) else None
+
+    def source(self, name: str) -> str:
+        """The corpus file ``sources.json`` records for the song, else the notes file."""
+        info = self._song_info(name)
+        if isinstance(info, dict):
+            return str(info.get("corpus_path") or info.get("source") or json.dumps(info, sort_keys=True))
+        return str(self.path(name))
+
+    def meters(self, name: str) -> list[tuple[float, int, int]] | None:
+        """The time signatures ``sources.json`` records for the song (``meters``), or None."""
+        info = self._song_info(name)
+        meters = info.get("meters") if isinstance(info, dict) else None
+        return [(float(b), int(n), int(d)) for b, n, d in meters] if meters else None
 
     def path(self, name: str) -> Path:
         """The notes file read for ``name`` (``.npy`` if present, else ``.csv``)."""
