@@ -365,6 +365,11 @@ class StoreReader(ABC):
         """What the writer recorded: model, checkpoint hash, dataset, split, events, ..."""
 
     @property
+    def digest(self) -> str | None:
+        """sha256 of what identifies the store's exact content (its manifest), if it has one."""
+        return None
+
+    @property
     def summary(self) -> dict[str, Any]:
         """What the writer recorded when it finished (counts, timings)."""
         return {}

@@ -67,6 +67,12 @@ class StoreInfo(StoreReader):
         return dict(self.manifest.get("attrs") or {})
 
     @property
+    def digest(self) -> str | None:
+        import hashlib
+
+        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+
+    @property
     def summary(self) -> dict[str, Any]:
         return dict(self.manifest.get("summary") or {})
 
