@@ -182,9 +182,15 @@ def _row(t: Target, spec: LabelSpec, label: int, sums: dict[int, LatentSums], co
 def _steer(adapter: Any, hook: str, dictionary: Any, data: EvalData, rows: list[dict[str, Any]],
            s: HookSettings) -> None:
     """Add ``steering`` to the first ``steer_latents`` rows with a measurable label."""
-    chosen = [r for r in rows if r["label"] and measurable(r["label"]) and r["mean_activation"]]
-    chosen = chosen[: s.steer_latents]
-    if not chosen or not s.alphas or not s.steer.seeds or not s.steer.steps:
+    if not s.steer_latents or not s.alphas or not s.steer.seeds or not s.steer.steps:
+        return
+    try:
+        vocabulary = adapter.event_vocabulary()
+    except NotImplementedError:  # no labels to measure generated tokens by
+        return
+    chosen = [r for r in rows if r["label"] and measurable(r["label"], vocabulary)
+              and r["mean_activation"]][: s.steer_latents]
+    if not chosen:
         return
     prompts = make_prompts(data, s.steer)
     if not prompts:

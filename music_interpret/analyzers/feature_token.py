@@ -152,8 +152,6 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
     """
     import torch
 
-    from ..preprocess import reader_for
-
     if latents is not None and not isinstance(latents, LatentSource):
         latents = LatentSource(latents, int(d_sae or 0))
     attributes = resolve_attributes(cfg.attributes, "feature_token.attributes")
@@ -165,7 +163,7 @@ def feature_token_stats(info: Any, hook: str, latents: LatentSource | Callable[[
                             f"({cfg.tokens}) tokens of {info.path}")
         rng = np.random.default_rng(seed)
         shifts = list(rng.uniform(0.25, 0.75, cfg.null_shifts)) if latents is not None else []
-        with reader_for(info, hook) as reader, torch.no_grad():
+        with info.blocks(hook) as reader, torch.no_grad():
             # the calibration sample does not depend on the chunk size; it is encoded in
             # pieces of at most chunk_tokens tokens
             runs = [read_rows(reader, shard, rows)
@@ -462,7 +460,7 @@ class FeatureTokenAnalyzer(Analyzer):
                 embeddings=embeddings, seed=seed, meters=meters, device=ctx.device)
             n_tokens = labels.n_tokens
             analysis = analyse_findings(labels, results, cfg)
-            attrs = {"hook": hook, "store_id": info.manifest.get("store_id", ""),
+            attrs = {"hook": hook, "store_id": info.store_id,
                      "store": str(info.path), "dictionary": str(ctx.dictionaries[hook]),
                      "n_tokens": labels.n_tokens, "tokens": cfg.tokens, "bins": cfg.bins,
                      "min_count": cfg.min_count, "min_auroc": cfg.min_auroc, "margin": cfg.margin,

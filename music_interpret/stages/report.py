@@ -14,6 +14,7 @@ folder can be zipped and moved.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -605,9 +606,32 @@ def _label_table(labels: Any, latent: int, top: int) -> str:
     return f"<h3>Top labels (by {H.esc(key)})</h3>" + H.table(["label", *names], rows, sortable=True)
 
 
-def _examples_table(ds: Any, latent: int) -> str:
-    from ..adapters.mmt.representation import INSTRUMENT_NAMES, TYPE_NAMES
+def _vocabulary_names(ds: Any) -> tuple[list[str], list[str]]:
+    """(event names, instrument names) the top examples were recorded in: the dataset's own
+    record, else the vocabulary of the store it names (outputs written before the record)."""
+    if "event_names" in ds.attrs:
+        return json.loads(ds.attrs["event_names"]), json.loads(ds.attrs.get("instrument_names", "[]"))
+    return _store_names(str(ds.attrs.get("store", "")))
 
+
+@functools.lru_cache(maxsize=8)
+def _store_names(store: str) -> tuple[list[str], list[str]]:
+    from ..errors import UserError
+    from ..vocabulary import default_vocabulary
+
+    vocabulary = default_vocabulary()
+    if store:
+        try:
+            from ..stores import open_store
+
+            vocabulary = open_store(store).vocabulary
+        except (OSError, UserError):
+            pass
+    return list(vocabulary.events), list(vocabulary.instruments)
+
+
+def _examples_table(ds: Any, latent: int) -> str:
+    TYPE_NAMES, INSTRUMENT_NAMES = _vocabulary_names(ds)  # noqa: N806
     row = ds.isel(latent=latent)
     names = [str(s) for s in ds.song_name.values]
     rows = []

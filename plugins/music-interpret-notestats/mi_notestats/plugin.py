@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from music_interpret.hookspecs import hookimpl
+from music_interpret.plugin import hookimpl
 
 
 @hookimpl
