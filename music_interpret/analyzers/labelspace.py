@@ -80,8 +80,8 @@ class LabelSpace:
         value and keep the labels on at least ``min_count`` tokens and off as many."""
         attributes = list(attributes)
         store = tempfile.TemporaryDirectory(prefix="mi-labels-")
-        table = attributes_for(info.vocabulary)
-        totals = {a: np.zeros(len(table[a].labels), np.int64) for a in attributes}
+        bound = attributes_for(info.vocabulary)
+        totals = {a: np.zeros(len(bound[a].labels), np.int64) for a in attributes}
         n, selections = 0, []
         needed = list(dict.fromkeys([*attributes, "event_type"]))
         for shard, used, codes in iter_store_attributes(info, needed, max_tokens, meters):
@@ -103,7 +103,7 @@ class LabelSpace:
                 if count >= min_count and n - count >= min_count:
                     table[code] = len(kept)
                     attribute.append(a)
-                    value.append(table[a].labels[code])
+                    value.append(bound[a].labels[code])
                     kept.append(code)
                     counts.append(int(count))
             index[a] = table
