@@ -128,17 +128,3 @@ def input_norm(cfg: dict[str, Any]) -> float | None:
         except (UserError, KeyError, ValueError, OSError):
             return None
     return None
-
-
-def saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """SAELens 6's ``cfg.json`` for a dictionary config (see :mod:`.export`)."""
-    from .export import saelens_config as config
-
-    return config(cfg)
-
-
-def export_saelens(path: str | Path, out: str | Path, *, sparsity: bool = True) -> Path:
-    """Write SAELens's layout of dictionary ``path`` to ``out`` (see :mod:`.export`)."""
-    from .export import export_dictionary
-
-    return export_dictionary(path, out, "saelens", sparsity=sparsity)

@@ -260,7 +260,7 @@ class DownstreamSource:
             adapter = header.model.adapter.build(ctx.registry)
             model_path, data_path, data_split = header.model.path, header.data.path, header.data.split
         else:  # no pipeline model/data (a seed command): those the store was extracted from
-            from ..stores.provenance import recorded_inputs
+            from ..provenance import recorded_inputs
 
             recorded = recorded_inputs(attrs)
             if isinstance(recorded, str):

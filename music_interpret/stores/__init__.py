@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     from ..plugins import PluginRegistry
 
 
+def is_store(path: str | Path, registry: PluginRegistry | None = None) -> bool:
+    """Whether an installed store plugin recognizes ``path`` as one of its stores."""
+    from ..plugins import get_registry
+
+    registry = registry or get_registry()
+    return any(registry.get("activation_store", n).recognizes(Path(path))
+               for n in registry.names("activation_store"))
+
+
 def open_store(path: str | Path, *, verify: bool = False,
                registry: PluginRegistry | None = None) -> StoreReader:
     """The checked store at ``path``, opened by the installed store plugin that recognizes it

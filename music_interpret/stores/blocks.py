@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .info import H5_LOCK, open_h5, shard_variable
+from .h5 import H5_LOCK, open_h5, shard_variable
 from .schema import decode as decode_stored
 
 

@@ -20,7 +20,7 @@ rows h5py reads (checked on the first, middle and last token of every hook of ev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +33,10 @@ from ..rowmaps import (  # noqa: F401 - re-exported: the generic side of the map
     join_maps,
 )
 from . import schema
-from .info import H5_LOCK, StoreInfo, open_h5, read_block, shard_variable
+from .h5 import H5_LOCK, open_h5, read_block, shard_variable
+
+if TYPE_CHECKING:
+    from .info import StoreInfo
 
 
 def _layout(ds: Any, shard: Path, n: int, n_hooks: int, d_model: int

@@ -15,7 +15,7 @@ import pytest
 import music_interpret as mi
 from music_interpret.errors import UserError
 from music_interpret.learners.job import warn_if_short
-from music_interpret.stores.provenance import Recorded, recorded_inputs
+from music_interpret.provenance import Recorded, recorded_inputs
 from music_interpret.train import build_parser, build_pipeline
 
 from ..conftest import FIXTURES, REPO

@@ -74,8 +74,8 @@ from typing import Any
 import numpy as np
 
 from . import representation
-from .demo_data import _music21, mmt_filter, score_notes
 from .meters import score_meters, shift_meters
+from .music21_read import _music21, mmt_filter, score_notes
 
 FORMATS = (".mxl", ".musicxml", ".xml", ".krn", ".abc")  # twins: the first one present wins
 EXCLUDED_DIRS = {
