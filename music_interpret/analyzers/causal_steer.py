@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from ..doors import EventVocabulary
 from .attributes import NEXT, attributes_for, compute_attributes
 from .causal_data import EvalData
 from .causal_stats import LEVEL
+
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def make_prompts(data: EvalData, settings: SteerSettings) -> list[np.ndarray]:
     return out
 
 
-def generate_all(adapter: Any, prompts: Sequence[np.ndarray], settings: SteerSettings,
+def generate_all(adapter: ModelAdapter, prompts: Sequence[np.ndarray], settings: SteerSettings,
                  patch: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                  ) -> list[Generation]:
     """``seeds`` continuations of every prompt; seed ``settings.seed + 1000 * prompt + s``."""
@@ -87,7 +90,7 @@ def measurable(label: str, vocabulary: EventVocabulary | None = None) -> bool:
     return base in table and value in table[base].labels
 
 
-def label_counts(adapter: Any, gens: Sequence[Generation], label: str) -> tuple[np.ndarray, np.ndarray]:
+def label_counts(adapter: ModelAdapter, gens: Sequence[Generation], label: str) -> tuple[np.ndarray, np.ndarray]:
     """Per generation: (generated tokens with the label's value, generated tokens where the
     label's attribute applies)."""
     attribute, _, value = label.partition("=")
@@ -139,7 +142,7 @@ def shift(base: tuple[np.ndarray, np.ndarray], steered: tuple[np.ndarray, np.nda
     return out
 
 
-def steer_latent(adapter: Any, hook: str, direction: torch.Tensor, label: str,
+def steer_latent(adapter: ModelAdapter, hook: str, direction: torch.Tensor, label: str,
                  alphas: Sequence[tuple[float, float]], prompts: Sequence[np.ndarray],
                  baseline: Sequence[Generation], settings: SteerSettings) -> list[dict[str, Any]]:
     """Per ``(multiple, alpha)``: the shift of the label's share when ``alpha * direction`` is

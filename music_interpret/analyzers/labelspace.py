@@ -15,11 +15,14 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .attributes import ATTRIBUTES, attributes_for, iter_store_attributes
+
+if TYPE_CHECKING:
+    from ..interfaces import StoreReader
 
 TOKENS = ("notes", "all")
 
@@ -74,7 +77,7 @@ class LabelSpace:
     # -- building ---------------------------------------------------------------------
 
     @classmethod
-    def scan(cls, info: Any, attributes: Sequence[str], max_tokens: int | None, min_count: int,
+    def scan(cls, info: StoreReader, attributes: Sequence[str], max_tokens: int | None, min_count: int,
              tokens: str = "all", meters: Mapping[int, Any] | None = None) -> LabelSpace:
         """Compute the attribute codes of the selected tokens (kept on disk), count every
         value and keep the labels on at least ``min_count`` tokens and off as many."""

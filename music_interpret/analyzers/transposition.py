@@ -139,7 +139,7 @@ def transposed(song: SongWindows, adapter: ModelAdapter, shift: int,
                        [p[k] for p, k in zip(pitch, song.keep, strict=True)], aligned)
 
 
-def run_codes(adapter: Any, hook: str, songs: list[SongWindows], encoders: list[Any],
+def run_codes(adapter: ModelAdapter, hook: str, songs: list[SongWindows], encoders: list[Any],
               batch_size: int) -> list[np.ndarray]:
     """Float32 (tokens, units) of every kept token (songs, windows and positions in order)
     for each encoder: a function from activations (n, d_model) on the model's device to

@@ -20,7 +20,6 @@ import numpy as np
 from ..checksums import checksum_matches
 from ..doors import EventVocabulary, ShardInfo
 from ..errors import UserError
-from ..interfaces import BlockSource, StoreReader
 from . import schema
 from .h5 import (  # noqa: F401 - re-exported
     H5_LOCK,
@@ -31,6 +30,7 @@ from .h5 import (  # noqa: F401 - re-exported
     read_coords,
     shard_variable,
 )
+from .reader import BlockSource, StoreReader
 from .schema import (  # noqa: F401 - re-exported
     COORD_CHUNK_FACTOR,
     FORMAT,
