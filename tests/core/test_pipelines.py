@@ -16,6 +16,8 @@ def test_shipped_pipeline_validates(tmp_path: Path, name: str) -> None:
     data = FIXTURES / "mmt" / "data" / "bach" / "processed"
     result = run_cli("validate", str(REPO / "pipelines" / name), "--set", f"model.path={model}",
                      "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'reports'}",
-                     "--set", f"extract.output={tmp_path / 'acts'}")
+                     "--set", f"extract.output={tmp_path / 'acts'}",
+                     "--set", f"train.store={FIXTURES / 'store_v1'}",
+                     "--set", f"analyze.store={FIXTURES / 'store_v1'}")
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
