@@ -360,11 +360,18 @@ def _probe_section(analyze: Path | None, out: Path) -> str:
 _OWN_SECTIONS = {"feature_token", "top_examples", "probe"}
 
 
-def _analyzer_sections(analyze: Path | None, out: Path) -> list[str]:
+def _analyzer_sections(analyze: Path | None, out: Path,
+                       summaries: dict[str, Any] | None = None) -> list[str]:
     """One section per other analyzer (causal, transposition, dictionary_compare, third-party):
-    its ``summary.md`` and its plots."""
+    its plots, its ``summary.md``, the summary its ``analyze`` returned (``summaries``, by
+    default from the analyze stage's completion marker) and the files it wrote."""
     if analyze is None:
         return []
+    if summaries is None:  # what analyze returned, recorded in its completion marker
+        from ..outputs import read_marker
+
+        summaries = (read_marker(analyze) or {}).get("summary")
+    summaries = summaries if isinstance(summaries, dict) else {}
     sections = []
     for folder in sorted(p for p in analyze.iterdir() if p.is_dir() and p.name not in _OWN_SECTIONS):
         parts = []
@@ -374,6 +381,14 @@ def _analyzer_sections(analyze: Path | None, out: Path) -> list[str]:
             parts.append(f'<div><img src="assets/{H.esc(name)}" alt="{H.esc(png.stem)}"></div>')
         if (folder / "summary.md").exists():
             parts.append(f"<pre>{H.esc((folder / 'summary.md').read_text())}</pre>")
+        returned = summaries.get(folder.name)
+        if isinstance(returned, dict) and returned:
+            parts.append(H.kv_table(dict(_flatten(returned))))
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if files:
+            shown = ", ".join(f"<code>{H.esc(f)}</code>" for f in files[:20])
+            more = f" and {len(files) - 20} more" if len(files) > 20 else ""
+            parts.append(f"<p>Files in <code>analyze/{H.esc(folder.name)}/</code>: {shown}{more}</p>")
         if parts:
             sections.append(H.section(f"Analysis: {folder.name}", "\n".join(parts), f"an-{folder.name}"))
     return sections
