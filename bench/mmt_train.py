@@ -34,7 +34,7 @@ def _setup(precision: str, attn_dropout: float, args: argparse.Namespace) -> dic
 
     from music_interpret.adapters.mmt import representation as rep
     from music_interpret.adapters.mmt.model import MMTConfig, MMTModel
-    from music_interpret.adapters.mmt.training import lr_factor
+    from music_interpret.adapters.mmt.train_recipe import lr_factor
 
     torch.manual_seed(0)
     n_tokens = list(rep.N_TOKENS)
@@ -95,7 +95,7 @@ def _rounds(configs: list[tuple[str, int, float]], repeats: int, args) -> list[d
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from music_interpret.adapters.mmt.training import cpu_has_bf16
+    from music_interpret.adapters.mmt.train_recipe import cpu_has_bf16
     from music_interpret.engine import write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m bench mmt_train", description=__doc__.split("\n")[0])

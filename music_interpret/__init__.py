@@ -6,13 +6,9 @@ The Python API (see :mod:`music_interpret.api`): :func:`run`, :func:`load_model`
 
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Any
 
-try:
-    __version__ = metadata.version("music-interpret")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 __all__ = ["__version__", "encode", "load_dictionary", "load_model", "open_activations", "run"]
 _API = {"encode", "load_dictionary", "load_model", "run"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .config import DEFAULT_STORE
 from .seedcli import add_common, guarded_main, run_seed, seed_pipeline, store_path
 
 
@@ -37,7 +38,7 @@ def run(argv: list[str] | None = None) -> int:
     out = store_path(ns)
     extract: dict[str, Any] = {
         "layers": ns.layers, "hooks": ns.hooks, "events": ns.events, "batch_size": ns.batch_size,
-        "dtype": ns.dtype, "output": str(out), "store": {"name": "netcdf", "shard_mb": ns.shard_mb},
+        "dtype": ns.dtype, "output": str(out), "store": {"name": DEFAULT_STORE, "shard_mb": ns.shard_mb},
     }
     for key in ("max_songs", "forward_workers"):
         if getattr(ns, key) is not None:

@@ -3,72 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import sys
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import Interrupted, UserError
+from .guard import EXIT_OK, guarded
+from .version import __version__
 
-EXIT_OK, EXIT_USER, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 2, 130, 141
-
-
-def _err(message: str) -> None:
-    for line in str(message).splitlines() or [""]:
-        print(f"error: {line}", file=sys.stderr)
+NO_PUBLISH = "no output was published for the unfinished stage"
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`Interrupted` (a KeyboardInterrupt) in the main thread, so that a
-    terminated run ends exactly like one stopped with Ctrl-C."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def report(exc: BaseException, resume_hint: str) -> int:
-    """Print a user error or an interruption as one line per problem; the exit status."""
-    if isinstance(exc, UserError):
-        if os.environ.get("MUSIC_INTERPRET_DEBUG"):
-            traceback.print_exception(exc)
-        _err(str(exc))
-        return exc.exit_code
-    print(f"interrupted: {resume_hint}", file=sys.stderr)
-    return 128 + exc.signal if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
-
-
-def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn user errors into one-line messages and a non-zero exit code."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            with sigterm_as_interrupt():
-                return func(args)
-        except (UserError, KeyboardInterrupt) as exc:
-            return report(exc, "no output was published for the unfinished stage")
-
-    return wrapper
+def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand under the one error guard (:mod:`music_interpret.guard`)."""
+    return guarded(func, NO_PUBLISH)
 
 
 # -- commands -------------------------------------------------------------------------------
 
-@guarded
+@command
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import get_registry
 
@@ -86,7 +38,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@guarded
+@command
 def cmd_registry(args: argparse.Namespace) -> int:
     from .catalogue import load_catalogue
     from .plugins import get_registry
@@ -106,7 +58,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@guarded
+@command
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_pipeline
     from .engine import preflight
@@ -124,7 +76,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@guarded
+@command
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_pipeline
     from .engine import Engine
@@ -142,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@guarded
+@command
 def cmd_export(args: argparse.Namespace) -> int:
     from .learners.export import export_dictionary
 
@@ -152,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@guarded
+@command
 def cmd_schema(args: argparse.Namespace) -> int:
     from .jsonio import write_json_atomic
     from .plugins import get_registry
@@ -240,11 +192,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        code = int(args.func(args))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader went away (``... | head``): no traceback
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    return code
+    return int(args.func(args))

@@ -19,14 +19,12 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .config import Pipeline
+from .context import StageContext
 from .errors import ConfigError, DiskFull, StageFailed, StageUnavailable, UserError
 from .jsonio import dumps, fingerprint, to_jsonable, write_bytes_atomic, write_json_atomic
 from .outputs import (
@@ -42,6 +40,7 @@ from .outputs import (
     write_partial_marker,
 )
 from .plugins import PluginRegistry
+from .version import __version__
 
 __all__ = ["MARKER", "Engine", "StageContext", "fingerprint", "preflight", "to_jsonable",
            "write_json_atomic"]
@@ -100,53 +99,6 @@ class InputHasher:
     def save(self) -> None:
         with contextlib.suppress(OSError):
             write_json_atomic(self.cache_file, self.cache)
-
-
-@dataclass
-class StageContext:
-    """What a stage sees: its config, where to write, and what ran before it."""
-
-    name: str
-    config: Any
-    pipeline: Pipeline
-    registry: PluginRegistry
-    out_dir: Path
-    work_dir: Path
-    upstream: dict[str, Path] = field(default_factory=dict)
-    force: bool = False
-    fingerprint: str = ""
-
-    @property
-    def run_dir(self) -> Path:
-        return self.pipeline.run_dir
-
-    @property
-    def seed(self) -> int:
-        return self.pipeline.header.seed
-
-    @property
-    def device(self) -> str:
-        """``cpu``/``cuda``/...; ``auto`` picks CUDA when available."""
-        from .resources import resolve_device
-
-        return resolve_device(self.pipeline.header.device)
-
-    def output_of(self, stage: str) -> Path:
-        """Published output folder of an earlier stage; UserError when it has not run."""
-        path = self.upstream.get(stage)
-        if path is None or not (path / MARKER).exists():
-            raise UserError(f"stage {self.name!r} needs the output of stage {stage!r}, "
-                            f"which has not completed for run {self.pipeline.header.run!r}")
-        return path
-
-    def progress(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
-        """A tqdm progress bar labelled with the stage name."""
-        from tqdm.auto import tqdm
-
-        kwargs.setdefault("desc", self.name)
-        kwargs.setdefault("dynamic_ncols", True)
-        kwargs.setdefault("disable", None)  # off when stderr is not a terminal
-        return tqdm(iterable, **kwargs)
 
 
 def stage_output_dir(cls: type, pipeline: Pipeline, config: Any) -> Path:

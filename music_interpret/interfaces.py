@@ -1,25 +1,49 @@
-"""Base classes of the plugin kinds (contract).
+"""Base classes of the plugin kinds: the only doors generic code goes through (contract).
 
 Every plugin class carries a unique ``name`` (what ``pipeline.yaml`` refers to),
 a one-line ``description`` and a ``Config`` dataclass that the engine fills
 strictly from YAML. The engine instantiates a plugin as ``cls(config)``.
+
+Stages, analyzers, learners and the report reach a model only through
+:class:`ModelAdapter` (and the :class:`SongDataset` it opens) and stored activations
+only through :class:`ActivationStore` and the :class:`StoreReader` its ``open``
+returns; the data crossing these doors is defined in :mod:`music_interpret.doors`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from .doors import (
+    COORDINATES,
+    RESOLUTION,
+    SPLITS,
+    EventVocabulary,
+    ModelInfo,
+    NoteTable,
+    ShardInfo,
+    SongTokens,
+    Window,
+)
+from .stores.reader import BlockSource, StoreReader, StoreWriter
 
 if TYPE_CHECKING:  # heavy imports stay out of start-up
     import numpy as np
     import torch
 
+    from .analyzers.context import AnalysisContext
     from .config import Pipeline
-    from .engine import StageContext
+    from .context import StageContext
     from .plugins import PluginRegistry
+
+__all__ = ["COORDINATES", "KINDS", "RESOLUTION", "SPLITS", "ActivationStore", "Analyzer", "Batch",
+           "BlockSource", "DictionaryLearner", "EmptyConfig", "EventVocabulary", "ModelAdapter",
+           "ModelInfo", "NoteTable", "Plugin", "ShardInfo", "SongDataset", "SongTokens", "Stage",
+           "StoreReader", "StoreWriter", "Window"]
 
 KINDS = ("model_adapter", "activation_store", "dictionary_learner", "analyzer", "stage")
 
@@ -40,15 +64,18 @@ class Plugin:
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    def _missing(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"the {self.name or type(self).__name__} {self.kind.replace('_', ' ')} "
+                                   f"does not implement {what}")
+
 
 @dataclass
 class Batch:
     """A padded batch of model inputs.
 
-    ``codes`` is (B, T, F) int64, ``mask`` (B, T) bool (True on real tokens);
-    ``song`` gives each row's index into the dataset's song table and
-    ``offset`` the position of the row's first token inside that song's code
-    sequence (non-zero for the later windows of a long song).
+    ``codes`` is (B, T, ...) int64 (MMT: (B, T, 6) field codes), ``mask`` (B, T) bool
+    (True on real tokens); ``song`` gives each row's index into the dataset's song table
+    and ``offset`` the position of the row's first token inside that song's tokens.
     """
 
     codes: torch.Tensor
@@ -57,38 +84,135 @@ class Batch:
     offset: Sequence[int] = field(default_factory=list)
 
 
-@dataclass
-class ModelInfo:
-    """What a model folder holds, told without loading its weights."""
+# -- the model door ----------------------------------------------------------------------
 
-    d_model: int
-    hook_points: list[str]
-    n_parameters: int
+
+class SongDataset(ABC):
+    """The songs a model adapter reads from a dataset folder, restricted to one split.
+
+    ``names`` are the songs of the split in order; iterating yields them. A song read
+    with :meth:`read` is the adapter's own object: generic code only hands it back to
+    the adapter (:meth:`ModelAdapter.tokenize`, :meth:`ModelAdapter.transpose`, ...).
+    """
+
+    names: tuple[str, ...]
+    split: str | None
+
+    @property
+    @abstractmethod
+    def location(self) -> Path:
+        """The folder the songs are read from (for messages and provenance)."""
+
+    @abstractmethod
+    def read(self, name: str) -> Any:
+        """The song ``name``; ``UserError`` when it is not in the split or unreadable."""
+
+    @abstractmethod
+    def source(self, name: str) -> str:
+        """Where the song came from (a corpus path or the file read), for the song table."""
+
+    def meters(self, name: str) -> list[tuple[float, int, int]] | None:
+        """Time signatures ``(start beat, numerator, denominator)`` the dataset records for
+        the song, or None."""
+        return None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
 
 
 class ModelAdapter(Plugin, ABC):
-    """Wraps a trained model: loading, data, hook points, patching, token metadata."""
+    """The only door to a model: identity, data, tokens, rendering, forward passes, patching.
+
+    *Identity* (after :meth:`load`): :attr:`checkpoint_sha256`, :attr:`model_config`,
+    :attr:`d_model`, :meth:`hook_points`; :meth:`describe` without the weights.
+    *Data* (no weights needed): :meth:`open_dataset`, :meth:`tokenize`,
+    :meth:`event_vocabulary`, :meth:`render_notes`, :meth:`transpose`; with the weights:
+    :meth:`check_dataset`, :meth:`song_windows`, :meth:`pad`.
+    *Forward*: :meth:`run_with_hooks`, :meth:`run_with_patch`, :meth:`patched_logits`,
+    :meth:`generate`, :meth:`label_target`, :meth:`input_embeddings`,
+    :meth:`embed_coordinates`. Position t of a window predicts the window's row t+1.
+    """
 
     kind = "model_adapter"
 
-    def input_embeddings(self) -> tuple[list[str], torch.Tensor]:
-        """The loaded model's input embedding rows as directions of the residual stream:
-        (names such as ``pitch=C4``, matrix (rows, d_model)). Analyses use them as the
-        control "does the stream still carry the token's own input?"."""
-        raise NotImplementedError
-
-    def describe(self, model_dir: Path, device: str = "cpu") -> ModelInfo:
-        """Width, hook points and size of the model in ``model_dir`` without loading its weights;
-        raises ``UserError`` for what :meth:`load` would refuse (used by ``validate``)."""
-        raise NotImplementedError
+    # -- identity ------------------------------------------------------------------------
 
     @abstractmethod
     def load(self, model_dir: Path, device: str = "cpu") -> None:
         """Load the model found in ``model_dir`` onto ``device``."""
 
+    def describe(self, model_dir: Path, device: str = "cpu") -> ModelInfo:
+        """Width, hook points and size of the model in ``model_dir`` without loading its weights;
+        raises ``UserError`` for what :meth:`load` would refuse (used by ``validate``)."""
+        raise self._missing("describe")
+
     @abstractmethod
     def hook_points(self) -> list[str]:
         """Names of every hook point the loaded model offers."""
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        """SHA-256 of the loaded checkpoint file (recorded in stores and dictionaries)."""
+        raise self._missing("checkpoint_sha256")
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The loaded model's configuration as JSON values (recorded in stores)."""
+        raise self._missing("model_config")
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream of the loaded model."""
+        raise self._missing("d_model")
+
+    # -- data ----------------------------------------------------------------------------
+
+    def open_dataset(self, path: Path, split: str | None = None) -> SongDataset:
+        """The songs of the dataset folder ``path`` in ``split`` (None or ``all``, ``train``,
+        ``valid``, ``test``); ``UserError`` naming the folder for what cannot be read."""
+        raise self._missing("open_dataset")
+
+    def check_dataset(self, dataset: SongDataset) -> None:
+        """``UserError`` when the dataset was encoded for another model than the loaded one."""
+
+    def event_vocabulary(self) -> EventVocabulary:
+        """What the coordinates ``event_type`` and ``instrument`` mean for this adapter."""
+        raise self._missing("event_vocabulary")
+
+    def tokenize(self, song: Any) -> SongTokens:
+        """The whole song as tokens with their coordinates (:data:`COORDINATES`)."""
+        raise self._missing("tokenize")
+
+    def song_windows(self, tokens: SongTokens, stride: int | None = None) -> list[Window]:
+        """Model windows covering every token of ``tokens`` once (needs :meth:`load`);
+        ``stride``: the adapter's step between windows (None: its default)."""
+        raise self._missing("song_windows")
+
+    def pad(self, inputs: Sequence[np.ndarray]) -> Batch:
+        """Window inputs (each (L_i, ...)) zero-padded into one :class:`Batch` (CPU tensors)."""
+        raise self._missing("pad")
+
+    @abstractmethod
+    def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
+        """Coordinates (:data:`COORDINATES`) of model input rows outside a song (a window,
+        generated tokens); beats are those of the rows."""
+
+    def render_notes(self, tokens: SongTokens) -> NoteTable:
+        """The notes of a tokenized song, for piano rolls, MIDI and text."""
+        raise self._missing("render_notes")
+
+    def transpose(self, song: Any, semitones: int) -> Any | None:
+        """The song with every pitch moved by ``semitones`` (None when a pitch leaves the
+        model's range)."""
+        raise self._missing("transpose")
+
+    # -- forward passes and patching ----------------------------------------------------
 
     @abstractmethod
     def run_with_hooks(self, batch: Batch, hook_points: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -101,13 +225,8 @@ class ModelAdapter(Plugin, ABC):
         hook_point: str,
         fn: Callable[[torch.Tensor], torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Forward with ``fn`` replacing the activation at ``hook_point``; per-field next-token losses."""
-
-    @abstractmethod
-    def token_metadata(self, codes: np.ndarray) -> Mapping[str, np.ndarray]:
-        """Per-token musical metadata (event_type, beat, position, pitch, ...) for (T, F) codes."""
-
-    # -- optional: causal analyses (``analyzers/causal.py``, ``learners/downstream.py``) ----
+        """Forward with ``fn`` replacing the activation at ``hook_point``; per-field next-token
+        losses (and their sum ``total``) over real targets."""
 
     def patched_logits(
         self,
@@ -118,7 +237,7 @@ class ModelAdapter(Plugin, ABC):
         """No-grad forward with ``fn`` replacing the activation at ``hook_point`` (None: clean);
         returns every output field's logits, ``{field: (B, T, n_field)}`` in the model's field
         order. Position t predicts token t+1. ``fn`` may replace the activation or add to it."""
-        raise NotImplementedError
+        raise self._missing("patched_logits")
 
     def generate(
         self,
@@ -130,17 +249,31 @@ class ModelAdapter(Plugin, ABC):
         filter_thres: float = 0.9,
         patch: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ) -> np.ndarray:
-        """Up to ``steps`` new codes (n, F) continuing ``prompt`` (T0, F) with the model's own
-        decoding rules, drawn from a generator seeded with ``seed`` (the same seed gives the
-        same samples), optionally with ``patch = (hook point, fn)`` applied at every step."""
-        raise NotImplementedError
+        """Up to ``steps`` new input rows continuing ``prompt`` with the model's own decoding
+        rules, drawn from a generator seeded with ``seed`` (the same seed gives the same
+        samples), optionally with ``patch = (hook point, fn)`` applied at every step."""
+        raise self._missing("generate")
 
     def label_target(self, attribute: str, value: str) -> tuple[str, list[int] | None]:
         """Which output field a label ``attribute=value`` (see ``analyzers/attributes.py``)
         concerns, and, when the model predicts the label directly (``next.pitch_class=C``),
         the codes of that field whose summed probability is the label's probability (else
         None). Raises ``KeyError`` for an attribute the model has no field for."""
-        raise NotImplementedError
+        raise self._missing("label_target")
+
+    def input_embeddings(self) -> tuple[list[str], torch.Tensor]:
+        """The loaded model's input embedding rows as directions of the residual stream:
+        (names such as ``pitch=C4``, matrix (rows, d_model)). Analyses use them as the
+        control "does the stream still carry the token's own input?"."""
+        raise self._missing("input_embeddings")
+
+    def embed_coordinates(self, coords: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        """The model's input embedding of tokens rebuilt from their stored coordinates, float32
+        (n, d_model), and one line on what it leaves out."""
+        raise self._missing("embed_coordinates")
+
+
+# -- the activation store door (the reader lives in stores/reader.py) -------------------
 
 
 class ActivationStore(Plugin, ABC):
@@ -148,19 +281,29 @@ class ActivationStore(Plugin, ABC):
 
     kind = "activation_store"
 
+    @classmethod
+    def recognizes(cls, path: Path) -> bool:
+        """Whether ``path`` looks like a store this plugin wrote (checked before :meth:`open`)."""
+        return False
+
     @abstractmethod
     def create(self, path: Path, *, hooks: Sequence[str], d_model: int, songs: Sequence[str],
-               sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True) -> Any:
-        """Start (or resume) a store; the writer offers ``next_song``, ``n_shards``,
-        ``write_shard(acts, coords, song_start, song_stop)`` and ``finish(summary)``."""
+               sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True,
+               dtype: str = "float32") -> StoreWriter:
+        """Start (or resume) a store. ``attrs`` records provenance; ``event_vocabulary``
+        (:meth:`EventVocabulary.to_json`) and ``instrument_names`` in it describe the codes."""
 
     @abstractmethod
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         """How many tokens a shard should hold."""
 
     @abstractmethod
-    def open(self, path: Path, hooks: Sequence[str] | None = None) -> Any:
-        """The whole store as one ``xarray.Dataset``."""
+    def open(self, path: Path, *, verify: bool = False) -> StoreReader:
+        """The checked store at ``path`` (``verify``: also compare every shard's checksum);
+        ``UserError`` naming the file for what is wrong."""
+
+
+# -- learners, analyzers, stages ----------------------------------------------------------
 
 
 class DictionaryLearner(Plugin, ABC):
@@ -175,11 +318,10 @@ class Analyzer(Plugin, ABC):
     kind = "analyzer"
 
     @abstractmethod
-    def analyze(self, ctx: Any) -> dict[str, Any]:
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         """Analyse ``ctx.dictionaries`` against ``ctx.store``; write only into ``ctx.out_dir``.
 
-        ``ctx`` is an :class:`music_interpret.analyzers.context.AnalysisContext`.
-        Returns a small summary for the run manifest.
+        Returns a small JSON summary: the run manifest records it and the report shows it.
         """
 
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .config import DEFAULT_ADAPTER
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def seed_pipeline(ns: argparse.Namespace, stages: list[str], sections: dict[str,
         "output_dir": str(root / "reports"),
         "stages": stages,
         "device": getattr(ns, "device", "auto"),
-        "model": {"adapter": "mmt", "path": str(root / "models" / ns.dataset_name / ns.data_repr)},
+        "model": {"adapter": DEFAULT_ADAPTER, "path": str(root / "models" / ns.dataset_name / ns.data_repr)},
         "data": {"path": str(root / "data" / "base" / f"{ns.dataset_name}_notes" / "notes"),
                  "split": getattr(ns, "split", "all")},
         **sections,
@@ -56,12 +56,7 @@ def run_seed(raw: dict[str, Any], only: list[str], force: bool, base: Path) -> d
 
 
 def guarded_main(func: Any, argv: list[str] | None) -> int:
-    """Run ``func(argv)``; user errors and interruptions exactly as ``python -m music_interpret``
-    reports them (one line each, same exit statuses, SIGTERM handled like Ctrl-C)."""
-    from .cli import report, sigterm_as_interrupt
+    """Run ``func(argv)`` under the one error guard (:func:`music_interpret.guard.guarded_main`)."""
+    from .guard import guarded_main as guard
 
-    try:
-        with sigterm_as_interrupt():
-            return int(func(argv))
-    except (UserError, KeyboardInterrupt) as exc:
-        return report(exc, "rerun the same command to resume")
+    return guard(func, argv)

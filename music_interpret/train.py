@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .normalize import AUTO, MODES
 from .seedcli import guarded_main, run_seed
 
 
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="tokens per step")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimiser steps (default: {DEFAULT_STEPS:,} or one epoch, the larger)")
-    p.add_argument("--normalization", default="auto",
-                   help="auto (from the preprocess stage), none, standardize or unit_mean_norm")
+    p.add_argument("--normalization", default=AUTO,
+                   help=f"{AUTO} (from the preprocess stage), {', '.join(MODES[:-1])} or {MODES[-1]}")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialisation, shuffling, hold-out)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
@@ -92,10 +93,10 @@ def _learner(ns: argparse.Namespace) -> dict[str, Any]:
 
 def build_pipeline(ns: argparse.Namespace) -> dict[str, Any]:
     """The raw pipeline mapping of the command (after checking the store)."""
-    from .stores.netcdf import check_store
+    from .stores import open_store
 
     root = ns.root.resolve()
-    info = check_store(_store_folder(root, ns.layer_dir))
+    info = open_store(_store_folder(root, ns.layer_dir))
     if ns.input_dim != info.d_model:
         raise UserError(f"--input-dim {ns.input_dim} disagrees with the store {info.path} "
                         f"(d_model {info.d_model})")

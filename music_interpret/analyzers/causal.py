@@ -72,15 +72,19 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..doors import SPLITS
 from ..errors import UserError
 from ..interfaces import Analyzer, ModelAdapter
 from ..jsonio import write_json_atomic
 from .causal_report import hook_row, summary_markdown, write_csv
 from .causal_run import HookSettings, Target, causal_hook
+
+if TYPE_CHECKING:
+    from .context import AnalysisContext
 
 
 @dataclass
@@ -175,9 +179,7 @@ class CausalAnalyzer(Analyzer):
                    "songs, and steer generation along it.")
     Config = CausalConfig
 
-    def analyze(self, ctx: Any) -> dict[str, Any]:
-        from ..adapters.mmt.dataset import open_dataset
-
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         cfg: CausalConfig = self.config
         out = Path(ctx.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +190,9 @@ class CausalAnalyzer(Analyzer):
             reason = f"the {type(adapter).__name__} adapter offers no patched_logits"
             (out / "summary.md").write_text(f"# causal\n\nSkipped: {reason}.\n", encoding="utf-8")
             return {"skipped": reason}
-        split = ctx.store.manifest.get("attrs", {}).get("split")
-        dataset = open_dataset(ctx.data_dir, split if split in ("all", "train", "valid", "test")
-                               else ctx.data_split)
+        split = ctx.store.attrs.get("split")
+        dataset = ctx.open_dataset(split if split in SPLITS else None)
+        assert dataset is not None
         ft = out.parent / "feature_token"
         findings = read_findings(ft / "findings.json")
         tokens = cfg.tokens or ((findings or {}).get("rule") or {}).get("tokens") or "notes"

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..interfaces import Batch
 from .causal_data import EvalData
+
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter
 
 FIELDS = ("type", "beat", "position", "pitch", "duration", "instrument")
 CHUNK = 2048  # tokens encoded at once with every latent
@@ -61,7 +64,7 @@ class LatentSums:
 
 
 @torch.no_grad()
-def firing_counts(adapter: Any, hook: str, dictionary: Any, data: EvalData) -> tuple[np.ndarray, np.ndarray]:
+def firing_counts(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData) -> tuple[np.ndarray, np.ndarray]:
     """(firings, summed activation) of every latent over the selected, eligible positions."""
     counts = torch.zeros(dictionary.d_sae, dtype=torch.float64)
     mass = torch.zeros(dictionary.d_sae, dtype=torch.float64)
@@ -94,7 +97,7 @@ def _row_sums(values: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def measure(adapter: Any, hook: str, dictionary: Any, data: EvalData, latents: list[int],
+def measure(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData, latents: list[int],
             labels: list[LabelSpec], pass_tokens: int = 16_384,
             step: Callable[[], Any] | None = None) -> dict[int, LatentSums]:
     """Ablate every latent of ``latents`` alone; per-song sums (see the module doc).

@@ -11,14 +11,15 @@ Every window keeps three token masks (B, T):
   ``tokens: notes``, as ``feature_token`` selects them), where firing is counted.
 
 ``group`` gives each row's song (an index into ``songs``): bootstrap intervals resample
-songs.
+songs. Which rows are note tokens comes from the tokens' coordinates in the adapter's
+event vocabulary (``ModelAdapter.tokenize``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ import torch
 from ..interfaces import Batch
 from ..learners.holdout import holdout_songs
 
-NOTE = 3  # type code of a note
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter
+
+#: one window: (inputs (L, ...), owned (L,), song index, note tokens (L,))
+WindowItem = tuple[np.ndarray, np.ndarray, int, np.ndarray]
 
 
 @dataclass
@@ -50,8 +55,9 @@ class EvalData:
 
     batches: list[EvalBatch]
     songs: list[str]
-    windows: list[np.ndarray] = field(default_factory=list)  # codes of each window, song order
+    windows: list[np.ndarray] = field(default_factory=list)  # inputs of each window, song order
     window_song: list[int] = field(default_factory=list)
+    window_notes: list[np.ndarray] = field(default_factory=list)  # note rows of each window
 
     @property
     def n_groups(self) -> int:
@@ -66,28 +72,31 @@ class EvalData:
         return int(sum(int(b.selected.sum()) for b in self.batches))
 
 
-def build_data(windows: Sequence[tuple[np.ndarray, np.ndarray, int]], songs: Sequence[str],
+def build_data(windows: Sequence[WindowItem], songs: Sequence[str],
                batch_size: int, *, notes_only_patch: bool, tokens: str) -> EvalData:
-    """Batches of ``(codes (L, F), owned (L,), song index)`` windows, longest first."""
+    """Batches of ``(inputs (L, ...), owned (L,), song index, note rows (L,))`` windows,
+    longest first."""
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     batches = []
     for start in range(0, len(order), batch_size):
         rows = [windows[i] for i in order[start : start + batch_size]]
-        t = max(len(c) for c, _, _ in rows)
-        codes = np.zeros((len(rows), t, rows[0][0].shape[1]), np.int64)
+        t = max(len(c) for c, _, _, _ in rows)
+        codes = np.zeros((len(rows), t, *rows[0][0].shape[1:]), np.int64)
         mask = np.zeros((len(rows), t), bool)
         owned = np.zeros((len(rows), t), bool)
-        for j, (c, o, _) in enumerate(rows):
+        note = np.zeros((len(rows), t), bool)
+        for j, (c, o, _, n) in enumerate(rows):
             codes[j, : len(c)], mask[j, : len(c)], owned[j, : len(c)] = c, True, o
-        note = codes[..., 0] == NOTE
+            note[j, : len(c)] = n
         scored = owned & mask & np.concatenate([mask[:, 1:], np.zeros((len(rows), 1), bool)], 1)
         selected = scored & note if tokens == "notes" else scored
         eligible = mask & note if notes_only_patch else mask
-        group = np.asarray([s for _, _, s in rows], np.int64)
+        group = np.asarray([s for _, _, s, _ in rows], np.int64)
         batch = Batch(torch.from_numpy(codes), torch.from_numpy(mask), song=list(group.tolist()))
         batches.append(EvalBatch(batch, torch.from_numpy(eligible), torch.from_numpy(scored),
                                  torch.from_numpy(selected), group))
-    return EvalData(batches, list(songs), [w[0] for w in windows], [w[2] for w in windows])
+    return EvalData(batches, list(songs), [w[0] for w in windows], [w[2] for w in windows],
+                    [w[3] for w in windows])
 
 
 def heldout_names(config: dict[str, Any], store_songs: Sequence[str]) -> list[str]:
@@ -103,24 +112,28 @@ def heldout_names(config: dict[str, Any], store_songs: Sequence[str]) -> list[st
     return [store_songs[i] for i in holdout_songs(store_songs, fraction, seed)]
 
 
-def heldout_data(adapter: Any, read: Callable[[str], np.ndarray], names: Sequence[str], *,
+def heldout_data(adapter: ModelAdapter, read: Callable[[str], Any], names: Sequence[str], *,
                  max_windows: int, max_tokens: int, batch_size: int, notes_only_patch: bool,
                  tokens: str) -> EvalData:
     """Every window of ``names`` in order, until ``max_windows`` windows / ``max_tokens`` tokens
-    (``adapter.windows(notes)`` gives the windows and which tokens each one owns)."""
-    wins: list[tuple[np.ndarray, np.ndarray, int]] = []
+    (the adapter's ``tokenize`` and ``song_windows`` give the windows and which tokens each
+    one owns)."""
+    wins: list[WindowItem] = []
     used: list[str] = []
     n_tokens = 0
+    note = adapter.event_vocabulary().note
     for name in names:
-        _, song_windows = adapter.windows(read(name))
-        for w in song_windows:
-            if len(wins) >= max_windows or (wins and n_tokens + len(w.codes) > max_tokens):
+        song = adapter.tokenize(read(name))
+        events = np.asarray(song.coords["event_type"])
+        for w in adapter.song_windows(song):
+            if len(wins) >= max_windows or (wins and n_tokens + len(w.inputs) > max_tokens):
                 return build_data(wins, used, batch_size, notes_only_patch=notes_only_patch,
                                   tokens=tokens)
-            if len(w.codes) < 2:
+            if len(w.inputs) < 2:
                 continue
             if not used or used[-1] != name:
                 used.append(name)
-            wins.append((np.asarray(w.codes, np.int64), np.asarray(w.owned, bool), len(used) - 1))
-            n_tokens += len(w.codes)
+            wins.append((np.asarray(w.inputs, np.int64), np.asarray(w.owned, bool), len(used) - 1,
+                         events[w.token] == note))
+            n_tokens += len(w.inputs)
     return build_data(wins, used, batch_size, notes_only_patch=notes_only_patch, tokens=tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from .causal_stats import (
     verdict,
 )
 from .causal_steer import SteerSettings, generate_all, make_prompts, measurable, steer_latent
+
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter, SongDataset
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class HookSettings:
                                        cfg.bootstrap))
 
 
-def label_spec(adapter: Any, label: str) -> LabelSpec:
+def label_spec(adapter: ModelAdapter, label: str) -> LabelSpec:
     """What the effect of ``label`` is read from (``adapter.label_target``; ``total`` when
     the adapter cannot tell)."""
     if not label:
@@ -78,7 +81,7 @@ def label_spec(adapter: Any, label: str) -> LabelSpec:
     return LabelSpec(label, fld, None if codes is None else tuple(int(c) for c in codes))
 
 
-def causal_hook(adapter: Any, hook: str, dictionary: Any, dataset: Any, store_songs: Sequence[str],
+def causal_hook(adapter: ModelAdapter, hook: str, dictionary: Any, dataset: SongDataset, store_songs: Sequence[str],
                 targets: list[Target] | None, finding_latents: set[int], s: HookSettings,
                 progress: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Test ``targets`` on the dictionary's held-out songs (see :func:`run_on_data`)."""
@@ -95,7 +98,7 @@ def causal_hook(adapter: Any, hook: str, dictionary: Any, dataset: Any, store_so
     return run_on_data(adapter, hook, dictionary, data, targets, finding_latents, s, progress)
 
 
-def run_on_data(adapter: Any, hook: str, dictionary: Any, data: EvalData,
+def run_on_data(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData,
                 targets: list[Target] | None, finding_latents: set[int], s: HookSettings,
                 progress: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Ablate every target and its controls on ``data``; effects, intervals, verdicts and
@@ -179,12 +182,18 @@ def _row(t: Target, spec: LabelSpec, label: int, sums: dict[int, LatentSums], co
     }
 
 
-def _steer(adapter: Any, hook: str, dictionary: Any, data: EvalData, rows: list[dict[str, Any]],
+def _steer(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData, rows: list[dict[str, Any]],
            s: HookSettings) -> None:
     """Add ``steering`` to the first ``steer_latents`` rows with a measurable label."""
-    chosen = [r for r in rows if r["label"] and measurable(r["label"]) and r["mean_activation"]]
-    chosen = chosen[: s.steer_latents]
-    if not chosen or not s.alphas or not s.steer.seeds or not s.steer.steps:
+    if not s.steer_latents or not s.alphas or not s.steer.seeds or not s.steer.steps:
+        return
+    try:
+        vocabulary = adapter.event_vocabulary()
+    except NotImplementedError:  # no labels to measure generated tokens by
+        return
+    chosen = [r for r in rows if r["label"] and measurable(r["label"], vocabulary)
+              and r["mean_activation"]][: s.steer_latents]
+    if not chosen:
         return
     prompts = make_prompts(data, s.steer)
     if not prompts:

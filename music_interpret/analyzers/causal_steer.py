@@ -15,14 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .attributes import ATTRIBUTES, NEXT, compute_attributes
-from .causal_data import NOTE, EvalData
+from ..doors import EventVocabulary
+from .attributes import NEXT, attributes_for, compute_attributes
+from .causal_data import EvalData
 from .causal_stats import LEVEL
+
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -53,17 +57,17 @@ def make_prompts(data: EvalData, settings: SteerSettings) -> list[np.ndarray]:
     (songs with fewer notes are passed over), up to ``prompts`` prompts."""
     out: list[np.ndarray] = []
     seen: set[int] = set()
-    for codes, song in zip(data.windows, data.window_song, strict=True):
+    for codes, song, note in zip(data.windows, data.window_song, data.window_notes, strict=True):
         if song in seen or len(out) >= settings.prompts:
             continue
         seen.add(song)
-        notes = np.flatnonzero(codes[:, 0] == NOTE)
+        notes = np.flatnonzero(note)
         if len(notes) >= settings.prompt_notes > 0:
             out.append(codes[: notes[settings.prompt_notes - 1] + 1].copy())
     return out
 
 
-def generate_all(adapter: Any, prompts: Sequence[np.ndarray], settings: SteerSettings,
+def generate_all(adapter: ModelAdapter, prompts: Sequence[np.ndarray], settings: SteerSettings,
                  patch: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                  ) -> list[Generation]:
     """``seeds`` continuations of every prompt; seed ``settings.seed + 1000 * prompt + s``."""
@@ -78,19 +82,21 @@ def generate_all(adapter: Any, prompts: Sequence[np.ndarray], settings: SteerSet
     return out
 
 
-def measurable(label: str) -> bool:
+def measurable(label: str, vocabulary: EventVocabulary | None = None) -> bool:
     """Whether the steering measure exists for ``label`` (an attribute of single tokens)."""
     attribute, _, value = label.partition("=")
     base = attribute.removeprefix(NEXT)
-    return base in ATTRIBUTES and value in ATTRIBUTES[base].labels
+    table = attributes_for(vocabulary)
+    return base in table and value in table[base].labels
 
 
-def label_counts(adapter: Any, gens: Sequence[Generation], label: str) -> tuple[np.ndarray, np.ndarray]:
+def label_counts(adapter: ModelAdapter, gens: Sequence[Generation], label: str) -> tuple[np.ndarray, np.ndarray]:
     """Per generation: (generated tokens with the label's value, generated tokens where the
     label's attribute applies)."""
     attribute, _, value = label.partition("=")
     base = attribute.removeprefix(NEXT)
-    code = ATTRIBUTES[base].labels.index(value)
+    vocabulary = adapter.event_vocabulary()
+    code = attributes_for(vocabulary)[base].labels.index(value)
     hits, defined = np.zeros(len(gens)), np.zeros(len(gens))
     for i, g in enumerate(gens):
         if not len(g.new):
@@ -102,7 +108,7 @@ def label_counts(adapter: Any, gens: Sequence[Generation], label: str) -> tuple[
                   "window": np.zeros(n, np.int64), "seq_pos": np.arange(n),
                   **{k: np.asarray(meta[k]) for k in ("event_type", "beat", "position", "pitch",
                                                      "duration", "instrument")}}
-        values = compute_attributes(coords, [base])[base][len(g.prompt):]
+        values = compute_attributes(coords, [base], vocabulary=vocabulary)[base][len(g.prompt):]
         hits[i], defined[i] = float(np.sum(values == code)), float(np.sum(values >= 0))
     return hits, defined
 
@@ -136,7 +142,7 @@ def shift(base: tuple[np.ndarray, np.ndarray], steered: tuple[np.ndarray, np.nda
     return out
 
 
-def steer_latent(adapter: Any, hook: str, direction: torch.Tensor, label: str,
+def steer_latent(adapter: ModelAdapter, hook: str, direction: torch.Tensor, label: str,
                  alphas: Sequence[tuple[float, float]], prompts: Sequence[np.ndarray],
                  baseline: Sequence[Generation], settings: SteerSettings) -> list[dict[str, Any]]:
     """Per ``(multiple, alpha)``: the shift of the label's share when ``alpha * direction`` is

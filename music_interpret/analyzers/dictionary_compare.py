@@ -27,12 +27,15 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..interfaces import Analyzer
 from ..jsonio import write_json_atomic
+
+if TYPE_CHECKING:
+    from .context import AnalysisContext
 
 SIZE_PARAMS = ("d_sae", "expansion")
 CHUNK = 2048
@@ -197,7 +200,7 @@ def stability(members: list[Member], cfg: CompareConfig, seed: int) -> tuple[lis
     return pairs, rows
 
 
-def sweep_members(ctx: Any) -> dict[str, dict[str, Path]]:
+def sweep_members(ctx: AnalysisContext) -> dict[str, dict[str, Path]]:
     """{hook: {label: folder}} from the context, else from the train stage's sweep folders."""
     if ctx.sweeps:
         return dict(ctx.sweeps)
@@ -257,7 +260,7 @@ class DictionaryCompareAnalyzer(Analyzer):
                    "across sizes, cross-seed stability, against random unit vectors.")
     Config = CompareConfig
 
-    def analyze(self, ctx: Any) -> dict[str, Any]:
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         from .probe_data import read_rows
 
         cfg: CompareConfig = self.config

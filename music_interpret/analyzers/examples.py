@@ -25,11 +25,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..errors import UserError
 from ..interfaces import Analyzer
+
+if TYPE_CHECKING:
+    from ..doors import EventVocabulary, NoteTable
+    from ..interfaces import ModelAdapter, SongDataset, StoreReader
+    from .context import AnalysisContext
 
 COORDS = ("song", "song_token", "event_type", "beat", "position", "pitch", "duration", "instrument")
 
@@ -97,7 +103,7 @@ class TopExamplesAnalyzer(Analyzer):
     description = "Top-activating tokens per latent, with piano rolls, MIDI files and text dumps."
     Config = TopExamplesConfig
 
-    def analyze(self, ctx: Any) -> dict[str, Any]:
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         for hook in ctx.dictionaries:
             out = Path(ctx.out_dir) / hook
@@ -105,7 +111,7 @@ class TopExamplesAnalyzer(Analyzer):
             summary[hook] = self.analyze_hook(ctx, hook, out)
         return summary
 
-    def analyze_hook(self, ctx: Any, hook: str, out: Path) -> dict[str, Any]:
+    def analyze_hook(self, ctx: AnalysisContext, hook: str, out: Path) -> dict[str, Any]:
         """Top examples of one dictionary, written into ``out``."""
         cfg: TopExamplesConfig = self.config
         dictionary = ctx.load_dictionary(hook)
@@ -135,7 +141,7 @@ class TopExamplesAnalyzer(Analyzer):
 
     # -- choosing latents ---------------------------------------------------------------
 
-    def _ranking(self, ctx: Any, hook: str, ds: Any) -> tuple[np.ndarray, str]:
+    def _ranking(self, ctx: AnalysisContext, hook: str, ds: Any) -> tuple[np.ndarray, str]:
         """A score per latent (higher: render first) and its name."""
         rank_by = self.config.rank_by
         if rank_by in ("auto", "monosemanticity"):
@@ -166,16 +172,16 @@ class TopExamplesAnalyzer(Analyzer):
 
     # -- rendering ----------------------------------------------------------------------
 
-    def _render(self, ctx: Any, hook: str, ds: Any, chosen: list[tuple[int, str]],
+    def _render(self, ctx: AnalysisContext, hook: str, ds: Any, chosen: list[tuple[int, str]],
                 out: Path) -> list[dict[str, Any]]:
         from .examples_render import context_for, piano_roll, text_dump, write_midi
 
         cfg: TopExamplesConfig = self.config
-        songs = _SongCache(ctx.data_dir)
+        songs = _SongCache(ctx)
         names = [str(s) for s in ds.song_name.values]
         rendered = []
         for latent, reason in ctx.progress(chosen, desc=f"top_examples {hook}", unit="latent"):
-            examples = _examples(ds, latent, names)
+            examples = _examples(ds, latent, names, ctx.vocabulary)
             contexts = [songs.context(ex.song, ex.song_token, cfg.context_beats, context_for)
                         for ex in examples]
             shown = _distinct(examples, contexts)[: cfg.render_examples]
@@ -205,44 +211,19 @@ class TopExamplesAnalyzer(Analyzer):
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _blocks(info: Any, hook: str, block_tokens: int,
+def _blocks(info: StoreReader, hook: str, block_tokens: int,
             max_tokens: int | None) -> Iterator[tuple[int, np.ndarray]]:
     """(global offset, activations) blocks over every shard, up to ``max_tokens``."""
-    from ..preprocess import reader_for
-
-    limit = max_tokens if max_tokens is not None else info.n_tokens
-    offset = 0
-    with reader_for(info, hook) as reader:
-        for s, entry in enumerate(info.manifest["shards"]):
-            n = min(int(entry["tokens"]), limit - offset)
-            for start in range(0, max(n, 0), block_tokens):
-                stop = min(n, start + block_tokens)
-                yield offset + start, reader.read(s, start, stop)
-            offset += int(entry["tokens"])
-            if offset >= limit:
-                return
+    return info.iter_blocks(hook, block_tokens, max_tokens)
 
 
-def _gather_coords(info: Any, tokens: np.ndarray) -> dict[str, np.ndarray]:
+def _gather_coords(info: StoreReader, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """Coordinates of the global token indices ``tokens`` (-1 stays -1), shard by shard."""
-    from ..stores.netcdf import read_coords
-
-    out = {k: np.full(tokens.shape, -1, np.int32) for k in COORDS}
-    start = 0
-    for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
-        stop = start + int(entry["tokens"])
-        here = (tokens >= start) & (tokens < stop)
-        if here.any():
-            coords = read_coords(shard, COORDS)
-            rows = tokens[here] - start
-            for k in COORDS:
-                out[k][here] = coords[k][rows]
-        start = stop
-    return out
+    return info.gather_coords(tokens, COORDS)
 
 
 def _dataset(values: np.ndarray, tokens: np.ndarray, coords: dict[str, np.ndarray],
-             density: np.ndarray, info: Any, hook: str) -> Any:
+             density: np.ndarray, info: StoreReader, hook: str) -> Any:
     import xarray as xr
 
     dims = ("latent", "rank")
@@ -253,8 +234,12 @@ def _dataset(values: np.ndarray, tokens: np.ndarray, coords: dict[str, np.ndarra
             "density": ("latent", density.astype(np.float64)),
             "song_name": ("songs", np.asarray(info.songs, dtype=object))}
     ds = xr.Dataset(data, coords={"latent": np.arange(n_latents), "rank": np.arange(n)})
-    ds.attrs.update(hook=hook, store=str(info.path), store_id=info.manifest.get("store_id", ""),
-                    description="top-activating tokens per latent; token -1: fewer active tokens")
+    vocabulary = info.vocabulary
+    ds.attrs.update(hook=hook, store=str(info.path), store_id=info.store_id,
+                    description="top-activating tokens per latent; token -1: fewer active tokens",
+                    event_names=json.dumps(list(vocabulary.events)),
+                    instrument_names=json.dumps(list(vocabulary.instruments)),
+                    note_event=vocabulary.note)
     return ds
 
 
@@ -308,7 +293,7 @@ def _distinct(examples: list[Any], contexts: list[Any]) -> list[Any]:
     return first + later
 
 
-def _examples(ds: Any, latent: int, names: list[str]) -> list[Any]:
+def _examples(ds: Any, latent: int, names: list[str], vocabulary: EventVocabulary) -> list[Any]:
     from .examples_render import Example
 
     row = ds.isel(latent=latent)
@@ -320,33 +305,30 @@ def _examples(ds: Any, latent: int, names: list[str]) -> list[Any]:
         out.append(Example(latent, r, names[song] if 0 <= song < len(names) else f"song-{song}",
                            int(row.song_token[r]), float(row.activation[r]),
                            int(row.event_type[r]), int(row.beat[r]), int(row.position[r]),
-                           int(row.pitch[r]), int(row.instrument[r])))
+                           int(row.pitch[r]), int(row.instrument[r]), vocabulary))
     return out
 
 
 class _SongCache:
-    """Songs of the note dataset, tokenized once each (None when not available)."""
+    """Songs of the dataset, tokenized and rendered to notes once each (None when not there)."""
 
-    def __init__(self, data_dir: Path | None) -> None:
-        self.dataset: Any = None
-        if data_dir is not None:
-            from ..adapters.mmt.dataset import open_dataset
-            from ..errors import UserError
-
-            try:
-                self.dataset = open_dataset(data_dir, None)  # every song, whatever the split
-            except UserError:
-                self.dataset = None
-        self.songs: dict[str, Any] = {}
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.dataset: SongDataset | None = None
+        self.adapter: ModelAdapter | None = None
+        try:
+            self.dataset = ctx.open_dataset("all")  # every song, whatever the split
+            self.adapter = ctx.data_adapter() if self.dataset is not None else None
+        except (UserError, NotImplementedError):
+            self.dataset = None
+        self.songs: dict[str, NoteTable | None] = {}
 
     def context(self, name: str, song_token: int, context_beats: float, fn: Any) -> Any:
         song = self.song(name)
         return fn(song, song_token, context_beats) if song is not None else None
 
-    def song(self, name: str) -> Any:
+    def song(self, name: str) -> NoteTable | None:
         if name not in self.songs:
-            from ..adapters.mmt.windows import tokenize_song
-
-            ok = self.dataset is not None and name in self.dataset
-            self.songs[name] = tokenize_song(self.dataset.read(name)) if ok else None
+            ok = self.dataset is not None and self.adapter is not None and name in self.dataset
+            self.songs[name] = self.adapter.render_notes(self.adapter.tokenize(self.dataset.read(name))) \
+                if ok else None  # type: ignore[union-attr]
         return self.songs[name]

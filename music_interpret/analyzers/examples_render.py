@@ -1,9 +1,10 @@
 """Musical context of a top-activating token, drawn three ways: piano roll, MIDI, text.
 
 A :class:`Context` holds the notes of a song that sound within ``context_beats`` of
-the activating token (all instruments), with the activating note marked. Notes use
-the dataset's layout (beat, position, pitch, duration, program); position and
-duration are in 1/12 beats (``RESOLUTION``).
+the activating token (all instruments), with the activating note marked. The notes are
+the model adapter's rendering of the song's tokens
+(:class:`~music_interpret.doors.NoteTable`: beat, position, pitch, duration, program,
+instrument name; position and duration in 1/12 beats, ``RESOLUTION``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.mmt.representation import (
-    INSTRUMENT_NAMES,
-    PROGRAM_INSTRUMENT_MAP,
-    RESOLUTION,
-    TYPE_NAMES,
-)
-from ..adapters.mmt.windows import SongTokens
+from ..doors import RESOLUTION, EventVocabulary, NoteTable
 
 PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 TICKS_PER_BEAT = 480
@@ -29,11 +24,6 @@ TICKS_PER_BEAT = 480
 def pitch_name(pitch: int) -> str:
     """MIDI pitch as a note name with octave (60 -> C4)."""
     return f"{PITCH_NAMES[pitch % 12]}{pitch // 12 - 1}" if pitch >= 0 else "-"
-
-
-def program_name(program: int) -> str:
-    """MMT instrument name of a General MIDI program (``program-N`` when unmapped)."""
-    return PROGRAM_INSTRUMENT_MAP.get(int(program)) or f"program-{program}"
 
 
 @dataclass
@@ -50,15 +40,17 @@ class Example:
     position: int
     pitch: int
     instrument: int
+    vocabulary: EventVocabulary
 
     def token_label(self) -> str:
-        """What the token is, in words."""
-        kind = TYPE_NAMES[self.event_type] if 0 <= self.event_type < len(TYPE_NAMES) else "?"
-        inst = INSTRUMENT_NAMES[self.instrument] if 0 < self.instrument < len(INSTRUMENT_NAMES) else ""
-        if kind == "note":
-            return f"note {pitch_name(self.pitch)} ({self.pitch}) {inst} at beat {self.beat}+{self.position}"
-        if kind == "instrument":
-            return f"instrument row: {inst}"
+        """What the token is, in words (in the store's event vocabulary)."""
+        events, names = self.vocabulary.events, self.vocabulary.instruments
+        kind = events[self.event_type] if 0 <= self.event_type < len(events) else "?"
+        inst = names[self.instrument] if 0 < self.instrument < len(names) else ""
+        if self.event_type == self.vocabulary.note:
+            return f"{kind} {pitch_name(self.pitch)} ({self.pitch}) {inst} at beat {self.beat}+{self.position}"
+        if inst:
+            return f"{kind} row: {inst}"
         return kind
 
 
@@ -66,43 +58,40 @@ class Example:
 class Context:
     """Notes around an activating token; ``target`` is the activating note's row (or None)."""
 
-    notes: np.ndarray
+    notes: NoteTable
     target: int | None
     start: float
     stop: float
     onset: float
 
 
-def onsets(notes: np.ndarray) -> np.ndarray:
-    """Onset of every note in beats."""
-    return notes[:, 0] + notes[:, 1] / RESOLUTION
-
-
-def context_for(song: SongTokens, song_token: int, context_beats: float) -> Context:
-    """Notes sounding within ``context_beats`` before/after the token (header: song start)."""
-    notes = song.notes
-    on = onsets(notes).astype(np.float64)
-    end = on + np.maximum(notes[:, 3], 1) / RESOLUTION
-    row = int(song.note[song_token]) if 0 <= song_token < len(song.note) else -1
+def context_for(song: NoteTable, song_token: int, context_beats: float) -> Context:
+    """Notes sounding within ``context_beats`` before/after the token (tokens before the
+    first note: the song's start; after the last: its end)."""
+    on = song.onsets().astype(np.float64)
+    end = on + np.maximum(song.duration, 1) / RESOLUTION
+    hits = np.flatnonzero(song.token == song_token)
+    row = int(hits[0]) if len(hits) else -1
     if row >= 0:
         onset = float(on[row])
-    elif song_token < song.header_len or not len(on):
+    elif not len(on) or song_token < int(song.token.min()):
         onset = float(on.min()) if len(on) else 0.0
-    else:  # end-of-song: the last bars
+    else:  # after the notes: the last bars
         onset = float(end.max())
     start, stop = max(0.0, onset - context_beats), onset + context_beats
     keep = np.flatnonzero((end > start) & (on < stop))
     target = int(np.searchsorted(keep, row)) if row >= 0 else None
-    return Context(notes[keep], target, start, stop, onset)
+    return Context(song.take(keep), target, start, stop, onset)
 
 
 # -- text ---------------------------------------------------------------------------------
 
 
-def note_line(note: np.ndarray, mark: bool = False) -> str:
-    """``beat+position instrument pitch(name) duration`` for one note."""
-    beat, pos, pitch, dur, prog = (int(v) for v in note)
-    return (f"{'>>' if mark else '  '} {beat:5d}+{pos:02d}  {program_name(prog):<14s} "
+def note_line(notes: NoteTable, i: int, mark: bool = False) -> str:
+    """``beat+position instrument pitch(name) duration`` for note ``i``."""
+    beat, pos, pitch, dur = (int(notes.beat[i]), int(notes.position[i]), int(notes.pitch[i]),
+                             int(notes.duration[i]))
+    return (f"{'>>' if mark else '  '} {beat:5d}+{pos:02d}  {str(notes.instrument[i]):<14s} "
             f"{pitch:3d} {pitch_name(pitch):<4s} dur {dur:3d} ({dur / RESOLUTION:g} beats)")
 
 
@@ -120,7 +109,7 @@ def text_dump(latent: int, hook: str, examples: Sequence[Example],
             lines.append("    (no note context: song not found in the note dataset)")
         else:
             lines.append(f"    context: beats {ctx.start:g} to {ctx.stop:g} ({len(ctx.notes)} notes)")
-            lines.extend(note_line(n, i == ctx.target) for i, n in enumerate(ctx.notes))
+            lines.extend(note_line(ctx.notes, i, i == ctx.target) for i in range(len(ctx.notes)))
         lines.append("")
     return "\n".join(lines)
 
@@ -141,17 +130,20 @@ def write_midi(path: Path, ctx: Context, label: str, tempo_bpm: float = 90.0) ->
     meta.append(mido.MetaMessage("marker", text=_ascii(label),
                                  time=_tick(max(ctx.onset - origin, 0.0))))
     mid.tracks.append(meta)
-    programs = sorted({int(p) for p in ctx.notes[:, 4]})
+    notes = ctx.notes
+    names = notes.program_names()
+    programs = sorted(names)
     channels = [c for c in range(16) if c != 9]
     for n, program in enumerate(programs):
         channel = channels[n % len(channels)]
         events: list[tuple[int, int, mido.Message | mido.MetaMessage]] = []
-        for i, note in enumerate(ctx.notes):
-            if int(note[4]) != program:
+        for i in range(len(notes)):
+            if int(notes.program[i]) != program:
                 continue
-            on = max(note[0] + note[1] / RESOLUTION - origin, 0.0)
-            off = max(note[0] + (note[1] + max(note[3], 1)) / RESOLUTION - origin, on + 1 / RESOLUTION)
-            pitch = int(np.clip(note[2], 0, 127))
+            beat, pos, dur = notes.beat[i], notes.position[i], notes.duration[i]
+            on = max(beat + pos / RESOLUTION - origin, 0.0)
+            off = max(beat + (pos + max(dur, 1)) / RESOLUTION - origin, on + 1 / RESOLUTION)
+            pitch = int(np.clip(notes.pitch[i], 0, 127))
             if i == ctx.target:
                 events.append((_tick(on), 0, mido.MetaMessage("lyrics", text="*activating*")))
             events.append((_tick(on), 2, mido.Message("note_on", note=pitch, velocity=80,
@@ -159,7 +151,7 @@ def write_midi(path: Path, ctx: Context, label: str, tempo_bpm: float = 90.0) ->
             events.append((_tick(off), 1, mido.Message("note_off", note=pitch, velocity=0,
                                                        channel=channel)))
         track = mido.MidiTrack()
-        track.append(mido.MetaMessage("track_name", name=program_name(program), time=0))
+        track.append(mido.MetaMessage("track_name", name=names[program], time=0))
         track.append(mido.Message("program_change", program=program, channel=channel, time=0))
         now = 0
         for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
@@ -198,6 +190,7 @@ def piano_roll(path: Path, title: str, examples: Sequence[Example],
                         hspace=0.45)
     cmap = plt.get_cmap("tab10")
     colours: dict[int, tuple[float, ...]] = {}
+    names: dict[int, str] = {}
     for ax, ex, ctx in zip(axes[:, 0], examples, contexts, strict=False):
         ax.set_title(f"#{ex.rank + 1}  {ex.song}  act {ex.activation:.3g}  - {ex.token_label()}",
                      fontsize=8, loc="left")
@@ -205,14 +198,15 @@ def piano_roll(path: Path, title: str, examples: Sequence[Example],
         if ctx is None or not len(ctx.notes):
             ax.text(0.5, 0.5, "no note context", ha="center", va="center", transform=ax.transAxes)
             continue
-        on = onsets(ctx.notes)
-        end = on + np.maximum(ctx.notes[:, 3], 1) / RESOLUTION
-        pitch = ctx.notes[:, 2].astype(float)
+        on = ctx.notes.onsets()
+        end = on + np.maximum(ctx.notes.duration, 1) / RESOLUTION
+        pitch = ctx.notes.pitch.astype(float)
         boxes = np.stack([np.stack([on, pitch - 0.4], 1), np.stack([end, pitch - 0.4], 1),
                           np.stack([end, pitch + 0.4], 1), np.stack([on, pitch + 0.4], 1)], 1)
-        for program in sorted({int(p) for p in ctx.notes[:, 4]}):
+        for program, name in sorted(ctx.notes.program_names().items()):
             colours.setdefault(program, cmap(len(colours) % 10))
-        faces = [colours[int(p)] for p in ctx.notes[:, 4]]
+            names.setdefault(program, name)
+        faces = [colours[int(p)] for p in ctx.notes.program]
         ax.add_collection(PolyCollection(boxes, facecolors=faces, edgecolors="none", alpha=0.85))
         if ctx.target is not None:
             t = ctx.target
@@ -226,7 +220,7 @@ def piano_roll(path: Path, title: str, examples: Sequence[Example],
         ax.set_ylabel("pitch", fontsize=7)
         ax.grid(axis="x", linewidth=0.3, alpha=0.5)
     axes[-1, 0].set_xlabel("beat", fontsize=8)
-    handles = [Patch(color=c, label=program_name(p)) for p, c in colours.items()]
+    handles = [Patch(color=c, label=names[p]) for p, c in colours.items()]
     handles.append(Patch(facecolor="none", edgecolor="red", label="activating note"))
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(len(handles), 6),
                frameon=False)

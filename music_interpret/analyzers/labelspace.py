@@ -15,11 +15,14 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .attributes import ATTRIBUTES, NOTE, iter_store_attributes
+from .attributes import ATTRIBUTES, attributes_for, iter_store_attributes
+
+if TYPE_CHECKING:
+    from ..interfaces import StoreReader
 
 TOKENS = ("notes", "all")
 
@@ -74,18 +77,20 @@ class LabelSpace:
     # -- building ---------------------------------------------------------------------
 
     @classmethod
-    def scan(cls, info: Any, attributes: Sequence[str], max_tokens: int | None, min_count: int,
+    def scan(cls, info: StoreReader, attributes: Sequence[str], max_tokens: int | None, min_count: int,
              tokens: str = "all", meters: Mapping[int, Any] | None = None) -> LabelSpace:
         """Compute the attribute codes of the selected tokens (kept on disk), count every
         value and keep the labels on at least ``min_count`` tokens and off as many."""
         attributes = list(attributes)
         store = tempfile.TemporaryDirectory(prefix="mi-labels-")
-        totals = {a: np.zeros(len(ATTRIBUTES[a].labels), np.int64) for a in attributes}
+        bound = attributes_for(info.vocabulary)
+        totals = {a: np.zeros(len(bound[a].labels), np.int64) for a in attributes}
         n, selections = 0, []
         needed = list(dict.fromkeys([*attributes, "event_type"]))
         for shard, used, codes in iter_store_attributes(info, needed, max_tokens, meters):
             etype = codes["event_type"]
-            rows = np.flatnonzero(etype == NOTE) if tokens == "notes" else np.arange(used)
+            rows = np.flatnonzero(etype == info.vocabulary.note) if tokens == "notes" \
+                else np.arange(used)
             matrix = np.stack([codes[a][rows] for a in attributes], axis=1).astype(np.int16) \
                 if attributes else np.zeros((len(rows), 0), np.int16)
             np.save(Path(store.name) / f"{shard}.npy", matrix)
@@ -101,7 +106,7 @@ class LabelSpace:
                 if count >= min_count and n - count >= min_count:
                     table[code] = len(kept)
                     attribute.append(a)
-                    value.append(ATTRIBUTES[a].labels[code])
+                    value.append(bound[a].labels[code])
                     kept.append(code)
                     counts.append(int(count))
             index[a] = table

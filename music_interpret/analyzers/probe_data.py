@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..stores.netcdf import read_coords
-from .attributes import COORD_NAMES, NOTE, compute_attributes
+from .attributes import COORD_NAMES, compute_attributes
+
+if TYPE_CHECKING:
+    from ..interfaces import StoreReader
 
 ENCODE_BATCH = 4096
 TOKENS = ("notes", "all")
@@ -24,16 +26,15 @@ class Selection:
     song: np.ndarray
 
 
-def select_tokens(info: Any, tokens: str) -> Selection:
+def select_tokens(info: StoreReader, tokens: str) -> Selection:
     """Every note token (``tokens: notes``) or every token (``all``) of the store."""
-    index, songs, offset = [], [], 0
-    for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
-        c = read_coords(shard, ["song", "event_type"])
-        keep = np.flatnonzero(c["event_type"] == NOTE) if tokens == "notes" \
+    index, songs = [], []
+    for shard in info.shard_table:
+        c = info.read_coords(shard.index, ["song", "event_type"])
+        keep = np.flatnonzero(c["event_type"] == info.vocabulary.note) if tokens == "notes" \
             else np.arange(len(c["song"]))
-        index.append(keep + offset)
+        index.append(keep + shard.token_start)
         songs.append(c["song"][keep].astype(np.int64))
-        offset += int(entry["tokens"])
     return Selection(np.concatenate(index), np.concatenate(songs))
 
 
@@ -63,20 +64,18 @@ class TokenTable:
     coords: dict[str, np.ndarray]
 
 
-def token_table(info: Any, index: np.ndarray, attributes: Sequence[str],
+def token_table(info: StoreReader, index: np.ndarray, attributes: Sequence[str],
                 meters: Mapping[int, Any] | None = None) -> TokenTable:
     """Attribute codes (computed on whole shards) and coordinates of the tokens ``index``."""
     codes: dict[str, list[np.ndarray]] = {a: [] for a in attributes}
     coords: dict[str, list[np.ndarray]] = {k: [] for k in COORD_NAMES}
-    offset = 0
-    for shard, entry in zip(info.shards, info.manifest["shards"], strict=True):
-        n = int(entry["tokens"])
+    for shard in info.shard_table:
+        offset, n = shard.token_start, shard.tokens
         rows = index[(index >= offset) & (index < offset + n)] - offset
-        offset += n
         if not len(rows):
             continue
-        c = read_coords(shard, COORD_NAMES)
-        for a, v in compute_attributes(c, attributes, meters).items():
+        c = info.read_coords(shard.index, COORD_NAMES)
+        for a, v in compute_attributes(c, attributes, meters, info.vocabulary).items():
             codes[a].append(v[rows])
         for k in COORD_NAMES:
             coords[k].append(np.asarray(c[k])[rows])
@@ -85,22 +84,9 @@ def token_table(info: Any, index: np.ndarray, attributes: Sequence[str],
                       {a: np.concatenate(v).astype(np.int64) for a, v in codes.items()}, cat)
 
 
-def read_rows(info: Any, hook: str, index: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+def read_rows(info: StoreReader, hook: str, index: np.ndarray, chunk: int = 16_384) -> np.ndarray:
     """Raw activations (n, d_model) float32 of the global token ``index`` (sorted)."""
-    from ..preprocess import reader_for
-
-    raw = np.empty((len(index), info.d_model), np.float32)
-    offset = 0
-    with reader_for(info, hook) as reader:
-        for shard, entry in enumerate(info.manifest["shards"]):
-            n = int(entry["tokens"])
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                a, b = np.searchsorted(index, [offset + s, offset + e])
-                if a < b:
-                    raw[a:b] = reader.read(shard, s, e)[index[a:b] - offset - s]
-            offset += n
-    return raw
+    return info.read_rows(hook, index, chunk)
 
 
 def encode_rows(raw: np.ndarray, encode: Callable[[Any], Any]) -> Any:

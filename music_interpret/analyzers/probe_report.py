@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .attributes import ATTRIBUTES
+from .attributes import ATTRIBUTES, Attribute
 from .probe_fit import MC_REPS, OVR_REPS, UNIT_REPS, ProbeSettings
 from .probe_metrics import METRICS, OVR_METRICS, STATS
 
@@ -52,7 +52,8 @@ def multiclass_dataset(runs: Sequence[Any], attributes: Sequence[str], meta: dic
 
 
 def ovr_dataset(runs: Sequence[Any], attributes: Sequence[str], s: ProbeSettings,
-                meta: dict[str, Any]) -> Any:
+                meta: dict[str, Any], table: Mapping[str, Attribute] | None = None) -> Any:
+    """The one-vs-rest scores; labels named in ``table`` (the store's attributes)."""
     import xarray as xr
 
     labels = _labels(runs, attributes)
@@ -72,7 +73,8 @@ def ovr_dataset(runs: Sequence[Any], attributes: Sequence[str], s: ProbeSettings
                 score[h, i] = res.ovr[c]
                 selected[h, i] = res.selected[c]
                 n_pos[:, h, i] = res.n_pos_train[c], res.n_pos_test[c]
-    names = [f"{a}={ATTRIBUTES[a].label(c)}" for a, c in labels]
+    table = table or ATTRIBUTES
+    names = [f"{a}={table[a].label(c)}" for a, c in labels]
     return xr.Dataset(
         {"score": (("hook", "label", "representation", "k", "metric", "stat"), score),
          "selected": (("hook", "label", "unit_representation", "rank"), selected),
@@ -231,11 +233,11 @@ def summary_markdown(mc: Any, ovr: Any, s: ProbeSettings) -> str:
 
 
 def write_outputs(out: Path, runs: Sequence[Any], attributes: Sequence[str], s: ProbeSettings,
-                  meta: dict[str, Any]) -> dict[str, Any]:
+                  meta: dict[str, Any], table: Mapping[str, Attribute] | None = None) -> dict[str, Any]:
     """Write every output file; returns the manifest summary."""
     out.mkdir(parents=True, exist_ok=True)
     mc = multiclass_dataset(runs, attributes, meta)
-    ovr = ovr_dataset(runs, attributes, s, meta)
+    ovr = ovr_dataset(runs, attributes, s, meta, table)
     for name, ds in (("probe.nc", mc), ("probe_ovr.nc", ovr)):
         tmp = out / f".{name}.tmp"
         ds.to_netcdf(tmp)

@@ -4,8 +4,9 @@ Per hook point and attribute (:mod:`.attributes`; by default the main musical at
 at t and at t+1, ``next.*``, on note tokens) the probes of :mod:`.probe_fit` run on
 
 * ``embedding``: the model's input embedding at the token: hook point ``resid_pre.0``
-  when the store holds it, else the sum of the token's six field embeddings rebuilt from
-  its coordinates (:mod:`.embedding`; no position embedding). Whatever a probe finds
+  when the store holds it, else the embedding the model adapter rebuilds from the token's
+  coordinates (``ModelAdapter.embed_coordinates``; MMT: the sum of the six field
+  embeddings, no position embedding). Whatever a probe finds
   here, the model was given, not computed;
 * ``raw``: the hook point's activations;
 * ``latents``: the dictionary's codes;
@@ -33,18 +34,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
-from ..interfaces import Analyzer
+from ..interfaces import Analyzer, ModelAdapter
 from ..learners.io import read_config
-from .attributes import ATTRIBUTES, resolve_attributes
+from .attributes import ATTRIBUTES, attributes_for, resolve_attributes
 from .probe_data import TOKENS, encode_rows, read_rows, sample_sides, select_tokens, token_table
 from .probe_fit import ProbeSettings, probe_attribute
 from .probe_sparse import SELECT
 from .songsplit import SongSplit, dictionary_split
+
+if TYPE_CHECKING:
+    from ..interfaces import StoreReader
+    from .context import AnalysisContext
 
 _BASE = ["pitch_class", "octave", "position", "duration", "instrument", "beat_step",
          "scale_degree", "chord_quality", "metric_strength", "voice_role"]
@@ -123,28 +128,26 @@ def single_threaded() -> Iterator[None]:
 
 
 class Embeddings:
-    """The input embedding of sampled tokens: from ``resid_pre.0`` or rebuilt from coordinates."""
+    """The input embedding of sampled tokens: from ``resid_pre.0`` or rebuilt from their
+    coordinates by the model adapter (``ModelAdapter.embed_coordinates``)."""
 
-    def __init__(self, ctx: Any, info: Any) -> None:
+    def __init__(self, ctx: AnalysisContext, info: StoreReader) -> None:
         self.info, self.source, self.note = info, "none", "no input embedding (no model)"
-        self.table: Any = None
+        self.adapter: ModelAdapter | None = None
         if EMBEDDING_HOOK in info.hooks:
             self.source, self.note = EMBEDDING_HOOK, (f"hook point {EMBEDDING_HOOK} of the store "
                                                       "(field embeddings + position embedding)")
             return
-        found = ctx.input_embeddings()
-        if found is not None:
-            from .embedding import NOTE_LIMITATION
-
-            self.table, self.source, self.note = found, "coordinates", NOTE_LIMITATION
+        adapter = ctx.adapter("cpu")
+        if adapter is not None and type(adapter).embed_coordinates is not ModelAdapter.embed_coordinates:
+            self.adapter, self.source = adapter, "coordinates"
 
     def rows(self, index: np.ndarray, coords: dict[str, np.ndarray]) -> np.ndarray | None:
         if self.source == EMBEDDING_HOOK:
             return read_rows(self.info, EMBEDDING_HOOK, index)
-        if self.table is not None:
-            from .embedding import embed_coords
-
-            return embed_coords(self.table[0], self.table[1], coords)
+        if self.adapter is not None:
+            rows, self.note = self.adapter.embed_coordinates(coords)
+            return rows
         return None
 
 
@@ -157,7 +160,7 @@ class ProbeAnalyzer(Analyzer):
                    "dictionary's held-out songs, with baselines and song-bootstrap CIs.")
     Config = ProbeConfig
 
-    def analyze(self, ctx: Any) -> dict[str, Any]:
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         from .probe_report import write_outputs
 
         cfg: ProbeConfig = self.config
@@ -189,14 +192,15 @@ class ProbeAnalyzer(Analyzer):
             for run in runs:
                 self._probe_hook(ctx, run, union, table, emb_all, attributes, settings, bar)
         bar.close()
-        meta = {"store_id": info.manifest.get("store_id", ""), "store": str(info.path),
+        meta = {"store_id": info.store_id, "store": str(info.path),
                 "tokens": cfg.tokens, "bootstrap": cfg.bootstrap, "select": cfg.select,
                 "embedding": embeddings.note, "embedding_source": embeddings.source,
                 "class_weight": cfg.class_weight,
                 "attribute_docs": "; ".join(f"{a}: {ATTRIBUTES[a].doc}" for a in attributes)}
-        return write_outputs(Path(ctx.out_dir), runs, attributes, settings, meta)
+        return write_outputs(Path(ctx.out_dir), runs, attributes, settings, meta,
+                             attributes_for(info.vocabulary))
 
-    def _probe_hook(self, ctx: Any, run: HookRun, union: np.ndarray, table: Any,
+    def _probe_hook(self, ctx: AnalysisContext, run: HookRun, union: np.ndarray, table: Any,
                     emb_all: np.ndarray | None, attributes: list[str], settings: ProbeSettings,
                     bar: Any) -> None:
         """Every attribute's probes for one hook (results into ``run.results``)."""

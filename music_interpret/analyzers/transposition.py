@@ -2,9 +2,10 @@
 
 On the dictionary's held-out songs (its ``config.json``; up to ``max_songs``), every pitch
 is transposed by each k of ``shifts`` semitones (a song is skipped for a k that would take
-a pitch outside MIDI 0-127). The model runs at the dictionary's hook point through the
-adapter, on the windows the extract stage makes (``ModelAdapter.windows``; transposition
-keeps the notes' order, so the windows and tokens line up one to one), and the
+a pitch outside the model's range; ``ModelAdapter.transpose``). The model runs at the
+dictionary's hook point through the adapter, on the windows the extract stage makes
+(``ModelAdapter.tokenize`` and ``song_windows``; transposition keeps the notes' order, so
+the windows and tokens line up one to one), and the
 dictionary encodes the activations of the tokens each window owns (note tokens by
 default). The codes before and after are compared token by token
 (:mod:`.transposition_stats`): per latent its **invariance** (correlation with itself)
@@ -27,12 +28,16 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
 from ..interfaces import Analyzer
+
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter, SongDataset
+    from .context import AnalysisContext
 from .probe_data import TOKENS
 from .transposition_stats import (
     CLASSES,
@@ -42,8 +47,8 @@ from .transposition_stats import (
     shuffled_label_counts,
 )
 
-NOTE = 3
-MIDI_MAX = 127
+#: coordinates of a window's rows that a transposition must leave as they are
+ALIGNED = ("event_type", "beat", "position", "duration", "instrument")
 
 
 @dataclass
@@ -77,61 +82,76 @@ class TranspositionConfig:
 
 @dataclass
 class SongWindows:
-    """One song's notes and its windows' codes with the input positions kept."""
+    """One song (the adapter's), its windows' inputs, the input positions kept, the pitch of
+    each kept row (-1 off notes) and the coordinates that must line up under transposition."""
 
     name: str
-    notes: np.ndarray
+    song: Any
     codes: list[np.ndarray]
     keep: list[np.ndarray]
+    pitch: list[np.ndarray]
+    aligned: list[np.ndarray]
 
     @property
     def n_tokens(self) -> int:
         return int(sum(len(k) for k in self.keep))
 
 
-def song_windows(adapter: Any, name: str, notes: np.ndarray, tokens: str,
+def _windows(adapter: ModelAdapter, song: Any, stride: int | None) -> tuple[list[np.ndarray], ...]:
+    """(inputs, rows of note tokens, pitch of each row, aligned coordinates, owned rows) of
+    every window."""
+    tokens = adapter.tokenize(song)
+    note = adapter.event_vocabulary().note
+    coords = {k: np.asarray(v) for k, v in tokens.coords.items()}
+    inputs, notes, pitch, aligned, owned = [], [], [], [], []
+    for w in adapter.song_windows(tokens, stride):
+        owned.append(np.asarray(w.owned, bool))
+        is_note = coords["event_type"][w.token] == note
+        inputs.append(np.asarray(w.inputs, np.int64))
+        notes.append(is_note)
+        pitch.append(np.where(is_note, coords["pitch"][w.token], -1).astype(np.int64))
+        aligned.append(np.stack([w.token, *(coords[k][w.token] for k in ALIGNED)]))
+    return inputs, notes, pitch, aligned, owned
+
+
+def song_windows(adapter: ModelAdapter, name: str, song: Any, tokens: str,
                  stride: int | None) -> SongWindows:
     """The song's windows as the extract stage makes them, and the positions each owns."""
-    _, windows = adapter.windows(notes, stride)
-    codes = [np.asarray(w.codes, np.int64) for w in windows]
-    keep = [np.flatnonzero(w.owned & ((c[:, 0] == NOTE) if tokens == "notes" else True))
-            for w, c in zip(windows, codes, strict=True)]
-    return SongWindows(name, notes, codes, keep)
+    codes, notes, pitch, aligned, owned = _windows(adapter, song, stride)
+    keep = [np.flatnonzero(o & (n if tokens == "notes" else True))
+            for o, n in zip(owned, notes, strict=True)]
+    return SongWindows(name, song, codes, keep, [p[k] for p, k in zip(pitch, keep, strict=True)],
+                       aligned)
 
 
-def transposed(song: SongWindows, adapter: Any, shift: int, stride: int | None) -> SongWindows | None:
-    """The song with every pitch moved by ``shift``; None when a pitch leaves MIDI 0-127."""
-    notes = song.notes.copy()
-    notes[:, 2] += shift
-    if len(notes) and (notes[:, 2].min() < 0 or notes[:, 2].max() > MIDI_MAX):
+def transposed(song: SongWindows, adapter: ModelAdapter, shift: int,
+               stride: int | None) -> SongWindows | None:
+    """The song with every pitch moved by ``shift``; None when a pitch leaves the model's range."""
+    moved = adapter.transpose(song.song, shift)
+    if moved is None:
         return None
-    _, windows = adapter.windows(notes, stride)
-    codes = [np.asarray(w.codes, np.int64) for w in windows]
+    codes, _, pitch, aligned, _ = _windows(adapter, moved, stride)
     if len(codes) != len(song.codes) or any(
-            len(c) != len(o) or not np.array_equal(np.delete(c, 3, 1), np.delete(o, 3, 1))
-            for c, o in zip(codes, song.codes, strict=True)):
+            a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(aligned, song.aligned, strict=True)):
         raise UserError(f"transposition: the windows of {song.name} changed under a shift of "
                         f"{shift} (beyond the pitches); cannot align tokens")
-    return SongWindows(song.name, notes, codes, song.keep)
+    return SongWindows(song.name, moved, codes, song.keep,
+                       [p[k] for p, k in zip(pitch, song.keep, strict=True)], aligned)
 
 
-def run_codes(adapter: Any, hook: str, songs: list[SongWindows], encoders: list[Any],
+def run_codes(adapter: ModelAdapter, hook: str, songs: list[SongWindows], encoders: list[Any],
               batch_size: int) -> list[np.ndarray]:
     """Float32 (tokens, units) of every kept token (songs, windows and positions in order)
     for each encoder: a function from activations (n, d_model) on the model's device to
     codes (the identity gives the activations)."""
     import torch
 
-    from ..adapters.mmt.windows import pad_codes
-    from ..interfaces import Batch
-
     items = [(c, k) for s in songs for c, k in zip(s.codes, s.keep, strict=True)]
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     parts: list[list[Any]] = [[None] * len(items) for _ in encoders]
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        codes, mask = pad_codes([items[i][0] for i in idx])
-        batch = Batch(torch.from_numpy(codes), torch.from_numpy(mask))
+        batch = adapter.pad([items[i][0] for i in idx])
         acts = adapter.run_with_hooks(batch, [hook])[hook]
         rows = [acts[row, torch.as_tensor(items[i][1], device=acts.device)].float()
                 for row, i in enumerate(idx)]
@@ -172,8 +192,7 @@ class TranspositionAnalyzer(Analyzer):
                    "latents as key-invariant, pitch-equivariant or neither, against controls.")
     Config = TranspositionConfig
 
-    def analyze(self, ctx: Any) -> dict[str, Any]:
-        from ..adapters.mmt.dataset import open_dataset
+    def analyze(self, ctx: AnalysisContext) -> dict[str, Any]:
         from ..learners.io import read_config
         from .songsplit import dictionary_split
 
@@ -181,7 +200,8 @@ class TranspositionAnalyzer(Analyzer):
         adapter = ctx.adapter()
         if adapter is None or ctx.data_dir is None:
             raise UserError("transposition: needs the pipeline's model and data")
-        dataset = open_dataset(ctx.data_dir, ctx.data_split)
+        dataset = ctx.open_dataset()
+        assert dataset is not None
         out = Path(ctx.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary: dict[str, Any] = {}
@@ -199,7 +219,8 @@ class TranspositionAnalyzer(Analyzer):
         (out / "summary.md").write_text(summary_markdown(summary, cfg), encoding="utf-8")
         return summary
 
-    def analyze_hook(self, ctx: Any, hook: str, adapter: Any, dataset: Any, names: list[str],
+    def analyze_hook(self, ctx: AnalysisContext, hook: str, adapter: ModelAdapter,
+                     dataset: SongDataset, names: list[str],
                      cfg: TranspositionConfig) -> dict[str, Any]:
         """Statistics of one hook's dictionary (trained and controls) over every shift."""
         import scipy.sparse as sp
@@ -221,10 +242,7 @@ class TranspositionAnalyzer(Analyzer):
         ac = control.encode_host(torch.from_numpy(raw)).numpy()
         a = sp.csr_matrix(a)
         encoders = [dictionary.encode_host, control.encode_host]
-        pitch = np.concatenate([np.concatenate([c[k, 3] - 1 for c, k in zip(s.codes, s.keep, strict=True)])
-                                for s in songs]).astype(np.int64)
-        pitch[np.concatenate([np.concatenate([c[k, 0] for c, k in zip(s.codes, s.keep, strict=True)])
-                              for s in songs]) != NOTE] = -1
+        pitch = np.concatenate([p for s in songs for p in s.pitch]).astype(np.int64)
         best, best_c = best_pitch(a, pitch), best_pitch(ac, pitch)
         stats, stats_c, used = [], [], {}
         rows = np.cumsum([0, *(s.n_tokens for s in songs)])

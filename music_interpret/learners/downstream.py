@@ -32,7 +32,7 @@ computed once and cached (the cache holds ``targets x sum(vocabulary sizes)`` fl
 the model's device); each evaluation then costs one patched pass over at most
 ``max_windows`` windows / ``max_tokens`` tokens. With ``notes_only`` (dictionaries
 trained on a store of note tokens only) splicing and ablations touch note tokens only,
-and the mean is over note tokens.
+and the mean is over note tokens (the adapter's note event, from the tokens' coordinates).
 """
 
 from __future__ import annotations
@@ -40,16 +40,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..interfaces import Batch
 
+if TYPE_CHECKING:
+    from ..interfaces import ModelAdapter
+
 FIELDS = ("type", "beat", "position", "pitch", "duration", "instrument")
 KEYS = (*FIELDS, "total")
-NOTE = 3  # type code of note events
 LEVEL = 0.95
 CI_KEYS = ("delta_ce", "kl", "recovered", "recovered_zero", "kl_recovered_zero")
 
@@ -71,41 +73,52 @@ class DownstreamSettings:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
 
-def select_song_windows(adapter: Any, read: Callable[[str], np.ndarray], songs: Iterable[str],
-                        settings: DownstreamSettings) -> tuple[list[np.ndarray], list[int]]:
-    """Codes (L, 6) of the first windows of ``songs`` (in order) within the settings' limits,
-    and for each window the index of its song in ``songs``."""
+def select_song_windows(adapter: ModelAdapter, read: Callable[[str], Any], songs: Iterable[str],
+                        settings: DownstreamSettings,
+                        ) -> tuple[list[np.ndarray], list[int], list[np.ndarray]]:
+    """Inputs of the first windows of ``songs`` (in order) within the settings' limits, for
+    each window the index of its song in ``songs``, and which of its rows are note tokens."""
     out: list[np.ndarray] = []
     index: list[int] = []
+    notes: list[np.ndarray] = []
     tokens = 0
+    note = None
     for s, name in enumerate(songs):
-        _, windows = adapter.windows(read(name))
-        for w in windows:
-            if len(out) >= settings.max_windows or (out and tokens + len(w.codes) > settings.max_tokens):
-                return out, index
-            out.append(np.asarray(w.codes, np.int64))
+        song = adapter.tokenize(read(name))
+        if note is None:
+            note = adapter.event_vocabulary().note
+        events = np.asarray(song.coords["event_type"])
+        for w in adapter.song_windows(song):
+            if len(out) >= settings.max_windows or (out and tokens + len(w.inputs) > settings.max_tokens):
+                return out, index, notes
+            out.append(np.asarray(w.inputs, np.int64))
             index.append(s)
-            tokens += len(w.codes)
-    return out, index
+            notes.append(events[w.token] == note)
+            tokens += len(w.inputs)
+    return out, index, notes
 
 
-def select_windows(adapter: Any, read: Callable[[str], np.ndarray], songs: Iterable[str],
+def select_windows(adapter: ModelAdapter, read: Callable[[str], Any], songs: Iterable[str],
                    settings: DownstreamSettings) -> list[np.ndarray]:
-    """Codes (L, 6) of the first windows of ``songs`` (in order) within the settings' limits."""
+    """Inputs of the first windows of ``songs`` (in order) within the settings' limits."""
     return select_song_windows(adapter, read, songs, settings)[0]
+
+
+def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Windows sorted by length (little padding), cut into batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
 
 
 def make_batches(windows: Sequence[np.ndarray], batch_size: int,
                  songs: Sequence[int] | None = None) -> list[Batch]:
-    """Padded batches of windows sorted by length (little padding); ``songs`` (one per
-    window) become each batch's ``Batch.song``."""
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+    """Padded batches of windows (inputs (L, ...)) sorted by length (see :func:`batch_order`);
+    ``songs`` (one per window) become each batch's ``Batch.song``."""
     batches = []
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
+    for rows in batch_order([len(w) for w in windows], batch_size):
         wins = [windows[i] for i in rows]
         t = max(len(w) for w in wins)
-        codes = np.zeros((len(wins), t, wins[0].shape[1]), np.int64)
+        codes = np.zeros((len(wins), t, *wins[0].shape[1:]), np.int64)
         mask = np.zeros((len(wins), t), bool)
         for j, w in enumerate(wins):
             codes[j, : len(w)] = w
@@ -113,6 +126,29 @@ def make_batches(windows: Sequence[np.ndarray], batch_size: int,
         batches.append(Batch(torch.from_numpy(codes), torch.from_numpy(mask),
                              song=[int(songs[i]) for i in rows] if songs is not None else []))
     return batches
+
+
+def pad_masks(masks: Sequence[np.ndarray], batch_size: int) -> list[torch.Tensor]:
+    """Per-window row masks padded (False) into the batches :func:`make_batches` makes."""
+    out = []
+    for rows in batch_order([len(m) for m in masks], batch_size):
+        padded = np.zeros((len(rows), max(len(masks[i]) for i in rows)), bool)
+        for j, i in enumerate(rows):
+            padded[j, : len(masks[i])] = masks[i]
+        out.append(torch.from_numpy(padded))
+    return out
+
+
+def note_rows(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    """(B, T) bool: the real rows of ``batch`` that are note tokens (coordinates of the rows
+    in the adapter's vocabulary)."""
+    note = adapter.event_vocabulary().note
+    codes, mask = np.asarray(batch.codes), np.asarray(batch.mask)
+    rows = np.zeros(mask.shape, bool)
+    for i in range(len(codes)):
+        n = int(mask[i].sum())
+        rows[i, :n] = np.asarray(adapter.token_metadata(codes[i, :n])["event_type"]) == note
+    return torch.from_numpy(rows)
 
 
 @dataclass
@@ -131,15 +167,18 @@ class DownstreamEvaluator:
     ``decode``); it must live on the adapter's device.
     """
 
-    def __init__(self, adapter: Any, hook: str, batches: Sequence[Batch], *,
-                 notes_only: bool = False, bootstrap: int = 1000, seed: int = 0) -> None:
+    def __init__(self, adapter: ModelAdapter, hook: str, batches: Sequence[Batch], *,
+                 notes_only: bool = False, notes: Sequence[torch.Tensor] | None = None,
+                 bootstrap: int = 1000, seed: int = 0) -> None:
         if not batches:
             raise ValueError("downstream evaluation needs at least one batch of windows")
         self.adapter, self.hook, self.batches = adapter, hook, list(batches)
         self.bootstrap, self.seed = bootstrap, seed
         self.weights = [int(b.mask[:, 1:].sum()) for b in self.batches]
-        self.where = [(b.mask & (b.codes[..., 0] == NOTE)) if notes_only else b.mask.clone()
-                      for b in self.batches]
+        if notes_only and notes is None:
+            notes = [note_rows(adapter, b) for b in self.batches]
+        self.where = [(b.mask & n) if notes_only else b.mask.clone()
+                      for b, n in zip(self.batches, notes or [None] * len(self.batches), strict=True)]
         self.unit = "song" if all(len(b.song) == len(b.codes) for b in self.batches) else "window"
         keys = [list(b.song) if self.unit == "song" else [(i, j) for j in range(len(b.codes))]
                 for i, b in enumerate(self.batches)]
@@ -154,19 +193,21 @@ class DownstreamEvaluator:
         self._mean: torch.Tensor | None = None
 
     @classmethod
-    def for_songs(cls, adapter: Any, hook: str, read: Callable[[str], np.ndarray],
+    def for_songs(cls, adapter: ModelAdapter, hook: str, read: Callable[[str], Any],
                   songs: Iterable[str], settings: DownstreamSettings | None = None, *,
                   notes_only: bool = False) -> DownstreamEvaluator | None:
-        """An evaluator on the first windows of ``songs``; None when they give no window."""
+        """An evaluator on the first windows of ``songs`` (``read(name)``: a song of the
+        adapter's dataset); None when they give no window."""
         settings = settings or DownstreamSettings()
-        windows, index = select_song_windows(adapter, read, songs, settings)
+        windows, index, notes = select_song_windows(adapter, read, songs, settings)
         keep = [i for i, w in enumerate(windows) if len(w) >= 2]
         if not keep:
             return None
         batches = make_batches([windows[i] for i in keep], settings.batch_size,
                                [index[i] for i in keep])
-        return cls(adapter, hook, batches, notes_only=notes_only, bootstrap=settings.bootstrap,
-                   seed=settings.seed)
+        masks = pad_masks([notes[i] for i in keep], settings.batch_size)
+        return cls(adapter, hook, batches, notes_only=notes_only, notes=masks,
+                   bootstrap=settings.bootstrap, seed=settings.seed)
 
     @property
     def tokens(self) -> int:

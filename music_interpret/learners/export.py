@@ -108,7 +108,7 @@ def _layer(hook: str | None) -> int | None:
 
 def _metadata(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the dictionary knows of its hook point, model, data and normalisation."""
-    from ..stores.provenance import source_checkpoint
+    from ..provenance import source_checkpoint
     from .io import input_norm
 
     hook, model, data = cfg.get("hook_point"), cfg.get("model") or {}, cfg.get("data") or {}
@@ -172,17 +172,17 @@ def holdout_log10_density(model: Dictionary, cfg: dict[str, Any], store: str | P
                           batch_size: int = 8192) -> tuple[torch.Tensor, str]:
     """log10(firing density + 1e-10) per latent over the held-out songs of the training store."""
     from ..loader import ActivationLoader
-    from ..stores.netcdf import check_store
+    from ..stores import is_store, open_store
 
     data = cfg.get("data") or {}
     path = Path(store or data.get("store_path") or "")
-    if not (path / "store.json").exists():
+    if not is_store(path):
         raise UserError(f"{path}: the activation store the dictionary was trained on is not there, "
                         "so sparsity.safetensors cannot be computed; pass --store PATH "
                         "(or --no-sparsity)")
-    info = check_store(path)
-    if data.get("store_id") and info.manifest["store_id"] != data["store_id"]:
-        raise UserError(f"{path}: store_id {info.manifest['store_id']} is not the store the "
+    info = open_store(path)
+    if data.get("store_id") and info.store_id != data["store_id"]:
+        raise UserError(f"{path}: store_id {info.store_id} is not the store the "
                         f"dictionary was trained on ({data['store_id']})")
     training = cfg.get("training") or {}
     index = {name: i for i, name in enumerate(info.songs)}
@@ -190,7 +190,7 @@ def holdout_log10_density(model: Dictionary, cfg: dict[str, Any], store: str | P
     filters = dict(training.get("filters") or {})
     if held:
         filters["song"] = held
-    loader = ActivationLoader(path, cfg["hook_point"], batch_size, shuffle=False, filters=filters,
+    loader = ActivationLoader(info, cfg["hook_point"], batch_size, shuffle=False, filters=filters,
                               prefetch=0)
     fired = torch.zeros(model.d_sae, dtype=torch.float64)
     for x in loader:
@@ -199,3 +199,8 @@ def holdout_log10_density(model: Dictionary, cfg: dict[str, Any], store: str | P
     density = fired / loader.n_tokens
     what = f"{len(held)} held-out songs" if held else "all songs (none were held out)"
     return torch.log10(density + EPS).float(), f"{loader.n_tokens} tokens of {what} of {path}"
+
+
+def export_saelens(path: str | Path, out: str | Path, *, sparsity: bool = True) -> Path:
+    """Write SAELens's layout of dictionary ``path`` to ``out`` (see :func:`export_dictionary`)."""
+    return export_dictionary(path, out, "saelens", sparsity=sparsity)

@@ -110,33 +110,21 @@ def input_norm(cfg: dict[str, Any]) -> float | None:
     normalisation, or read from the statistics it was normalised with."""
     import math
 
+    from ..normalize import UNIT_MEAN_NORM
+
     recorded = (cfg.get("input") or {}).get("mean_norm")
     if recorded:
         return float(recorded)
     norm = cfg.get("normalization") or {}
     loader = norm.get("loader") or {}
-    if loader.get("mode") == "unit_mean_norm" and loader.get("scale_value"):
+    if loader.get("mode") == UNIT_MEAN_NORM and loader.get("scale_value"):
         return math.sqrt(int(cfg["d_in"])) / float(loader["scale_value"])
     stats = norm.get("stats_dir")
     if stats and cfg.get("hook_point"):
         try:
-            from ..preprocess import load_stats
+            from ..stats import load_stats
 
             return float(load_stats(stats)["mean_norm"].sel(hook=cfg["hook_point"]))
         except (UserError, KeyError, ValueError, OSError):
             return None
     return None
-
-
-def saelens_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """SAELens 6's ``cfg.json`` for a dictionary config (see :mod:`.export`)."""
-    from .export import saelens_config as config
-
-    return config(cfg)
-
-
-def export_saelens(path: str | Path, out: str | Path, *, sparsity: bool = True) -> Path:
-    """Write SAELens's layout of dictionary ``path`` to ``out`` (see :mod:`.export`)."""
-    from .export import export_dictionary
-
-    return export_dictionary(path, out, "saelens", sparsity=sparsity)

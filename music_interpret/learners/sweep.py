@@ -3,10 +3,10 @@
 :func:`sweep_learners` turns a learner and ``{param: [values]}`` (e.g. ``l1_coeff`` of
 ``relu_l1`` or ``k`` of ``topk``), or a grid over two options (``{d_sae: [256, 1024],
 seed: [0, 1]}``: every combination), into one learner per point, labelled
-``d_sae=256,seed=0``; :class:`SweepTrainer` reads each batch once and takes one
-optimiser step of every member on it. Each member behaves as a
-:class:`~music_interpret.learners.trainer.Trainer` of its own (its own TensorBoard
-folder, evaluation and downstream evaluation); the checkpoint holds all members.
+``d_sae=256,seed=0``; the :class:`~music_interpret.learners.trainer.Trainer` of these
+members (:class:`SweepTrainer`) reads each batch once and takes one optimiser step of
+every member on it (each with its own TensorBoard folder, evaluation and downstream
+evaluation; the checkpoint holds all members).
 Members share the batches and the run's seed, so they start from the same
 initialisation, except that a member whose ``seed`` is swept is initialised from its
 own seed (the batches stay the run's). :func:`curve` gives the cheap L0-FVU curve of
@@ -18,15 +18,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from ..errors import UserError
-from .dictionary import Dictionary, Learner
-from .trainer import Trainer, TrainResult, TrainSettings
+from .dictionary import Learner
+from .trainer import Trainer, TrainResult, TrainSettings, member_settings  # noqa: F401 - re-exported
 
 MAX_OPTIONS = 2
 FIXED = ("batch_size",)  # the members share batches
@@ -93,94 +90,21 @@ def sweep_learners(learner: Learner, sweep: Mapping[str, Sequence[Any]]) -> list
     return out
 
 
-def member_settings(settings: TrainSettings, name: str, learner: Learner) -> TrainSettings:
-    """The run's settings for one member: its name, and its own seed when it has one (the
-    seed of the member's initialisation; the loader keeps the run's)."""
-    seed = settings.seed if learner.config.seed is None else int(learner.config.seed)
-    return dataclasses.replace(settings, name=f"{settings.name} {name}".strip(), seed=seed)
-
-
 class SweepTrainer:
-    """Trains every ``(label, learner)`` of ``members`` on the batches of one ``loader``.
+    """Trains every ``(label, learner)`` of ``members`` on the batches of one ``loader``: a
+    :class:`~music_interpret.learners.trainer.Trainer` of several members.
 
     The keyword arguments are those of :class:`Trainer`; ``tb_dir(label)`` gives each
     member's TensorBoard folder (or None).
     """
 
-    def __init__(self, members: Sequence[tuple[str, Learner]], loader: Any, settings: TrainSettings, *,
-                 checkpoint: Path, tb_dir: Callable[[str], Path | None],
-                 init_sample: Callable[[], torch.Tensor],
-                 eval_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
-                 norm_scale: torch.Tensor | None = None, stats_scale: float | None = None,
-                 progress: Callable[..., Any] | None = None,
-                 downstream: Callable[[Dictionary, float], dict[str, Any]] | None = None,
-                 downstream_every: int | None = None) -> None:
-        sizes = {learner.config.batch_size for _, learner in members}
-        if len(sizes) != 1:
-            raise UserError("sweep: every member must use the same batch_size")
-        self.labels = [name for name, _ in members]
-        self.loader, self.s, self.checkpoint = loader, settings, Path(checkpoint)
-        self.init_sample, self.progress = init_sample, progress
-        self.trainers = [
-            Trainer(learner, loader, member_settings(settings, name, learner),
-                    checkpoint=checkpoint, tb_dir=tb_dir(name), init_sample=init_sample,
-                    eval_batches=eval_batches, norm_scale=norm_scale, stats_scale=stats_scale,
-                    downstream=downstream, downstream_every=downstream_every)
-            for name, learner in members]
-        key = repr([(n, t._config_key()) for n, t in zip(self.labels, self.trainers, strict=True)])
-        for t in self.trainers:
-            t._config_key = lambda key=key: key  # type: ignore[method-assign]
+    def __init__(self, members: Sequence[tuple[str, Learner]], loader: Any, settings: TrainSettings,
+                 **kwargs: Any) -> None:
+        self.trainer = Trainer(list(members), loader, settings, **kwargs)
 
     def run(self) -> dict[str, TrainResult]:
         """Train all members; returns {label: result}."""
-        from . import distributed as D
-
-        s, lead = self.s, self.trainers[0]
-        for t in self.trainers:
-            t.dist = D.info()
-        torch.manual_seed(s.seed)
-        members = [t._build() for t in self.trainers]
-        state = lead._load()
-        if state is None:
-            start = 0
-            sample = self.init_sample().to(lead.device).float()
-            for t, m in zip(self.trainers, members, strict=True):
-                m.scale = t._fresh(m.model, sample)
-        else:
-            for t, m, st in zip(self.trainers, members, state["members"], strict=True):
-                t._restore(m, st)
-            start = lead._resume_common(state)
-            for t in self.trainers[1:]:
-                t.last_checkpoint_step = start
-        for t, m in zip(self.trainers, members, strict=True):
-            t._prepare(m, start)
-        bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
-        batches = iter(self.loader)
-        try:
-            for step in range(start, s.steps):
-                x = next(batches).to(lead.device, non_blocking=True).float()
-                done = step + 1
-                for t, m in zip(self.trainers, members, strict=True):
-                    t._step(m, x, step)
-                    t._after_step(m, done, step)
-                if bar is not None:
-                    bar.update(1)
-                if done % s.checkpoint_every == 0 and done < s.steps:
-                    for t, m in zip(self.trainers, members, strict=True):
-                        t._check(m.bad)
-                    payload = [t._member_state(m) for t, m in zip(self.trainers, members, strict=True)]
-                    lead._save(done, {"members": payload})
-                    for t in self.trainers[1:]:
-                        t.last_checkpoint_step = done
-            for t, m in zip(self.trainers, members, strict=True):
-                t._check(m.bad)
-        finally:
-            if bar is not None:
-                bar.close()
-            close = getattr(self.loader, "close", None)
-            if close is not None:
-                close()
-        return {name: t._finish(m) for name, t, m in zip(self.labels, self.trainers, members, strict=True)}
+        return self.trainer.run_all()
 
 
 def curve(points: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

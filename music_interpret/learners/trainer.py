@@ -1,4 +1,10 @@
-"""One training loop for every learner: streaming batches, logging, evaluation, checkpoints.
+"""One training loop for one or many dictionaries: streaming batches, logging, evaluation,
+checkpoints.
+
+:class:`Trainer` trains one learner, or several members (``[(label, learner), ...]``:
+a sweep, several recipes) on the SAME batches: each batch is read once and every member
+takes one optimiser step on it; each member has its own TensorBoard folder, evaluation
+and downstream evaluation, and one checkpoint holds them all.
 
 * Batches come from an endless :class:`~music_interpret.loader.ActivationLoader` (already
   normalised as configured) and are multiplied by the learner's input scale.
@@ -18,16 +24,17 @@
   (and every ``downstream_every`` steps), e.g. the spliced-model losses of
   :mod:`~music_interpret.learners.downstream`; its result is ``TrainResult.downstream``
   and its scalars go to TensorBoard as ``downstream/*``.
-* Data-parallel under ``torchrun`` (:mod:`~music_interpret.learners.distributed`):
+* Data-parallel under ``torchrun`` (:mod:`~music_interpret.learners.ddp`):
   each rank trains on its share of every global batch through DDP; rank 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +43,10 @@ import torch
 
 from ..errors import UserError
 from ..jsonio import temporary_name, writing
-from . import distributed as D
+from . import ddp as D
 from . import metrics as M
 from .dictionary import Dictionary, Learner
-
-SCALARS = ("loss", "mse", "fvu", "l0", "l1", "aux", "grad_norm")
+from .trainer_reports import SCALARS, TrainerReports
 
 
 @dataclass
@@ -70,10 +76,21 @@ class TrainResult:
     downstream: dict[str, Any] = field(default_factory=dict)
 
 
+def member_settings(settings: TrainSettings, name: str, learner: Learner) -> TrainSettings:
+    """The run's settings for one member of several: its name, and its own seed when it has
+    one (the seed of the member's initialisation; the batches keep the run's)."""
+    seed = settings.seed if learner.config.seed is None else int(learner.config.seed)
+    return dataclasses.replace(settings, name=f"{settings.name} {name}".strip(), seed=seed)
+
+
 @dataclass
 class _Member:
-    """One dictionary being trained: its model, optimiser and running statistics."""
+    """One dictionary being trained: its recipe, model, optimiser and running statistics."""
 
+    label: str
+    learner: Learner
+    s: TrainSettings  # name and seed of this member
+    tb_dir: Path | None
     model: Dictionary
     opt: torch.optim.Optimizer
     tracker: M.FiringTracker
@@ -90,24 +107,40 @@ class _Member:
     tokens: int = 0
 
 
-class Trainer:
-    """Trains ``learner`` on ``loader`` (endless, with ``state_dict``) under ``settings``.
+class Trainer(TrainerReports):
+    """Trains ``learner`` (or every ``(label, learner)`` of a list) on ``loader`` (endless,
+    with ``state_dict``) under ``settings``.
 
+    ``tb_dir``: a folder, or for several members ``tb_dir(label)`` (a folder or None).
     ``init_sample()`` returns normalised training tokens for the input scale and the
     ``b_dec`` initialisation; ``eval_batches()`` yields normalised held-out batches;
     ``norm_scale`` is the loader normaliser's per-dimension scale (for the raw-space FVU);
     ``stats_scale`` the input scale the preprocess statistics imply; ``downstream(model,
     input_scale)`` evaluates the training-space model downstream (see the module doc).
+    :meth:`run` returns the result of a single learner, :meth:`run_all` ``{label: result}``.
     """
 
-    def __init__(self, learner: Learner, loader: Any, settings: TrainSettings, *,
-                 checkpoint: Path, tb_dir: Path | None, init_sample: Callable[[], torch.Tensor],
+    def __init__(self, learner: Learner | Sequence[tuple[str, Learner]], loader: Any,
+                 settings: TrainSettings, *, checkpoint: Path,
+                 tb_dir: Path | None | Callable[[str], Path | None],
+                 init_sample: Callable[[], torch.Tensor],
                  eval_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
                  norm_scale: torch.Tensor | None = None, stats_scale: float | None = None,
                  progress: Callable[..., Any] | None = None,
                  downstream: Callable[[Dictionary, float], dict[str, Any]] | None = None,
                  downstream_every: int | None = None) -> None:
-        self.learner, self.loader, self.s = learner, loader, settings
+        self.several = not isinstance(learner, Learner)
+        if self.several:
+            recipes = [(str(label), lrn) for label, lrn in learner]  # type: ignore[union-attr]
+            if not recipes:
+                raise UserError("train: no dictionary to train")
+            if len({lrn.config.batch_size for _, lrn in recipes}) != 1:
+                raise UserError("sweep: every member must use the same batch_size")
+            self.recipes = [(label, lrn, member_settings(settings, label, lrn)) for label, lrn in recipes]
+        else:
+            self.recipes = [("", learner, settings)]  # type: ignore[list-item]
+        self.learner = self.recipes[0][1]
+        self.loader, self.s = loader, settings
         self.checkpoint, self.tb_dir = Path(checkpoint), tb_dir
         self.init_sample, self.eval_batches = init_sample, eval_batches
         self.norm_scale, self.stats_scale, self.progress = norm_scale, stats_scale, progress
@@ -118,8 +151,8 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _input_scale(self, sample: torch.Tensor) -> float:
-        how, d = self.learner.config.input_scaling, sample.shape[1]
+    def _input_scale(self, learner: Learner, sample: torch.Tensor) -> float:
+        how, d = learner.config.input_scaling, sample.shape[1]
         if how == "none":
             return 1.0
         if how == "stats" and self.stats_scale is not None:
@@ -127,67 +160,76 @@ class Trainer:
         mean_norm = float(sample.double().norm(dim=1).mean())
         return math.sqrt(d) / mean_norm if mean_norm > 0 else 1.0
 
-    def _fresh(self, model: Dictionary, sample: torch.Tensor | None = None) -> float:
-        if sample is None:
-            sample = self.init_sample().to(self.device).float()
-        scale = self._input_scale(sample)
-        self.learner.init_b_dec(model, sample * scale)
-        return scale
-
-    def _build(self) -> _Member:
-        """A fresh model (seeded), its optimiser and firing tracker."""
-        s, cfg = self.s, self.learner.config
-        model = self.learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
+    def _build(self, label: str, learner: Learner, s: TrainSettings) -> _Member:
+        """A fresh model (seeded with the member's seed), its optimiser and firing tracker."""
+        cfg = learner.config
+        model = learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-        return _Member(model, opt, M.FiringTracker(model.d_sae, self.device))
+        tb = self.tb_dir(label) if callable(self.tb_dir) else self.tb_dir
+        return _Member(label, learner, s, tb, model, opt, M.FiringTracker(model.d_sae, self.device))
 
-    def _member_state(self, m: _Member) -> dict[str, Any]:
+    def _fresh(self, m: _Member, sample: torch.Tensor) -> None:
+        m.scale = self._input_scale(m.learner, sample)
+        m.learner.init_b_dec(m.model, sample * m.scale)
+
+    @staticmethod
+    def _member_state(m: _Member) -> dict[str, Any]:
         return {"model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
                 "input_scale": m.scale, "since_fired": m.tracker.since_fired, "tokens": m.tokens,
-                "learner_state": self.learner.state_dict()}
+                "learner_state": m.learner.state_dict()}
 
-    def _restore(self, m: _Member, state: dict[str, Any]) -> None:
+    @staticmethod
+    def _restore(m: _Member, state: dict[str, Any]) -> None:
         m.model.load_state_dict(state["model"])
         m.opt.load_state_dict(state["optimizer"])
         m.tracker.since_fired.copy_(state["since_fired"])
         m.scale = float(state["input_scale"])
         m.tokens = int(state.get("tokens", 0))  # tokens trained before the resume
-        self.learner.load_state_dict(dict(state.get("learner_state", {})))
+        m.learner.load_state_dict(dict(state.get("learner_state", {})))
 
     def _prepare(self, m: _Member, start: int) -> None:
         """Writer, compilation, autocast, DDP wrapper and accumulators of a member."""
-        cfg = self.learner.config
-        m.writer = self._writer(start) if self.dist.main else None
+        cfg = m.learner.config
+        m.writer = self._writer(m.tb_dir, start) if self.dist.main else None
         m.compiled = bool(cfg.compile and self.device.type == "cuda")
         if m.compiled:
             m.model.run = torch.compile(m.model.run)  # type: ignore[method-assign]
         m.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=bool(cfg.bf16 and self.device.type == "cuda"))
-        m.dead_window = self.dead_window()
+        m.dead_window = self.dead_window(m.learner)
         m.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
-        m.loss = (D.wrap(m.model, self.learner, self.device) if self.dist.enabled
-                  else lambda x, step, total, dead: self.learner.loss(m.model, x, step, total, dead))
+        learner = m.learner
+        m.loss = (D.wrap(m.model, learner, self.device) if self.dist.enabled
+                  else lambda x, step, total, dead: learner.loss(m.model, x, step, total, dead))
         m.acc = torch.zeros(len(SCALARS), device=self.device)
         m.bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
-    def dead_window(self) -> int:
+    def dead_window(self, learner: Learner | None = None) -> int:
         """Training tokens without firing after which a latent counts as dead: the learner's
         own ``dead_tokens`` when it sets one, else the settings' ``dead_window_tokens``."""
-        own = getattr(self.learner.config, "dead_tokens", None)
+        own = getattr((learner or self.learner).config, "dead_tokens", None)
         return int(own) if own is not None else int(self.s.dead_window_tokens)
 
-    def _config_key(self) -> str:
-        return repr(self.learner.config)
+    def config_key(self) -> str:
+        """What a checkpoint must record to be resumed by this trainer (the recipes)."""
+        if not self.several:
+            return repr(self.learner.config)
+        return repr([(label, repr(lrn.config)) for label, lrn, _ in self.recipes])
 
-    def _save(self, step: int, payload: dict[str, Any]) -> None:
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _save(self, step: int, members: list[_Member]) -> None:
         """Write the checkpoint atomically; the one before it is kept as ``<name>.prev``, so
-        that a checkpoint damaged later still leaves one to resume from."""
+        that a checkpoint damaged later still leaves one to resume from. One learner's state
+        sits at the top level, several members' under ``members``."""
         self.last_checkpoint_step = step
         if not self.dist.main:
             return
+        payload = ({"members": [self._member_state(m) for m in members]} if self.several
+                   else self._member_state(members[0]))
         state = {
             "step": step, **payload, "loader": dict(self.loader.state_dict()),
-            "learner": self.learner.name, "learner_config": self._config_key(),
+            "learner": self.learner.name, "learner_config": self.config_key(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -206,9 +248,10 @@ class Trainer:
         return self.checkpoint.with_name(self.checkpoint.name + ".prev")
 
     def _load(self) -> dict[str, Any] | None:
-        """The newest loadable checkpoint of this recipe (the previous one when the latest is
-        damaged), or None to start afresh; UserError when checkpoints exist but none loads."""
+        """The newest loadable checkpoint of these recipes (the previous one when the latest
+        is damaged), or None to start afresh; UserError when checkpoints exist but none loads."""
         problems = []
+        name = self.recipes[0][2].name
         for path in (self.checkpoint, self._previous):
             if not path.exists():
                 continue
@@ -218,10 +261,10 @@ class Trainer:
                     raise ValueError("not a training checkpoint")
             except Exception as exc:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
                 problems.append(str(path))
-                print(f"train {self.s.name}: warning: cannot read the checkpoint {path} "
+                print(f"train {name}: warning: cannot read the checkpoint {path} "
                       f"({type(exc).__name__}); trying an older one", file=sys.stderr, flush=True)
                 continue
-            if state.get("learner") != self.learner.name or state.get("learner_config") != self._config_key():
+            if state.get("learner") != self.learner.name or state.get("learner_config") != self.config_key():
                 return None  # another recipe: start afresh
             return state
         if problems:
@@ -229,64 +272,81 @@ class Trainer:
                             f"with --force, or delete {self.checkpoint.parent}, to start afresh")
         return None
 
-    def _resume_common(self, state: dict[str, Any]) -> int:
-        """Loader position and RNG states of a checkpoint; returns its step."""
+    def _resume(self, state: dict[str, Any], members: list[_Member]) -> int:
+        """Members, loader position and RNG states of a checkpoint; returns its step."""
+        for m, st in zip(members, state["members"] if self.several else [state], strict=True):
+            self._restore(m, st)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([t.cpu() for t in state["rng_cuda"]])
         start = int(state["step"])
         self.last_checkpoint_step = start
-        print(f"train {self.s.name}: resuming from the checkpoint at step {start}/{self.s.steps}",
+        print(f"train {members[0].s.name}: resuming from the checkpoint at step {start}/{self.s.steps}",
               file=sys.stderr, flush=True)
         return start
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train the single learner; its result."""
+        if self.several:
+            raise TypeError("Trainer.run: several members are trained with run_all()")
+        return self.run_all()[""]
+
+    def run_all(self) -> dict[str, TrainResult]:
+        """Train every member on the same batches; ``{label: result}`` in member order."""
         s = self.s
         self.dist = D.info()
         torch.manual_seed(s.seed)
-        m = self._build()
+        members = [self._build(label, lrn, ms) for label, lrn, ms in self.recipes]
         state = self._load()
         if state is None:
             start = 0
-            m.scale = self._fresh(m.model)
+            sample = self.init_sample().to(self.device).float()
+            for m in members:
+                self._fresh(m, sample)
         else:
-            self._restore(m, state)
-            start = self._resume_common(state)
-        self._prepare(m, start)
-        total = s.steps * int(self.learner.config.batch_size)
-        if m.dead_window >= total and self.dist.main:
-            print(f"train {s.name}: warning: the dead-latent window ({m.dead_window:,} tokens) is "
-                  f"as long as the whole run ({total:,} tokens): no latent can count as dead"
-                  + (", so AuxK never acts" if hasattr(self.learner.config, "k_aux") else ""),
-                  file=sys.stderr, flush=True)
+            start = self._resume(state, members)
+        for m in members:
+            self._prepare(m, start)
+            self._warn_dead_window(m)
         bar = self.progress(total=s.steps, initial=start, unit="step") if self.progress else None
         batches = iter(self.loader)
         try:
             for step in range(start, s.steps):
                 x = next(batches).to(self.device, non_blocking=True).float()
-                self._step(m, x, step)
                 done = step + 1
+                for m in members:
+                    self._step(m, x, step)
+                    self._after_step(m, done, step, None if self.several else bar)
                 if bar is not None:
                     bar.update(1)
-                self._after_step(m, done, step, bar)
                 if done % s.checkpoint_every == 0 and done < s.steps:
-                    self._check(m.bad)
-                    self._save(done, self._member_state(m))
-            self._check(m.bad)
+                    for m in members:
+                        self._check(m)
+                    self._save(done, members)
+            for m in members:
+                self._check(m)
         finally:
             if bar is not None:
                 bar.close()
             close = getattr(self.loader, "close", None)
             if close is not None:
                 close()
-        return self._finish(m)
+        return {m.label: self._finish(m) for m in members}
+
+    def _warn_dead_window(self, m: _Member) -> None:
+        total = self.s.steps * int(m.learner.config.batch_size)
+        if m.dead_window >= total and self.dist.main:
+            print(f"train {m.s.name}: warning: the dead-latent window ({m.dead_window:,} tokens) is "
+                  f"as long as the whole run ({total:,} tokens): no latent can count as dead"
+                  + (", so AuxK never acts" if hasattr(m.learner.config, "k_aux") else ""),
+                  file=sys.stderr, flush=True)
 
     def _step(self, m: _Member, batch: torch.Tensor, step: int) -> None:
         """One optimiser step of member ``m`` on (this rank's share of) a global batch."""
-        s, learner = self.s, self.learner
+        s, learner = self.s, m.learner
         x = D.shard(batch, self.dist) * m.scale
         for group in m.opt.param_groups:
             group["lr"] = learner.lr_at(step, s.steps)
@@ -324,8 +384,8 @@ class Trainer:
         s = self.s
         if done % s.log_every == 0 or done == s.steps:
             values = (D.all_reduce_(m.acc, "mean") / m.n_acc).tolist()
-            self._check(m.bad)
-            self._log(m.writer, done, values, m.tracker, m.dead_window, step)
+            self._check(m)
+            self._log(m, done, values, step)
             if bar is not None:
                 bar.set_postfix(mse=f"{values[1]:.4g}", l0=f"{values[3]:.1f}")
             m.acc.zero_()
@@ -341,81 +401,15 @@ class Trainer:
         metrics = self._eval(m.model, m.scale, m.writer, self.s.steps) if self.eval_batches else {}
         downstream = self._downstream(m, self.s.steps)
         if m.writer is not None:
-            self._hparams(m.writer, metrics, downstream)
+            self._hparams(m, metrics, downstream)
             m.writer.close()
         return TrainResult(m.model, m.scale, self.s.steps, m.tokens, metrics, downstream)
 
-    def _check(self, bad: torch.Tensor) -> None:
-        first = int(D.all_reduce_(bad.clone(), "max"))
+    def _check(self, m: _Member) -> None:
+        """UserError naming the first step whose loss was NaN/Inf (see the module doc)."""
+        first = int(D.all_reduce_(m.bad.clone(), "max"))
         if first >= 0:
             where = (f"last good checkpoint: step {self.last_checkpoint_step} ({self.checkpoint})"
                      if self.last_checkpoint_step else "no checkpoint was written before it")
-            raise UserError(f"training {self.s.name or 'dictionary'}: the loss is NaN/Inf at step "
+            raise UserError(f"training {m.s.name or 'dictionary'}: the loss is NaN/Inf at step "
                             f"{first}; {where}; lower the learning rate or check the activations")
-
-    # -- reporting -----------------------------------------------------------------------
-
-    def _writer(self, start: int) -> Any:
-        if self.tb_dir is None:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.tb_dir), purge_step=start if start else None)
-
-    def _log(self, writer: Any, done: int, values: list[float], tracker: M.FiringTracker,
-             dead_window: int, step: int) -> None:
-        dens = tracker.reset_counts()
-        if writer is None:
-            return
-        for name, value in zip(SCALARS, values, strict=True):
-            tag = f"opt/{name}" if name == "grad_norm" else f"train/{name}"
-            writer.add_scalar(tag, value, done)
-        writer.add_scalar("sparsity/dead_fraction", float(tracker.dead(dead_window).float().mean()), done)
-        writer.add_scalar("sparsity/dense_fraction", float(M.dense_fraction(dens, self.s.dense_threshold)), done)
-        writer.add_histogram("sparsity/log10_density", M.log10_density(dens).cpu(), done)
-        writer.add_scalar("opt/lr", self.learner.lr_at(step, self.s.steps), done)
-        writer.add_scalar("opt/l1_coeff", self.learner.l1_coeff_at(step, self.s.steps), done)
-
-    @torch.no_grad()
-    def _eval(self, model: Dictionary, scale: float, writer: Any, done: int) -> dict[str, Any]:
-        if self.eval_batches is None or not self.dist.main:
-            return {}
-        acc = M.EvalAccumulator(model.d_in, model.d_sae, self.device)
-        raw = (self.norm_scale.to(self.device, torch.float64) * scale
-               if self.norm_scale is not None else None)
-        for x in self.eval_batches():
-            x = x.to(self.device).float() * scale
-            _, f, recon = model.run(x)
-            acc.update(x, recon, f, raw)
-        if acc.n == 0:
-            return {}
-        result = acc.result(self.s.dense_threshold)
-        if writer is not None:
-            for key in ("fvu", "fvu_raw", "mse", "l0", "l1", "dead_fraction", "dense_fraction"):
-                if isinstance(result.get(key), float):
-                    writer.add_scalar(f"eval/{key}", result[key], done)
-        return {"step": done, **result}
-
-    @torch.no_grad()
-    def _downstream(self, m: _Member, done: int) -> dict[str, Any]:
-        if self.downstream is None or not self.dist.main:
-            return {}
-        from .downstream import scalars
-
-        result = self.downstream(m.model, m.scale)
-        if result and m.writer is not None:
-            for key, value in scalars(result).items():
-                m.writer.add_scalar(f"downstream/{key}", value, done)
-        return {"step": done, **result} if result else {}
-
-    def _hparams(self, writer: Any, metrics: dict[str, Any],
-                 downstream: dict[str, Any] | None = None) -> None:
-        hp: dict[str, Any] = {"learner": self.learner.name, "steps": self.s.steps}
-        for key, value in vars(self.learner.config).items():
-            hp[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-        final = {f"hparam/{k}": v for k, v in metrics.items()
-                 if k in ("fvu", "l0", "dead_fraction", "dense_fraction") and isinstance(v, float)}
-        total = (downstream or {}).get("recovered", {}).get("total")
-        if isinstance(total, float):
-            final["hparam/total_recovered"] = total
-        writer.add_hparams(hp, final or {"hparam/steps": float(self.s.steps)}, run_name=".")

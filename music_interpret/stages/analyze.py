@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import PluginRef
 from ..errors import UserError
 from ..interfaces import Stage
+
+if TYPE_CHECKING:
+    from ..context import StageContext
 
 DEFAULT_ANALYZERS = ["feature_token", "causal", "probe", "top_examples"]
 
@@ -55,10 +58,10 @@ class AnalyzeStage(Stage):
     Config = AnalyzeConfig
     requires: ClassVar[tuple[str, ...]] = ("model", "data")
 
-    def inputs(self, ctx: Any) -> list[Path]:
+    def inputs(self, ctx: StageContext) -> list[Path]:
         return [p for p in (self.config.store, self.config.dictionaries) if p is not None]
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, Any]:
         from ..analyzers.context import AnalysisContext
 
         cfg: AnalyzeConfig = self.config

@@ -26,13 +26,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from ..config import Pipeline, PluginRef
+from ..config import DEFAULT_STORE, Pipeline, PluginRef
+from ..doors import COORDINATES
 from ..errors import UserError
-from ..interfaces import Batch, Stage
+from ..interfaces import Stage
+
+if TYPE_CHECKING:
+    from ..context import StageContext
+    from ..interfaces import ModelAdapter, SongDataset, Window
+    from ..plugins import PluginRegistry
 
 HOOK_RE = re.compile(r"^(resid_pre|resid_mid|resid_post)\.\d+$|^final_norm$")
 
@@ -69,7 +75,7 @@ class ExtractConfig:
     forward_workers: int | None = None
     output: Path | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    store: PluginRef = field(default="netcdf", metadata={"plugin": "activation_store"})  # type: ignore[assignment]
+    store: PluginRef = field(default=DEFAULT_STORE, metadata={"plugin": "activation_store"})  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         bad = [h for h in self.hooks if not HOOK_RE.match(h)]
@@ -102,7 +108,7 @@ class ExtractConfig:
 @dataclass
 class _ShardPlan:
     songs: list[int]
-    windows: list[tuple[int, int, Any]]  # (song, window index, Window)
+    windows: list[tuple[int, int, Window]]  # (song, window index, window)
     coords: dict[str, np.ndarray]
     offsets: list[np.ndarray]  # per window: destination rows of its kept tokens
     keep: list[np.ndarray]  # per window: input positions kept
@@ -124,17 +130,17 @@ class ExtractStage(Stage):
         base = pipeline.source.parent if pipeline.source else Path.cwd()
         return base / "data" / "activations" / pipeline.header.run
 
-    def check(self, pipeline: Pipeline, registry: Any) -> list[str]:
+    def check(self, pipeline: Pipeline, registry: PluginRegistry) -> list[str]:
         """The model folder and its hook points, the dataset's song list, before anything runs."""
-        from ..adapters.mmt.dataset import open_dataset
         from ..resources import resolve_device
 
         header = pipeline.header
         if header.model is None or header.data is None:
             return []
         problems = []
+        adapter = header.model.adapter.build(registry)
         try:
-            info = header.model.adapter.build(registry).describe(header.model.path, resolve_device(header.device))
+            info = adapter.describe(header.model.path, resolve_device(header.device))
         except NotImplementedError:
             info = None
         except UserError as exc:
@@ -151,30 +157,29 @@ class ExtractStage(Stage):
                 problems.append(f"extract.hooks: {', '.join(missing)} do not exist in this model "
                                 f"(available: {', '.join(info.hook_points)})")
         try:
-            open_dataset(header.data.path, header.data.split)
+            adapter.open_dataset(header.data.path, header.data.split)
+        except NotImplementedError:
+            pass
         except UserError as exc:
             problems.append(f"data.path: {exc}")
         return problems
 
-    def run(self, ctx: Any) -> dict[str, Any]:
-        from ..adapters.mmt.dataset import open_dataset
-        from ..adapters.mmt.representation import INSTRUMENT_NAMES
-
+    def run(self, ctx: StageContext) -> dict[str, Any]:
         header = ctx.pipeline.header
+        assert header.model is not None and header.data is not None
         cfg: ExtractConfig = self.config
-        adapter = header.model.adapter.build(ctx.registry)
-        adapter.load(header.model.path, device=ctx.device)
-        dataset = open_dataset(header.data.path, header.data.split)
-        encoding = dataset.load_encoding()
-        if encoding is not None:
-            adapter.check_encoding(encoding, dataset.encoding_path)
+        adapter = ctx.model_adapter()
+        dataset = adapter.open_dataset(header.data.path, header.data.split)
+        adapter.check_dataset(dataset)
+        vocabulary = adapter.event_vocabulary()
+        self._note = vocabulary.note
         hooks = cfg.hook_points(adapter.hook_points())
         names = list(dataset.names)
         if cfg.shuffle_songs:  # a seeded order: the first songs (or tokens) are a random sample
             names = [names[i] for i in np.random.default_rng(ctx.seed).permutation(len(names))]
         names = names[: cfg.max_songs]
         self._names, self._dtype = names, getattr(adapter.config, "dtype", "float32")
-        sources = [_source(dataset, n) for n in names]
+        sources = [dataset.source(n) for n in names]
         store = cfg.store.build(ctx.registry)
         attrs = {
             "source": f"{header.model.adapter.name} adapter; checkpoint {header.model.path} "
@@ -182,16 +187,17 @@ class ExtractStage(Stage):
             "history": f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
                        f"music_interpret extract ({' '.join(sys.argv)})",
             "music_interpret_version": _version(),
-            "model_config": adapter.train_args,
+            "model_config": adapter.model_config,
             "model_sha256": adapter.checkpoint_sha256,
-            "dataset": str(dataset.notes_dir),
+            "dataset": str(dataset.location),
             "model_adapter": header.model.adapter.name,
             "model_path": str(Path(header.model.path).resolve()),
             "data_path": str(Path(header.data.path).resolve()),
             "split": dataset.split or "all",
             "events": cfg.events,
             "pipeline_config": json.dumps(_jsonable(ctx.pipeline.raw)),
-            "instrument_names": list(INSTRUMENT_NAMES),
+            "instrument_names": list(vocabulary.instruments),
+            "event_vocabulary": vocabulary.to_json(),
             "fingerprint": ctx.fingerprint,
         }
         extra = {"dtype": cfg.dtype} if cfg.dtype != "float32" else {}
@@ -236,12 +242,12 @@ class ExtractStage(Stage):
             if pending is not None:
                 pending.result()
         bar.close()
-        if not writer.manifest["shards"]:
-            raise UserError(f"extract: no tokens selected from {dataset.notes_dir} (events={cfg.events})")
+        if not writer.n_shards:
+            raise UserError(f"extract: no tokens selected from {dataset.location} (events={cfg.events})")
         seconds = time.perf_counter() - t0
         summary = {
             "store": str(ctx.out_dir), "songs": len(names), "hooks": hooks, "d_model": adapter.d_model,
-            "dtype": cfg.dtype, "shards": writer.n_shards, "tokens": int(sum(s["tokens"] for s in writer.manifest["shards"])),
+            "dtype": cfg.dtype, "shards": writer.n_shards, "tokens": writer.n_tokens,
             "tokens_this_run": stats["tokens"], "windows_this_run": stats["windows"],
             "dropped_notes": stats["dropped_notes"], "seconds": round(seconds, 2),
             "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
@@ -267,25 +273,21 @@ class ExtractStage(Stage):
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
-    def _plan_shard(self, adapter: Any, dataset: Any, names: list[str], first: int,
+    def _plan_shard(self, adapter: ModelAdapter, dataset: SongDataset, names: list[str], first: int,
                     shard_tokens: int, stats: dict[str, Any]) -> _ShardPlan:
-        """Windows and coordinates of the songs of one shard (no forward pass yet).
-
-        Songs are tokenized and windowed one by one; the per-token metadata is
-        computed once over the shard's concatenated tokens.
-        """
-        from ..adapters.mmt.representation import NOTE
-
+        """Windows and coordinates of the songs of one shard (no forward pass yet): each song
+        is tokenized and windowed by the adapter."""
         notes_only = self.config.events == "notes"
-        songs, windows, offsets, keeps, parts, codes = [], [], [], [], [], []
+        songs, windows, offsets, keeps, parts = [], [], [], [], []
         total = 0
         song = first
         while song < len(names) and (total < shard_tokens or not songs):
-            tokens, wins = adapter.windows(dataset.read(names[song]), self.config.stride)
+            tokens = adapter.tokenize(dataset.read(names[song]))
+            wins = adapter.song_windows(tokens, self.config.stride)
             stats["dropped_notes"] += tokens.dropped
-            n = len(tokens.codes)
+            n = len(tokens)
             # tokens kept (all, or notes only), and the shard row of each kept token
-            chosen = tokens.codes[:, 0] == NOTE if notes_only else np.ones(n, bool)
+            chosen = tokens.coords["event_type"] == self._note if notes_only else np.ones(n, bool)
             dest = np.cumsum(chosen) - 1 + total
             seq_pos = np.zeros(n, np.int64)
             window_of = np.zeros(n, np.int64)
@@ -300,25 +302,16 @@ class ExtractStage(Stage):
                     offsets.append(dest[song_rows])
                     keeps.append(rows)
             sel = np.flatnonzero(chosen) if notes_only else np.arange(n)
-            # note program from the song's notes (the code only gives the instrument's)
-            program = np.full(len(sel), -1, np.int64)
-            note = tokens.note[sel]
-            program[note >= 0] = tokens.notes[note[note >= 0], 4]
             parts.append({"song": np.full(len(sel), song), "seq_pos": seq_pos[sel],
-                          "song_token": sel, "window": window_of[sel], "note_program": program})
-            codes.append(tokens.codes[sel])
+                          "song_token": sel, "window": window_of[sel],
+                          **{k: np.asarray(tokens.coords[k])[sel] for k in COORDINATES}})
             total += len(sel)
             songs.append(song)
             song += 1
         coords = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        meta = adapter.token_metadata(np.concatenate(codes))
-        for key in ("event_type", "beat", "position", "pitch", "duration", "instrument"):
-            coords[key] = meta[key]
-        note_program = coords.pop("note_program")
-        coords["program"] = np.where(note_program >= 0, note_program, meta["program"])
         return _ShardPlan(songs, windows, coords, offsets, keeps, total)
 
-    def _submit_shard(self, forward: ThreadPoolExecutor, adapter: Any, plan: _ShardPlan,
+    def _submit_shard(self, forward: ThreadPoolExecutor, adapter: ModelAdapter, plan: _ShardPlan,
                       hooks: list[str], out: np.ndarray) -> list[Future[tuple[float, int]]]:
         """Queue the shard's forward batches, longest windows first, on the workers.
 
@@ -334,18 +327,16 @@ class ExtractStage(Stage):
         batches = shard_batches(plan, self.config.batch_size, self.config.length_slack)
         return [forward.submit(self._run_batch, adapter, plan, idx, hooks, target) for idx in batches]
 
-    def _run_batch(self, adapter: Any, plan: _ShardPlan, idx: list[int], hooks: list[str],
+    def _run_batch(self, adapter: ModelAdapter, plan: _ShardPlan, idx: list[int], hooks: list[str],
                    target: Any) -> tuple[float, int]:
         """One forward batch; its kept tokens' activations go to their rows of ``target``."""
         import torch
 
-        from ..adapters.mmt.windows import pad_codes
-
-        codes, mask = pad_codes([plan.windows[i][2].codes for i in idx])
+        batch = adapter.pad([plan.windows[i][2].inputs for i in idx])
         t0 = time.perf_counter()
-        acts = adapter.run_with_hooks(Batch(torch.from_numpy(codes), torch.from_numpy(mask)), hooks)
+        acts = adapter.run_with_hooks(batch, hooks)
         # flat (row * T + position) of every kept token, and its destination row
-        t = codes.shape[1]
+        t = batch.codes.shape[1]
         src = torch.from_numpy(np.concatenate([plan.keep[i] + j * t for j, i in enumerate(idx)]))
         dest = torch.from_numpy(np.concatenate([plan.offsets[i] for i in idx]))
         width = target.shape[2]
@@ -418,21 +409,13 @@ def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> 
 
 def shard_batches(plan: _ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
     """Window indices of each forward batch of a shard, longest windows first."""
-    lengths = [len(w[2].codes) for w in plan.windows]
+    lengths = [len(w[2].inputs) for w in plan.windows]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[s] for s in length_batches([lengths[i] for i in order], batch_size, slack)]
 
 
-def _source(dataset: Any, name: str) -> str:
-    sources = dataset.sources if isinstance(dataset.sources, dict) else {}
-    info = sources.get("songs", sources).get(name)
-    if isinstance(info, dict):
-        return str(info.get("corpus_path") or info.get("source") or json.dumps(info, sort_keys=True))
-    return str(dataset.path(name))
-
-
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

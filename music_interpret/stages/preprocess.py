@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..config import Pipeline
+from ..context import StageContext
 from ..errors import UserError
 from ..interfaces import Stage
-
-STATS_DIR = "stats"
+from ..normalize import DEFAULT_MODE, Mode
+from ..stats import STATS_DIR
 
 
 @dataclass
 class PreprocessConfig:
     """Options of ``preprocess``."""
 
-    normalization: Literal["none", "standardize", "unit_mean_norm"] = "unit_mean_norm"
+    normalization: Mode = DEFAULT_MODE
     outlier_factor: float = 4.0
     materialize: bool = False
     block_tokens: int = 65_536
@@ -51,20 +52,13 @@ class PreprocessStage(Stage):
                             "(it writes its statistics next to the extracted store)")
         return ExtractStage.output_dir(pipeline, extract) / STATS_DIR
 
-    def run(self, ctx: Any) -> dict[str, Any]:
-        from ..preprocess import (
-            NORMALIZATION_FILE,
-            STATS_FILE,
-            compute_stats,
-            materialize,
-            write_normalization,
-            write_stats,
-        )
-        from ..stores.netcdf import check_store
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from ..normalize import materialize, write_normalization
+        from ..stats import NORMALIZATION_FILE, STATS_FILE, compute_stats, write_stats
 
         cfg: PreprocessConfig = self.config
         store = ctx.output_of("extract") if "extract" in ctx.upstream else ctx.out_dir.parent
-        info = check_store(store)
+        info = ctx.open_store(store)
         bar = ctx.progress(total=info.n_tokens * len(info.hooks), unit="tok", unit_scale=True)
         try:
             stats = compute_stats(info, outlier_factor=cfg.outlier_factor,
@@ -84,7 +78,7 @@ class PreprocessStage(Stage):
             },
         }
         if cfg.materialize:
-            out = materialize(info.path, ctx.work_dir / "normalized", cfg.normalization, stats,
+            out = materialize(info, ctx.work_dir / "normalized", cfg.normalization, stats,
                               block_tokens=cfg.block_tokens)
             summary["materialized"] = str(ctx.out_dir / out.name)
         return summary

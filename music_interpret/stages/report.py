@@ -16,17 +16,29 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..interfaces import Stage
 from . import report_html as H
+from .report_data import (  # noqa: F401 - _hook_data re-exported (tests)
+    LATENT_COLUMNS,
+    HookData,
+    _causal_rows,
+    _hook_data,
+    _hook_names,
+    _latent_value,
+    _live,
+    _pick_pages,
+    _ranking,
+    _read_json,
+    _stage_dir,
+)
+from .report_pages import _density_png, _latent_page
 
-LATENT_COLUMNS = ("finding_label", "finding_margin", "best_label", "best_score", "best_label_t",
-                  "best_score_t", "best_label_t1", "best_score_t1", "monosemanticity", "density")
+if TYPE_CHECKING:
+    from ..context import StageContext
 
 
 @dataclass
@@ -44,31 +56,6 @@ class ReportConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
-@dataclass
-class HookData:
-    """What the run produced for one dictionary."""
-
-    hook: str
-    folder: Path | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    per_latent: dict[str, np.ndarray] = field(default_factory=dict)
-    labels: Any = None  # xarray.Dataset of (latent, label) variables, or None
-    examples: Any = None  # top_examples.nc, or None
-    examples_dir: Path | None = None
-    rendered: dict[int, dict[str, Any]] = field(default_factory=dict)
-    sweep: dict[str, Any] = field(default_factory=dict)  # sweep.json of a sweep
-    member: str | None = None  # the sweep member shown (the one the analyzers looked at)
-
-    @property
-    def n_latents(self) -> int:
-        if self.config.get("d_sae"):
-            return int(self.config["d_sae"])
-        for values in self.per_latent.values():
-            return len(values)
-        return 0
-
-
 class ReportStage(Stage):
     """Write the run's HTML report."""
 
@@ -76,7 +63,7 @@ class ReportStage(Stage):
     description = "Static offline HTML report: run summary, metrics, probes, latent pages."
     Config = ReportConfig
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg: ReportConfig = self.config
         out = Path(ctx.work_dir)
         for sub in ("assets", "latents"):
@@ -104,149 +91,7 @@ class ReportStage(Stage):
                 "index": str(Path(ctx.out_dir) / "index.html")}
 
 
-# -- reading the run ----------------------------------------------------------------------
-
-
-def _stage_dir(ctx: Any, name: str) -> Path | None:
-    """Published output of stage ``name`` (from this pipeline, else ``<run>/<name>``)."""
-    from ..outputs import MARKER
-
-    for path in (ctx.upstream.get(name), Path(ctx.run_dir) / name):
-        if path is not None and (Path(path) / MARKER).exists():
-            return Path(path)
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _hook_names(train: Path | None, analyze: Path | None) -> list[str]:
-    names: list[str] = []
-    if train is not None:
-        names += [p.parent.name for p in sorted((train / "dictionaries").glob("*/config.json"))]
-        names += [p.parent.name for p in sorted((train / "dictionaries").glob("*/sweep.json"))]
-    if analyze is not None:
-        names += [p.parent.name for p in sorted((analyze / "top_examples").glob("*/top_examples.nc"))]
-        names += [p.stem for p in sorted((analyze / "feature_token").glob("*.nc"))]
-    return list(dict.fromkeys(names))
-
-
-def _hook_data(hook: str, train: Path | None, analyze: Path | None) -> HookData:
-    import xarray as xr
-
-    data = HookData(hook)
-    if train is not None and (train / "dictionaries" / hook).is_dir():
-        data.folder = train / "dictionaries" / hook
-        if not (data.folder / "config.json").exists():  # a sweep: the member analyze looked at
-            data.sweep = _read_json(data.folder / "sweep.json")
-            member = _analyzed_member(analyze, hook) or next(
-                (p.parent.name for p in sorted(data.folder.glob("*/config.json"))), None)
-            if member is not None:
-                data.member, data.folder = member, data.folder / member
-        data.config = _read_json(data.folder / "config.json")
-        data.metrics = _read_json(data.folder / "metrics.json")
-    if analyze is None:
-        return data
-    ft = analyze / "feature_token" / f"{hook}.nc"
-    if ft.exists():
-        with xr.open_dataset(ft) as ds:
-            ds = ds.load()
-        data.per_latent = {k: _plain(ds[k].values) for k in ds.data_vars if ds[k].dims == ("latent",)}
-        two_d = [k for k in ds.data_vars if set(ds[k].dims) == {"latent", "label"}]
-        data.labels = ds[two_d].transpose("latent", "label") if two_d else None
-    folder = analyze / "top_examples" / hook
-    if (folder / "top_examples.nc").exists():
-        with xr.open_dataset(folder / "top_examples.nc") as ds:
-            data.examples = ds.load()
-        data.examples_dir = folder
-        index = _read_json(folder / "index.json")
-        data.rendered = {int(e["latent"]): e for e in index.get("latents", [])}
-    return data
-
-
-def _analyzed_member(analyze: Path | None, hook: str) -> str | None:
-    """The sweep member of ``hook`` the analyze stage analysed (from its completion marker)."""
-    if analyze is None:
-        return None
-    summary = (_read_json(analyze / ".stage.json").get("summary") or {})
-    members = summary.get("sweep_members", {})
-    member = members.get(hook) if isinstance(members, dict) else None
-    return member if isinstance(member, str) else None
-
-
-def _plain(values: np.ndarray) -> np.ndarray:
-    return values.astype(str) if values.dtype.kind in "OSU" else values
-
-
-def _latent_value(data: HookData, key: str, latent: int) -> Any:
-    if key in data.per_latent:
-        value = data.per_latent[key][latent]
-    elif data.examples is not None and key in data.examples:
-        value = data.examples[key].values[latent]
-    else:
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-def _ranking(data: HookData) -> np.ndarray:
-    """Order of the latents for pages and tables: findings first (largest margin over the
-    controls first), then monosemanticity x best score, else max activation."""
-    n = data.n_latents
-    mono, best = data.per_latent.get("monosemanticity"), data.per_latent.get("best_score")
-    if mono is not None and best is not None and len(mono) == n and mono.dtype.kind == "f":
-        key = np.nan_to_num(mono * best, nan=-np.inf)
-        margin = data.per_latent.get("finding_margin")
-        if margin is not None and len(margin) == n and margin.dtype.kind == "f":
-            key = np.where(np.isfinite(margin), 10.0 + margin, key)  # findings above the rest
-        return np.argsort(-key, kind="stable")
-    for key in ("monosemanticity", "best_score", "max_activation"):
-        values = data.per_latent.get(key)
-        if values is None and data.examples is not None and key in data.examples:
-            values = data.examples[key].values
-        if values is not None and len(values) == n and values.dtype.kind in "fiu":
-            return np.argsort(-np.nan_to_num(values.astype(float), nan=-np.inf), kind="stable")
-    return np.arange(n)
-
-
-def _live(data: HookData) -> np.ndarray:
-    if data.examples is not None and "max_activation" in data.examples:
-        return data.examples["max_activation"].values > 0
-    density = data.per_latent.get("density")
-    if density is not None and density.dtype.kind == "f":
-        return density > 0
-    return np.ones(data.n_latents, bool)
-
-
-def _pick_pages(data: HookData, max_pages: int, sample_rest: int, seed: int) -> list[int]:
-    """The latents ``top_examples`` rendered (findings, best ranked, a sample), so that every
-    page has its piano rolls and MIDI; without renderings, the best ranked live latents plus
-    a random sample."""
-    if data.rendered:
-        return list(data.rendered)
-    live = _live(data)
-    order = [int(i) for i in _ranking(data) if live[i]]
-    first = list(dict.fromkeys([*data.rendered, *order]))[:max_pages]
-    taken = set(first)
-    rest = [i for i in order if i not in taken]
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(rest, min(sample_rest, len(rest)), replace=False) if rest else []
-    return first + sorted(int(i) for i in sample)
-
-
 # -- index sections -----------------------------------------------------------------------
-
-
-def _causal_rows(analyze: Path | None, hook: str) -> dict[int, dict[str, Any]]:
-    """The ``causal`` analyzer's result per tested latent of ``hook`` (empty without it)."""
-    if analyze is None:
-        return {}
-    result = _read_json(analyze / "causal" / f"{hook}.json")
-    return {int(r["latent"]): r for r in result.get("latents", []) if "latent" in r}
 
 
 def _causal_cell(r: dict[str, Any] | None) -> str:
@@ -345,7 +190,7 @@ def _overview_section(hooks: list[HookData], pages: dict[str, list[int]]) -> str
          "latent pages"], rows, links={0: links}), "overview")
 
 
-def _run_section(ctx: Any) -> str:
+def _run_section(ctx: StageContext) -> str:
     import yaml
 
     manifest = _read_json(Path(ctx.run_dir) / "manifest.json")
@@ -371,7 +216,7 @@ def _run_section(ctx: Any) -> str:
     return H.section("Run", "\n".join(parts), "run")
 
 
-def _model_data_section(ctx: Any) -> str:
+def _model_data_section(ctx: StageContext) -> str:
     header = ctx.pipeline.header
     parts = []
     if header.model is not None:
@@ -472,26 +317,6 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _density_png(hist: dict[str, Any], path: Path, hook: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = np.asarray(hist["edges"], float)
-    counts = np.asarray(hist["counts"], float)
-    fig, ax = plt.subplots(figsize=(5.5, 2.8))
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4a7bb0",
-           edgecolor="white")
-    ax.set_xlabel("log10 firing density")
-    ax.set_ylabel("latents")
-    ax.set_title(f"{hook}: how often each latent fires", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def _latent_table(data: HookData, pages: list[int]) -> str:
     if not data.n_latents:
         return ""
@@ -535,11 +360,18 @@ def _probe_section(analyze: Path | None, out: Path) -> str:
 _OWN_SECTIONS = {"feature_token", "top_examples", "probe"}
 
 
-def _analyzer_sections(analyze: Path | None, out: Path) -> list[str]:
+def _analyzer_sections(analyze: Path | None, out: Path,
+                       summaries: dict[str, Any] | None = None) -> list[str]:
     """One section per other analyzer (causal, transposition, dictionary_compare, third-party):
-    its ``summary.md`` and its plots."""
+    its plots, its ``summary.md``, the summary its ``analyze`` returned (``summaries``, by
+    default from the analyze stage's completion marker) and the files it wrote."""
     if analyze is None:
         return []
+    if summaries is None:  # what analyze returned, recorded in its completion marker
+        from ..outputs import read_marker
+
+        summaries = (read_marker(analyze) or {}).get("summary")
+    summaries = summaries if isinstance(summaries, dict) else {}
     sections = []
     for folder in sorted(p for p in analyze.iterdir() if p.is_dir() and p.name not in _OWN_SECTIONS):
         parts = []
@@ -549,6 +381,14 @@ def _analyzer_sections(analyze: Path | None, out: Path) -> list[str]:
             parts.append(f'<div><img src="assets/{H.esc(name)}" alt="{H.esc(png.stem)}"></div>')
         if (folder / "summary.md").exists():
             parts.append(f"<pre>{H.esc((folder / 'summary.md').read_text())}</pre>")
+        returned = summaries.get(folder.name)
+        if isinstance(returned, dict) and returned:
+            parts.append(H.kv_table(dict(_flatten(returned))))
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if files:
+            shown = ", ".join(f"<code>{H.esc(f)}</code>" for f in files[:20])
+            more = f" and {len(files) - 20} more" if len(files) > 20 else ""
+            parts.append(f"<p>Files in <code>analyze/{H.esc(folder.name)}/</code>: {shown}{more}</p>")
         if parts:
             sections.append(H.section(f"Analysis: {folder.name}", "\n".join(parts), f"an-{folder.name}"))
     return sections
@@ -565,59 +405,3 @@ def _number(text: str) -> Any:
 
 
 # -- latent pages -------------------------------------------------------------------------
-
-
-def _latent_page(data: HookData, latent: int, out: Path, top_labels: int, title: str) -> None:
-    folder = out / "latents" / data.hook
-    folder.mkdir(parents=True, exist_ok=True)
-    stats = {c: _latent_value(data, c, latent) for c in (*LATENT_COLUMNS, "max_activation")}
-    parts = [H.kv_table({k: v for k, v in stats.items() if v is not None})]
-    if data.labels is not None:
-        parts.append(_label_table(data.labels, latent, top_labels))
-    entry = data.rendered.get(latent, {})
-    files = [entry.get("png"), entry.get("txt"), *entry.get("midi", [])]
-    for name in files:
-        if name and data.examples_dir is not None and (data.examples_dir / name).exists():
-            shutil.copy2(data.examples_dir / name, folder / name)
-    if entry.get("png"):
-        parts.append(f'<h3>Top examples (piano roll; red: activating note)</h3>'
-                     f'<img src="{H.esc(entry["png"])}" alt="piano roll of latent {latent}">')
-    if entry.get("midi"):
-        links = " ".join(f'<a href="{H.esc(m)}" download>{H.esc(m)}</a>' for m in entry["midi"])
-        parts.append(f"<h3>MIDI</h3><p>{links}</p>")
-    if data.examples is not None:
-        parts.append("<h3>Top-activating tokens</h3>" + _examples_table(data.examples, latent))
-    if entry.get("txt") and (folder / entry["txt"]).exists():
-        parts.append(f"<h3>Context notes</h3><pre>{H.esc((folder / entry['txt']).read_text())}</pre>")
-    nav = (f'<a href="../../index.html#dict-{H.esc(data.hook)}">back to the report</a>')
-    (folder / f"{latent}.html").write_text(
-        H.page(f"{data.hook} latent {latent}", "\n".join(parts), nav=nav + f" - {H.esc(title)}"))
-
-
-def _label_table(labels: Any, latent: int, top: int) -> str:
-    row = labels.isel(latent=latent)
-    key = next((k for k in ("auroc", "score", "f1", "precision", "auc") if k in row), next(iter(row)))
-    values = np.nan_to_num(np.asarray(row[key].values, float), nan=-np.inf)
-    best = np.argsort(-values, kind="stable")[:top]
-    names = list(row.data_vars)
-    label_values = row["label"].values if "label" in row.coords else np.arange(values.size)
-    rows = [[str(label_values[j]), *(row[k].values[j].item() for k in names)] for j in best]
-    return f"<h3>Top labels (by {H.esc(key)})</h3>" + H.table(["label", *names], rows, sortable=True)
-
-
-def _examples_table(ds: Any, latent: int) -> str:
-    from ..adapters.mmt.representation import INSTRUMENT_NAMES, TYPE_NAMES
-
-    row = ds.isel(latent=latent)
-    names = [str(s) for s in ds.song_name.values]
-    rows = []
-    for r in range(row.sizes["rank"]):
-        if int(row.token[r]) < 0:
-            break
-        song, et, inst = int(row.song[r]), int(row.event_type[r]), int(row.instrument[r])
-        rows.append([r + 1, float(row.activation[r]), names[song] if 0 <= song < len(names) else song,
-                     int(row.song_token[r]), TYPE_NAMES[et] if 0 <= et < len(TYPE_NAMES) else et,
-                     int(row.beat[r]), int(row.position[r]), int(row.pitch[r]),
-                     INSTRUMENT_NAMES[inst] if 0 < inst < len(INSTRUMENT_NAMES) else ""])
-    return H.table(["rank", "activation", "song", "token", "event", "beat", "position", "pitch",
-                    "instrument"], rows, sortable=True)

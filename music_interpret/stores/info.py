@@ -1,9 +1,9 @@
-"""Reading side of the ``netcdf`` store: the checked manifest, song table and shard reads.
+"""Reading side of the ``netcdf`` store: :class:`StoreInfo`, its :class:`StoreReader`.
 
-All reads go through h5py (the HDF5 library h5netcdf writes with), under
-:data:`H5_LOCK`, the lock xarray takes around its own HDF5 calls. Stores of format 1
-(song table in ``store.json`` and in every shard, activations always float32) read
-the same way as format 2.
+:func:`check_store` validates the manifest, the song table and every shard and returns
+the reader. All reads go through h5py (:mod:`.h5`). Stores of format 1 (song table in
+``store.json`` and in every shard, activations always float32) read the same way as
+format 2.
 """
 
 from __future__ import annotations
@@ -13,63 +13,109 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..checksums import checksum_matches
+from ..doors import EventVocabulary, ShardInfo
 from ..errors import UserError
 from . import schema
+from .h5 import (  # noqa: F401 - re-exported
+    H5_LOCK,
+    NC_LOCK,
+    _text,
+    open_h5,
+    read_block,
+    read_coords,
+    shard_variable,
+)
+from .reader import BlockSource, StoreReader
+from .schema import (  # noqa: F401 - re-exported
+    COORD_CHUNK_FACTOR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    READABLE_VERSIONS,
+    SONGS_FILE,
+)
 
-FORMAT = "music-interpret-activations"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-MANIFEST = "store.json"
-SONGS_FILE = "songs.nc"
-COORD_CHUNK_FACTOR = 4  # coordinates (and dask chunks) span this many activation chunks
+if TYPE_CHECKING:
+    import xarray as xr
 
-
-def _hdf5_lock() -> Any:
-    """xarray's HDF5 lock (its h5netcdf and netCDF4 reads take it too)."""
-    try:
-        from xarray.backends.locks import HDF5_LOCK
-
-        return HDF5_LOCK
-    except (ImportError, AttributeError):  # pragma: no cover - xarray is a dependency
-        import threading
-
-        return threading.Lock()
-
-
-#: every HDF5 call of the package holds this lock (shared with xarray's reads)
-H5_LOCK = _hdf5_lock()
-NC_LOCK = H5_LOCK  # the name it had when shards went through netCDF-C
-
-
-def open_h5(path: Path, **kwargs: Any) -> Any:
-    """A shard (or song table) opened read-only with h5py.
-
-    HDF5's default file locking first (an open the same process made, e.g. through
-    xarray, must agree on it), without locking when that fails (file systems that
-    cannot lock, or an earlier open without locking).
-    """
-    import h5py
-
-    try:
-        return h5py.File(path, "r", **kwargs)
-    except OSError as exc:
-        if "lock" not in str(exc).lower():
-            raise
-        return h5py.File(path, "r", locking=False, **kwargs)
+    from ..rowmaps import MappedShard
 
 
 @dataclass(frozen=True)
-class StoreInfo:
-    """A checked store: manifest plus the shard files, in order."""
+class StoreInfo(StoreReader):
+    """A checked ``netcdf`` store: manifest plus the shard files, in order."""
 
     path: Path
     manifest: dict[str, Any]
     shards: tuple[Path, ...]
+
+    @property
+    def store_name(self) -> str:
+        return "netcdf"
+
+    @property
+    def store_id(self) -> str:
+        return str(self.manifest.get("store_id", ""))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.manifest.get("attrs") or {})
+
+    @property
+    def digest(self) -> str | None:
+        import hashlib
+
+        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self.manifest.get("summary") or {})
+
+    @cached_property
+    def shard_table(self) -> list[ShardInfo]:
+        out, start = [], 0
+        for k, entry in enumerate(self.manifest["shards"]):
+            n = int(entry["tokens"])
+            out.append(ShardInfo(k, n, start, int(entry.get("song_start", 0)),
+                                 int(entry.get("song_stop", 0))))
+            start += n
+        return out
+
+    @cached_property
+    def vocabulary(self) -> EventVocabulary:
+        from ..vocabulary import store_vocabulary
+
+        return store_vocabulary(self.attrs)
+
+    def read_coords(self, shard: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return read_coords(self.shards[shard], names)
+
+    def blocks(self, hook: str, lock: Any = None) -> BlockSource:
+        from .blocks import BlockReader
+
+        return BlockReader(self.shards, self.hook_index(hook), self.d_model,
+                           int(self.manifest.get("chunk_tokens", 4096)), lock=lock)
+
+    def open_dataset(self, hooks: Sequence[str] | None = None, *, lazy: bool | None = None,
+                     parallel: bool = False, chunk_tokens: int | None = None,
+                     load_coords: bool = True) -> xr.Dataset:
+        from .xrdataset import open_dataset
+
+        return open_dataset(self, hooks, lazy=lazy, parallel=parallel, chunk_tokens=chunk_tokens,
+                            load_coords=load_coords)
+
+    def writer_options(self) -> dict[str, Any]:
+        return {"chunk_tokens": int(self.manifest.get("chunk_tokens", 4096))}
+
+    def map_shards(self) -> list[MappedShard]:
+        from .mapped import map_store
+
+        return map_store(self)
 
     @property
     def format_version(self) -> int:
@@ -203,34 +249,3 @@ def _check_shard(shard: Path, entry: Mapping[str, Any], info: StoreInfo) -> None
         raise UserError(f"{shard}: d_model {shape[2]} disagrees with the store's {manifest['d_model']}")
     if shape[0] != entry["tokens"]:
         raise UserError(f"{shard}: holds {shape[0]} tokens, the manifest says {entry['tokens']}")
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return _text(value.item()) if value.size == 1 else str(value)
-    return str(value)
-
-
-def shard_variable(f: Any) -> tuple[Any, str]:
-    """(the stored activation dataset of an open shard, its dtype)."""
-    if "activations" in f:
-        return f["activations"], "float32"
-    var = f[schema.BITS]
-    return var, _text(var.attrs.get("music_interpret_dtype")) or "bfloat16"
-
-
-def read_block(shard: Path, hook_index: int, start: int, stop: int) -> np.ndarray:
-    """Activations of one hook for tokens [start, stop) of a shard, as float32 (n, d_model)."""
-    with H5_LOCK, open_h5(shard) as f:
-        var, dtype = shard_variable(f)
-        return schema.decode(var[start:stop, hook_index, :], dtype)
-
-
-def read_coords(shard: Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Token coordinates of a shard (all of them unless ``names`` is given)."""
-    with H5_LOCK, open_h5(shard) as f:
-        return {name: np.asarray(f[name][:]) for name in (names or schema.TOKEN_COORDS)}

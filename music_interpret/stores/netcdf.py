@@ -44,24 +44,22 @@ from typing import Any, Literal
 import numpy as np
 
 from ..checksums import file_checksum
+from ..doors import EventVocabulary
 from ..errors import DiskFull, UserError
 from ..interfaces import ActivationStore
 from ..jsonio import is_disk_full, write_json_atomic
 from . import schema
-from .info import (  # noqa: F401 - re-exported: the store's reading side
+from .h5 import H5_LOCK, NC_LOCK, read_block, read_coords  # noqa: F401 - re-exported
+from .info import StoreInfo, check_store  # noqa: F401 - re-exported: the store's reading side
+from .schema import (  # noqa: F401 - re-exported
     COORD_CHUNK_FACTOR,
+    DTYPES,
     FORMAT,
     FORMAT_VERSION,
-    H5_LOCK,
     MANIFEST,
-    NC_LOCK,
     SONGS_FILE,
-    StoreInfo,
-    check_store,
-    read_block,
-    read_coords,
+    TOKEN_COORDS,
 )
-from .schema import DTYPES, EVENT_TYPES, TOKEN_COORDS  # noqa: F401 - re-exported
 
 LAYOUTS = ("chunked", "contiguous")
 ALIGN = {"alignment_threshold": 1 << 16, "alignment_interval": 4096}  # 64 KiB+ on 4 KiB
@@ -110,6 +108,12 @@ class NetCDFStore(ActivationStore):
     description = "netCDF-4 shards: activations(token, hook, d_model) with musical coordinates per token"
     Config = NetCDFStoreConfig
 
+    @classmethod
+    def recognizes(cls, path: Path) -> bool:
+        """A folder holding ``store.json`` (or that file itself)."""
+        path = Path(path)
+        return (path / MANIFEST).is_file() or (path.name == MANIFEST and path.is_file())
+
     def create(self, path: Path, *, hooks: Sequence[str], d_model: int, songs: Sequence[str],
                sources: Sequence[str], attrs: Mapping[str, Any], resume: bool = True,
                dtype: str = "float32") -> StoreWriter:
@@ -120,10 +124,9 @@ class NetCDFStore(ActivationStore):
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         return self.config.tokens_per_shard(n_hooks, d_model)
 
-    def open(self, path: Path, hooks: Sequence[str] | None = None) -> Any:
-        from ..activations import open_activations
-
-        return open_activations(path, list(hooks) if hooks is not None else None)
+    def open(self, path: Path, *, verify: bool = False) -> StoreInfo:
+        """The checked store (:func:`~music_interpret.stores.info.check_store`)."""
+        return check_store(path, verify_checksums=verify)
 
 
 @dataclass
@@ -183,6 +186,10 @@ class StoreWriter:
         return len(self.manifest["shards"])
 
     @property
+    def n_tokens(self) -> int:
+        return int(sum(int(s["tokens"]) for s in self.manifest["shards"]))
+
+    @property
     def dtype(self) -> str:
         return str(self.manifest.get("dtype", "float32"))
 
@@ -235,6 +242,7 @@ class StoreWriter:
         zlib = {"compression": "gzip", "compression_opts": max(1, cfg.compression_level),
                 "shuffle": True} if cfg.compression_level > 0 and n else {}
         names = m["attrs"].get("instrument_names") or None
+        events = self._vocabulary().events
         # a shard smaller than one chunk is one block anyway; contiguous, its rows stay
         # on a whole-row grid whatever d_model (aligned chunks of another size would not)
         whole = m.get("layout", "chunked") == "contiguous" or n < cfg.chunk_tokens
@@ -263,7 +271,13 @@ class StoreWriter:
                 v = nc.create_variable(name, ("token",), np.dtype(kind),
                                        chunks=coord_chunk if n else None,
                                        data=np.asarray(coords[name]).astype(kind), **zlib)
-                v.attrs.update(schema.coord_attrs(name, names))
+                v.attrs.update(schema.coord_attrs(name, names, events))
+
+    def _vocabulary(self) -> EventVocabulary:
+        """The event vocabulary the attrs record (see :mod:`music_interpret.vocabulary`)."""
+        from ..vocabulary import store_vocabulary
+
+        return store_vocabulary(self.manifest["attrs"])
 
     def _global_attrs(self, index: int, first: int, song_start: int, song_stop: int) -> dict[str, Any]:
         m = self.manifest

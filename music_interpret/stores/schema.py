@@ -13,11 +13,17 @@ Activations are computed in float32 and stored as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-EVENT_TYPES = ("start-of-song", "instrument", "start-of-notes", "note", "end-of-song")
+FORMAT = "music-interpret-activations"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "store.json"
+SONGS_FILE = "songs.nc"
+COORD_CHUNK_FACTOR = 4  # coordinates (and dask chunks) span this many activation chunks
 DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = 65504.0
 ACTIVATIONS = "activations"
@@ -31,12 +37,12 @@ TOKEN_COORDS: dict[str, tuple[str, str]] = {
     "seq_pos": ("i4", "position of the token in the model input window"),
     "song_token": ("i4", "position of the token in the whole song's token sequence"),
     "window": ("i4", "index of the model window (of this song) the activation comes from"),
-    "event_type": ("i1", "MMT event type"),
+    "event_type": ("i1", "event type (flag_meanings: the model adapter's event vocabulary)"),
     "beat": ("i4", "beat of the note onset in the song, in beats from the song's start"),
     "position": ("i2", "onset inside the beat, in twelfths of a beat"),
     "pitch": ("i2", "MIDI pitch of the note"),
     "duration": ("i4", "duration of the note, in twelfths of a beat"),
-    "instrument": ("i2", "MMT instrument code"),
+    "instrument": ("i2", "instrument code of the model adapter (flag_meanings: its names)"),
     "program": ("i2", "General MIDI program"),
 }
 #: coordinates holding -1 where they do not apply
@@ -47,16 +53,19 @@ DIMENSIONLESS = ("beat", "position", "pitch", "duration")
 VALID_MAX = {"pitch": 127, "program": 127, "position": 11}
 
 
-def coord_attrs(name: str, instrument_names: list[str] | None = None) -> dict[str, Any]:
-    """CF attributes of token coordinate ``name`` (long_name, units, valid range, flags)."""
+def coord_attrs(name: str, instrument_names: Sequence[str] | None = None,
+                events: Sequence[str] = ()) -> dict[str, Any]:
+    """CF attributes of token coordinate ``name`` (long_name, units, valid range, flags);
+    ``events``: the event type names (flags of ``event_type``)."""
     kind, doc = TOKEN_COORDS[name]
     cast = np.dtype(kind).type
     attrs: dict[str, Any] = {"long_name": doc}
     if name in DIMENSIONLESS:
         attrs["units"] = "1"
     if name == "event_type":
-        attrs["flag_values"] = np.arange(len(EVENT_TYPES), dtype=np.int8)
-        attrs["flag_meanings"] = " ".join(e.replace("-", "_") for e in EVENT_TYPES)
+        if events:
+            attrs["flag_values"] = np.arange(len(events), dtype=np.int8)
+            attrs["flag_meanings"] = " ".join(e.replace("-", "_").replace(" ", "_") for e in events)
     else:
         attrs["valid_min"] = cast(0)
     if name in VALID_MAX:

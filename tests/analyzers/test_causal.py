@@ -50,7 +50,8 @@ def planted(device: str) -> tuple[LinearToy, Dictionary]:
 
 def test_planted_latent_is_used_and_null_space_latents_are_not(device: str) -> None:
     adapter, sae = planted(device)
-    data = build_data(toy_windows(8, 48), [f"s{i}" for i in range(8)], 3,
+    data = build_data([(c, o, s, c[:, 0] == 3) for c, o, s in toy_windows(8, 48)],
+                      [f"s{i}" for i in range(8)], 3,
                       notes_only_patch=False, tokens="notes")
     settings = HookSettings(n_controls=4, rule=Rule(min_firing=10, min_songs=3, min_controls=3,
                                                     bootstrap=200), steer_latents=0)

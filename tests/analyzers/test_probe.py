@@ -11,8 +11,8 @@ import scipy.sparse as sp
 import torch
 import xarray as xr
 
+from music_interpret.adapters.mmt.embedding import codes_from_coords, embed_coords
 from music_interpret.analyzers.context import AnalysisContext
-from music_interpret.analyzers.embedding import codes_from_coords, embed_coords
 from music_interpret.analyzers.probe_fit import MC_REPS, OVR_REPS, ProbeSettings, probe_attribute
 from music_interpret.analyzers.probe_metrics import (
     auroc_with_ci,

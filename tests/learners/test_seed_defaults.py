@@ -14,8 +14,8 @@ import pytest
 
 import music_interpret as mi
 from music_interpret.errors import UserError
-from music_interpret.stages.train import _warn_if_short
-from music_interpret.stores.provenance import Recorded, recorded_inputs
+from music_interpret.learners.job import warn_if_short
+from music_interpret.provenance import Recorded, recorded_inputs
 from music_interpret.train import build_parser, build_pipeline
 
 from ..conftest import FIXTURES, REPO
@@ -55,10 +55,10 @@ def test_own_store_and_run_folder(tmp_path: Path, store: Path) -> None:
 
 
 def test_short_runs_warn(capsys: pytest.CaptureFixture[str]) -> None:
-    _warn_if_short("resid_post.3", 19, 5e-5)
+    warn_if_short("resid_post.3", 19, 5e-5)
     err = capsys.readouterr().err
     assert "resid_post.3: 19 steps at lr 5e-05" in err and "too short to converge" in err
-    _warn_if_short("resid_post.3", 2500, 1e-3)
+    warn_if_short("resid_post.3", 2500, 1e-3)
     assert capsys.readouterr().err == ""
 
 

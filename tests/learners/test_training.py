@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from music_interpret.errors import UserError
+from music_interpret.learners.export import export_saelens
 from music_interpret.learners.holdout import holdout_songs
-from music_interpret.learners.io import export_saelens, load_dictionary
+from music_interpret.learners.io import load_dictionary
 from music_interpret.learners.sae import ReluL1Config, ReluL1Learner
 from music_interpret.learners.trainer import Trainer, TrainSettings
 from music_interpret.loader import ActivationLoader

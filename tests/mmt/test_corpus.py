@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from music_interpret.adapters.mmt import corpus, corpus_build, demo_data, pool
-from music_interpret.adapters.mmt.corpus import PartInfo, Task
+from music_interpret.adapters.mmt import corpus, corpus_build, corpus_programs, demo_data, pool
+from music_interpret.adapters.mmt.corpus import Task
+from music_interpret.adapters.mmt.corpus_programs import PartInfo
 from music_interpret.adapters.mmt.dataset import open_dataset, read_notes
 from music_interpret.errors import UserError
 
@@ -180,15 +181,15 @@ def test_file_selection_and_abc_split(tmp_path: Path) -> None:
 
 def test_program_rules() -> None:
     def programs(*parts: PartInfo, vocal: bool = False) -> list[tuple[int, str]]:
-        return corpus.assign_programs(parts, vocal)
+        return corpus_programs.assign_programs(parts, vocal)
 
     names = ["Violin I", "Violino II.", "Viola", "Violoncello.", "Violone e Organo", "Continuo",
              "Cantus II", "Altus", "Tenor 1", "Bassus", "Canto", "Basso", "Electric Piano",
              "Piano", "Oboe 3", "Trumpet 1", "Horn 2", "Timpani", "Tenor Sax", "Cornet 1"]
     expected = [40, 40, 41, 42, 43, 19, 40, 41, 42, 43, 40, 43, 4, 0, 68, 56, 60, 47, 66, 56]
-    assert [corpus.name_program(n) for n in names] == [(True, p) for p in expected]
-    assert corpus.name_program("Contratenor") == (True, None)  # voice of unknown range
-    assert corpus.name_program("MusicXML Part") == (False, None)
+    assert [corpus_programs.name_program(n) for n in names] == [(True, p) for p in expected]
+    assert corpus_programs.name_program("Contratenor") == (True, None)  # voice of unknown range
+    assert corpus_programs.name_program("MusicXML Part") == (False, None)
     low, high = PartInfo("Quintus", mean_pitch=50.0), PartInfo("Voice", mean_pitch=70.0)
     assert programs(low, high) == [(43, "range"), (40, "range")]
     # the name wins over a placeholder program; then instrument name, midi, melody, range
@@ -196,10 +197,10 @@ def test_program_rules() -> None:
     assert programs(PartInfo("P1", "Grand Piano", 0), PartInfo(""))[0] == (0, "instrument")
     assert programs(PartInfo("", "", 52)) == [(52, "midi")]
     assert programs(PartInfo("", staff=True), PartInfo("", staff=True)) == [(0, "staff")] * 2
-    assert [corpus.name_program(n)[1] for n in ("Klarinette", "Flöte", "Trompete", "Alt")] == [
+    assert [corpus_programs.name_program(n)[1] for n in ("Klarinette", "Flöte", "Trompete", "Alt")] == [
         71, 73, 56, 41,
     ]  # fmt: skip
-    assert corpus.name_program("Gesang") == (True, None)
+    assert corpus_programs.name_program("Gesang") == (True, None)
     assert programs(PartInfo("", "", 120)) == [(40, "melody")]  # 120: not an MMT instrument
     assert programs(PartInfo("", mean_pitch=60), PartInfo("", mean_pitch=45)) == [
         (41, "range"), (43, "range"),

@@ -18,14 +18,9 @@ import torch
 from music_interpret.adapters.mmt import train_demo
 from music_interpret.adapters.mmt.adapter import MMTAdapter
 from music_interpret.adapters.mmt.loading import load_mmt, read_checkpoint, upcast_half
-from music_interpret.adapters.mmt.training import (
-    BEST,
-    LAST,
-    METRICS_FILE,
-    TrainOptions,
-    lr_factor,
-    train,
-)
+from music_interpret.adapters.mmt.train_files import BEST, LAST, METRICS_FILE
+from music_interpret.adapters.mmt.train_recipe import lr_factor
+from music_interpret.adapters.mmt.training import TrainOptions, train
 from music_interpret.engine import run_lock
 from music_interpret.errors import UserError
 
@@ -260,7 +255,7 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path: Path, monkeypatch) -> 
 
 
 def test_length_pools_keep_every_song_and_pad_less() -> None:
-    from music_interpret.adapters.mmt.training import epoch_order
+    from music_interpret.adapters.mmt.train_recipe import epoch_order
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(50, 1000, 500)

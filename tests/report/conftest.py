@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import DEVICES
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "mmt"
-ANALYZERS = ("feature_token", "probe", "top_examples")
+ANALYZERS = ("feature_token", "probe", "top_examples", "note_share")  # note_share: plugins/
 
 
 def registry() -> object:

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 
 def test_findings_lead_and_every_page_has_piano_rolls(small_run: Path) -> None:
     index = (small_run / "report" / "index.html").read_text()
@@ -21,6 +23,22 @@ def test_findings_lead_and_every_page_has_piano_rolls(small_run: Path) -> None:
         pngs = re.findall(r'<img src="([^"]+\.png)"', html)
         assert pngs, f"{page} has no piano roll"
         assert all((small_run / "report" / page).parent.joinpath(p).exists() for p in pngs)
+
+
+def test_a_plugin_analyzer_gets_its_own_section(small_run: Path) -> None:
+    """``note_share`` of plugins/music-interpret-notestats: its summary.md, the summary its
+    ``analyze`` returned and its files, in a section of its own."""
+    folder = small_run / "analyze" / "note_share"
+    if not folder.is_dir():
+        pytest.skip("the notestats plugin is not installed (make init installs plugins/*)")
+    index = (small_run / "report" / "index.html").read_text()
+    section = index[index.index('id="an-note_share"'):]
+    assert "Analysis: note_share" in index
+    assert "most note-specific" in section
+    hooks = json.loads((small_run / "manifest.json").read_text())["stages"]["analyze"]["summary"]
+    for hook, entry in hooks["note_share"].items():
+        assert f"{hook}.live_latents" in section and f"{hook}.json" in section
+        assert entry["tokens"] > 0
 
 
 def test_top_examples_render_the_findings_first(small_run: Path) -> None:

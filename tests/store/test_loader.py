@@ -232,7 +232,7 @@ def test_producer_error_reaches_consumer(store: tuple[Path, dict], monkeypatch) 
     def broken(*args: object) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr("music_interpret.preprocess.BlockReader.pieces", broken)
+    monkeypatch.setattr("music_interpret.stores.blocks.BlockReader.pieces", broken)
     before = len(prefetch_threads())
     with pytest.raises(OSError, match="disk gone"):
         list(loader)
@@ -242,7 +242,7 @@ def test_producer_error_reaches_consumer(store: tuple[Path, dict], monkeypatch) 
 def test_reads_in_pieces(store: tuple[Path, dict], stats_path: Path, data: np.ndarray,
                          monkeypatch) -> None:
     """Blocks spanning several chunk-aligned read pieces, with filters and normalisation."""
-    monkeypatch.setattr("music_interpret.preprocess.BlockReader.PIECE_BYTES", 1)  # 1 chunk
+    monkeypatch.setattr("music_interpret.stores.blocks.BlockReader.PIECE_BYTES", 1)  # 1 chunk
     mask = np.isin(store[1]["event_type"], [0, 3])
     loader = ActivationLoader(store[0], HOOKS[1], 100, shuffle=False, filters={"event_type": [0, 3]},
                               normalization="standardize", stats=stats_path, block_tokens=700,
@@ -262,7 +262,7 @@ def test_both_layouts_are_mapped(store: tuple[Path, dict], monkeypatch, tmp_path
     def refuse(info: object) -> None:
         raise NotMappable("shard-00000.nc: activations are filtered or compressed")
 
-    monkeypatch.setattr("music_interpret.loader.map_store", refuse)
+    monkeypatch.setattr("music_interpret.stores.mapped.map_store", refuse)
     assert not ActivationLoader(store[0], HOOKS[0], 64).mapped  # falls back to pooled reads
     with pytest.raises(UserError, match="mmap: shard-00000.nc: activations are filtered"):
         ActivationLoader(store[0], HOOKS[0], 64, mmap=True)
@@ -360,7 +360,7 @@ def test_joined_and_per_shard_gathers_identical(tmp_path: Path, data: np.ndarray
     def refuse(maps: object) -> None:
         raise NotMappable("joined maps need 64-bit Linux")
 
-    monkeypatch.setattr("music_interpret.loader.join_maps", refuse)
+    monkeypatch.setattr("music_interpret.loader.mapped.join_maps", refuse)
     per_shard = ActivationLoader(path, HOOKS[1], 300, seed=6, **SMALL)
     assert per_shard.mapped and per_shard._rows_space()[0] is None
     got = list(per_shard)

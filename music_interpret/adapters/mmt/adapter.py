@@ -1,6 +1,7 @@
-"""``mmt`` model adapter: loading, hook points, patching and token metadata for MMT.
+"""``mmt`` model adapter: loading, identity, hook points and patching for MMT; the data side
+of its door (datasets, tokens, windows, rendering) is :class:`.data.MMTData`.
 
-torch and numpy are imported inside the methods, so importing this module (and reading
+torch is imported inside the methods, so importing this module (and reading
 ``MMTAdapter.name``/``description``/``Config``) stays cheap.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import UserError
 from ...interfaces import Batch, ModelAdapter, ModelInfo
+from .data import MMTData
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +37,7 @@ class MMTAdapterConfig:
     max_seq_len: int | None = None
 
 
-class MMTAdapter(ModelAdapter):
+class MMTAdapter(MMTData, ModelAdapter):
     """Multitrack Music Transformer (MMT) checkpoints, reimplemented in plain torch."""
 
     name = "mmt"
@@ -121,6 +123,12 @@ class MMTAdapter(ModelAdapter):
     def train_args(self) -> dict[str, Any]:
         """A copy of ``train-args.json``."""
         return dict(self._train_args)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """``train-args.json`` (what stores record as the model's configuration)."""
+        self.model  # noqa: B018 - raises if not loaded
+        return self.train_args
 
     @property
     def checkpoint_sha256(self) -> str:

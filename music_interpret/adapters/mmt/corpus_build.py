@@ -52,7 +52,7 @@ from .corpus import (
     subcorpus_instruments,
 )
 from .dataset import SPLITS
-from .demo_data import (
+from .music21_read import (
     _DATASET_NAME,
     MAX_BEATS,
     MIN_BEATS,

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ...doors import window_ranges
 from ...errors import UserError
+from ...interfaces import SongDataset
 from .representation import RESOLUTION
 
 CSV_HEADER = "beat,position,pitch,duration,program"
@@ -41,8 +43,9 @@ _MAX_MIDI = 127  # pitch and program are MIDI numbers
 
 
 @dataclass(frozen=True)
-class NoteDataset:
-    """A folder of MMT notes files, restricted to one split.
+class NoteDataset(SongDataset):
+    """A folder of MMT notes files, restricted to one split (the ``mmt`` adapter's
+    :class:`~music_interpret.interfaces.SongDataset`; a song is its notes array).
 
     ``names`` are the songs of the selected split in list order (or sorted file names when
     no list exists). Iterating yields the names; :meth:`items` yields ``(name, notes)``.
@@ -64,6 +67,29 @@ class NoteDataset:
 
     def __contains__(self, name: object) -> bool:
         return name in self.files
+
+    @property
+    def location(self) -> Path:
+        """The notes folder."""
+        return self.notes_dir
+
+    def _song_info(self, name: str) -> Any:
+        sources = self.sources if isinstance(self.sources, dict) else {}
+        songs = sources.get("songs", sources)
+        return songs.get(name) if isinstance(songs, dict) else None
+
+    def source(self, name: str) -> str:
+        """The corpus file ``sources.json`` records for the song, else the notes file."""
+        info = self._song_info(name)
+        if isinstance(info, dict):
+            return str(info.get("corpus_path") or info.get("source") or json.dumps(info, sort_keys=True))
+        return str(self.path(name))
+
+    def meters(self, name: str) -> list[tuple[float, int, int]] | None:
+        """The time signatures ``sources.json`` records for the song (``meters``), or None."""
+        info = self._song_info(name)
+        meters = info.get("meters") if isinstance(info, dict) else None
+        return [(float(b), int(n), int(d)) for b, n, d in meters] if meters else None
 
     def path(self, name: str) -> Path:
         """The notes file read for ``name`` (``.npy`` if present, else ``.csv``)."""
@@ -309,28 +335,8 @@ def _load_csv(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- windows
 
-
-def windows(n_codes: int, max_seq_len: int, stride: int | None = None) -> list[tuple[int, int]]:
-    """Half-open code ranges ``(start, end)`` of model windows covering ``n_codes`` completely.
-
-    Windows start at ``0, stride, 2*stride, ...`` (default ``stride = max_seq_len // 2``,
-    at least 1) while they end before ``n_codes``; one last window ``(n_codes - max_seq_len,
-    n_codes)`` then reaches the end, so every window but a lone short one is ``max_seq_len``
-    long, consecutive windows overlap (or touch, when ``stride == max_seq_len``) and nothing
-    is truncated. A sequence with ``n_codes <= max_seq_len`` is one window; zero codes, none.
-
-    A code ``i`` fed in window ``(start, end)`` sits at model input position
-    ``seq_pos = i - start``. Each code is *owned* (attributed) by exactly one window, see
-    :func:`owned_ranges`.
-    """
-    stride = _check_window_args(n_codes, max_seq_len, stride)
-    if n_codes == 0:
-        return []
-    if n_codes <= max_seq_len:
-        return [(0, n_codes)]
-    spans = [(start, start + max_seq_len) for start in range(0, n_codes - max_seq_len, stride)]
-    spans.append((n_codes - max_seq_len, n_codes))
-    return spans
+#: plain code-range windows (the generic helper of :mod:`music_interpret.doors`)
+windows = window_ranges
 
 
 def owned_ranges(
@@ -349,15 +355,3 @@ def owned_ranges(
         owned.append((previous_end, end))
         previous_end = end
     return owned
-
-
-def _check_window_args(n_codes: int, max_seq_len: int, stride: int | None) -> int:
-    if n_codes < 0:
-        raise UserError(f"n_codes must be >= 0, got {n_codes}")
-    if max_seq_len < 1:
-        raise UserError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    if stride is None:
-        return max(1, max_seq_len // 2)
-    if not 1 <= stride <= max_seq_len:
-        raise UserError(f"stride must be between 1 and max_seq_len={max_seq_len}, got {stride}")
-    return stride

@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +43,29 @@ import numpy as np
 from ...errors import UserError
 from .dataset import SPLITS
 from .meters import score_meters, shift_meters
+from .music21_read import (  # noqa: F401 - re-exported
+    _DATASET_NAME,
+    MAX_BEATS,
+    MIN_BEATS,
+    MIN_NOTES,
+    RESOLUTION,
+    SPLIT_FRACTION,
+    _music21,
+    corpus_root,
+    mmt_filter,
+    score_notes,
+)
 from .writing import check_replaceable, write_dataset
 
-RESOLUTION = 12
-MIN_BEATS, MAX_BEATS, MIN_NOTES = 40, 8000, 50
 CHORALE_PROGRAMS = {"Soprano": 40, "Alto": 41, "Tenor": 42, "Bass": 43}
 QUARTET_COMPOSERS = ("haydn", "mozart", "beethoven")
 QUARTET_PROGRAMS = (40, 40, 41, 42)
-SPLIT_FRACTION = 0.1
 QUARTET_NOTE = (
     "Quartets differ from MMT/muspy 0.5.0 files: muspy keeps grace notes with their written"
     " duration (haydn_op1no1_m1 differs only by those 4 notes) and orders repeated measures"
     " differently from music21's expandRepeats in some movements; 4 movements cannot be"
     " expanded by music21 and are skipped."
 )
-_DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 GENERATOR = "music_interpret.adapters.mmt.demo_data"
 
 
@@ -89,56 +96,6 @@ class BuildResult:
 
 
 # --------------------------------------------------------------------------- conversion
-
-
-def _music21() -> Any:
-    try:
-        import music21
-    except ImportError as exc:  # music21 comes with the [demo] extra
-        raise UserError(f"building demo data needs music21, which is not installed ({exc}); "
-                        "install it with: pip install 'music-interpret[demo]'") from None
-    return music21
-
-
-def corpus_root() -> Path:
-    """The folder of music21's bundled corpus."""
-    return Path(_music21().common.getCorpusFilePath())
-
-
-def score_notes(score: Any, programs: Sequence[int]) -> tuple[np.ndarray, int]:
-    """Sorted unique rows (beat, position, pitch, duration, program) of ``score``, unshifted.
-
-    ``programs[i]`` is the program of ``score.parts[i]``. Grace notes and chord symbols are
-    skipped. Also returns the end tick (latest note offset), which MMT's length filter uses.
-    """
-    harmony = _music21().harmony.Harmony  # chord symbols: muspy ignores <harmony>
-    rows: set[tuple[int, int, int, int, int]] = set()
-    end_tick = 0
-    for part, program in zip(score.parts, programs, strict=True):
-        for element in part.stripTies().flatten().notes:
-            if element.duration.isGrace or isinstance(element, harmony):
-                continue
-            onset = round(Fraction(element.offset) * RESOLUTION)
-            duration = max(1, round(Fraction(element.duration.quarterLength) * RESOLUTION))
-            end_tick = max(end_tick, onset + duration)
-            beat, position = divmod(onset, RESOLUTION)
-            for pitch in element.pitches:
-                rows.add((beat, position, int(pitch.midi), duration, int(program)))
-    notes = np.array(sorted(rows), dtype=np.int64).reshape(-1, 5)
-    return notes, end_tick
-
-
-def mmt_filter(notes: np.ndarray, end_tick: int) -> tuple[np.ndarray | None, str]:
-    """Apply MMT's length filters and shift the first beat to 0; (None, reason) if dropped."""
-    if end_tick < MIN_BEATS * RESOLUTION:
-        return None, f"shorter than {MIN_BEATS} beats"
-    if end_tick > MAX_BEATS * RESOLUTION:
-        return None, f"longer than {MAX_BEATS} beats"
-    if len(notes) < MIN_NOTES:
-        return None, f"fewer than {MIN_NOTES} notes"
-    shifted = notes.copy()
-    shifted[:, 0] -= shifted[0, 0]
-    return shifted, ""
 
 
 def _quartet_program(part_name: str) -> int | None:
@@ -389,30 +346,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on a user error)."""
+    """Command-line entry point, under the one error guard (:mod:`music_interpret.guard`)."""
+    from ...guard import guarded_main
+
+    return guarded_main(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.verbose else None
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise UserError(f"--limit must be >= 1, got {args.limit}")
-        if args.corpus == "all":
-            return _main_all(args)
-        dataset_name = args.dataset_name or "bach"
-        if args.quartets and args.quartets_name == dataset_name:
-            raise UserError(f"--quartets-name and --dataset-name are both {dataset_name!r}")
-        jobs = [(dataset_name, chorale_files(), chorale_programs)]
-        if args.quartets:
-            jobs.append((args.quartets_name, quartet_files(), quartet_programs))
-        for name, files, programs_for in jobs:
-            result = build_dataset(name, files, programs_for, args.out, args.limit, args.seed, log)
-            counts = ", ".join(f"{k} {len(v)}" for k, v in result.splits.items())
-            print(
-                f"{name}: wrote {len(result.names)} songs ({counts}) to {result.path}, "
-                f"skipped {len(result.skipped)}, {result.seconds:.1f} s"
-            )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.corpus == "all":
+        return _main_all(args)
+    dataset_name = args.dataset_name or "bach"
+    if args.quartets and args.quartets_name == dataset_name:
+        raise UserError(f"--quartets-name and --dataset-name are both {dataset_name!r}")
+    jobs = [(dataset_name, chorale_files(), chorale_programs)]
+    if args.quartets:
+        jobs.append((args.quartets_name, quartet_files(), quartet_programs))
+    for name, files, programs_for in jobs:
+        result = build_dataset(name, files, programs_for, args.out, args.limit, args.seed, log)
+        counts = ", ".join(f"{k} {len(v)}" for k, v in result.splits.items())
+        print(
+            f"{name}: wrote {len(result.names)} songs ({counts}) to {result.path}, "
+            f"skipped {len(result.skipped)}, {result.seconds:.1f} s"
+        )
     return 0
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +48,13 @@ def init_model(out: Path, *, dim: int, layers: int, heads: int, max_seq_len: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point, under the one error guard (:mod:`music_interpret.guard`)."""
+    from ...guard import guarded_main
+
+    return guarded_main(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m music_interpret.adapters.mmt.init_model",
                                 description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -60,13 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rel-pos-emb", dest="rel_pos_emb", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
-    try:
-        out = init_model(ns.out, dim=ns.dim, layers=ns.layers, heads=ns.heads,
-                         max_seq_len=ns.max_seq_len, max_beat=ns.max_beat,
-                         rel_pos_emb=ns.rel_pos_emb, seed=ns.seed)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    out = init_model(ns.out, dim=ns.dim, layers=ns.layers, heads=ns.heads,
+                     max_seq_len=ns.max_seq_len, max_beat=ns.max_beat,
+                     rel_pos_emb=ns.rel_pos_emb, seed=ns.seed)
     print(out)
     return 0
 

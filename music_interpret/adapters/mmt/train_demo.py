@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...errors import UserError
 from .training import PRECISIONS, SAVE_DTYPES, TrainOptions, train
 
 
@@ -81,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point, under the one error guard (:mod:`music_interpret.guard`)."""
+    from ...guard import guarded_main
+
+    return guarded_main(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        metrics = train(TrainOptions(**vars(ns)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    metrics = train(TrainOptions(**vars(ns)))
     keys = ("valid_loss_per_field", "unigram_baseline_per_field", "bigram_baseline_per_field",
             "bigram_tuned_baseline_per_field", "best_step", "stopped", "tokens_per_second",
             "wall_seconds")  # fmt: skip

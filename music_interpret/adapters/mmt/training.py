@@ -26,16 +26,18 @@ set apart from the other dropouts (``attn_dropout``; MMT uses ``dropout`` everyw
 Running the same command again continues from ``last.pt``; on CPU in fp32 with one
 thread the result is bitwise the same as an uninterrupted run. A folder that exists
 and was not made by this trainer for the same data and configuration is refused.
+
+The recipe's pieces (schedule, augmentation, batches, validation loss, device and
+precision) live in :mod:`.train_recipe`; the corpus, ``train-run.json`` and the
+checkpoint files in :mod:`.train_files`. This module is the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,31 +47,43 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...engine import run_lock, write_json_atomic
 from ...errors import UserError
+from ...jsonio import write_json_atomic
+from ...outputs import run_lock
 from . import representation as rep
 from .baselines import FIELDS, baselines
-from .dataset import NoteDataset, open_dataset
-from .windows import pad_codes
+from .train_files import (
+    BEST,
+    LAST,
+    METRICS_FILE,
+    RUN_FORMAT,
+    Corpus,
+    load_corpus,
+    mmt_state_dict,
+    prepare_out,
+    run_identity,
+    torch_save_atomic,
+    train_args,
+)
+from .train_recipe import (
+    augment,
+    autocast,
+    collate,
+    epoch_order,
+    evaluate,
+    lr_factor,
+    resolve_device,
+    resolve_precision,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from .model import MMTModel
 
-MADE_BY = "music_interpret.adapters.mmt.train_demo"
-RUN_FORMAT = 1
-RUN_FILE = "train-run.json"
-METRICS_FILE = "metrics.json"
-BEST = Path("checkpoints") / "best_model.pt"
-LAST = Path("checkpoints") / "last.pt"
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 LOG_SECONDS = 60.0  # a progress line at least this often between evaluations
 PRECISIONS = ("auto", "fp32", "bf16")
-# Options that may differ when a run is continued: they change neither the model nor
-# the data order (only speed, bitwise roundings, where to stop, or the stored dtype).
-RESUMABLE = ("steps", "patience", "device", "threads", "checkpoint_steps", "eval_batch_size",
-             "save_dtype")  # fmt: skip
 BASELINE_DEFINITIONS = {
     "targets": "every song encoded as MMT's dataset does without augmentation; targets "
                "codes[1:] (T - 1 per song, no padding); nats per target, mean over all "
@@ -137,305 +151,6 @@ class TrainOptions:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise UserError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
-
-
-# --------------------------------------------------------------------------- recipe
-
-
-def lr_factor(step: int, warmup: int, decay_end: int, multiplier: float) -> float:
-    """MMT's ``get_lr_multiplier``: linear warm-up to 1 over ``warmup`` steps, then linear
-    decay to ``multiplier`` at step ``decay_end``, constant after."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if step > decay_end:
-        return multiplier
-    position = (step - warmup) / max(1, decay_end - warmup)
-    return max(multiplier, 1 - (1 - multiplier) * position)
-
-
-def augment(notes: np.ndarray, rng: np.random.Generator, max_beat: int) -> np.ndarray:
-    """MMT's augmentation: shift pitches by -5..+6 and pick a random start beat if too long."""
-    notes = notes.copy()
-    notes[:, 2] = np.clip(notes[:, 2] + rng.integers(-5, 7), 0, 127)
-    n_beats = int(notes[-1, 0]) + 1
-    if n_beats > max_beat:
-        for _ in range(10):
-            start = int(rng.integers(n_beats - max_beat))
-            sliced = notes[(notes[:, 0] >= start) & (notes[:, 0] < start + max_beat)]
-            if len(sliced) > 10:
-                break
-        sliced[:, 0] -= start
-        notes = sliced
-    return notes
-
-
-def collate(seqs: Sequence[np.ndarray]) -> tuple[Any, Any]:
-    """Zero-pad code arrays (T_i, 6) into a batch; returns (codes, mask) tensors."""
-    import torch
-
-    codes, mask = pad_codes(list(seqs))
-    return torch.from_numpy(codes), torch.from_numpy(mask)
-
-
-def epoch_order(seed: int, epoch: int, n: int, lengths: np.ndarray | None = None,
-                batch_size: int = 1, pool: int = 0) -> np.ndarray:
-    """The shuffled order of the ``n`` training songs in ``epoch`` (a function of both).
-
-    With ``pool`` > 0 (and the songs' ``lengths``), batches of similar length: the shuffled
-    songs are cut into pools of ``pool`` songs, each pool sorted by length and cut into
-    batches of ``batch_size``, and the batches of the epoch shuffled. Every song still comes
-    once per epoch; a batch pads much less than ``batch_size`` random songs do.
-    """
-    rng = np.random.default_rng([seed, 0, epoch])
-    order = rng.permutation(n)
-    if pool <= 0 or lengths is None:
-        return order
-    batches = []
-    for start in range(0, n, pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
-
-
-def train_args(opts: TrainOptions, dataset: NoteDataset, precision: str) -> dict[str, Any]:
-    """``train-args.json``: the keys (and key order) MMT's ``train.py`` writes, then ours."""
-
-    def rel(p: Path) -> str:
-        try:
-            return str(Path(p).resolve().relative_to(Path.cwd()))
-        except ValueError:
-            return str(p)
-
-    def names(split: str) -> str:
-        found = [d / f"{split}-names.txt" for d in (dataset.notes_dir, dataset.root)]
-        return rel(next((f for f in found if f.exists()), found[-1]))
-
-    return {
-        "dataset": dataset.notes_dir.parent.name.removesuffix("_notes") or "demo",
-        "train_names": names("train"), "valid_names": names("valid"),
-        "in_dir": rel(dataset.notes_dir), "out_dir": rel(opts.out), "batch_size": opts.batch_size,
-        "use_csv": False, "aug": opts.aug, "max_seq_len": opts.max_seq_len,
-        "max_beat": opts.max_beat, "dim": opts.dim, "layers": opts.layers, "heads": opts.heads,
-        "dropout": opts.dropout, "abs_pos_emb": not opts.rel_pos_emb,
-        "rel_pos_emb": opts.rel_pos_emb, "steps": opts.steps, "valid_steps": opts.valid_steps,
-        # MMT stops after early_stopping_tolerance + 1 evaluations without improvement
-        "early_stopping": opts.patience > 0,
-        "early_stopping_tolerance": opts.patience - 1 if opts.patience > 0 else 20,
-        "learning_rate": opts.learning_rate, "lr_warmup_steps": opts.lr_warmup_steps,
-        "lr_decay_steps": opts.lr_decay_steps, "lr_decay_multiplier": opts.lr_decay_multiplier,
-        "grad_norm_clip": opts.grad_norm_clip, "gpu": None, "jobs": 0, "quiet": False,
-        "attn_dropout": opts.dropout if opts.attn_dropout is None else opts.attn_dropout,
-        "patience": opts.patience, "precision": precision, "save_dtype": opts.save_dtype,
-        "length_pool": opts.length_pool,
-    }  # fmt: skip
-
-
-# --------------------------------------------------------------------------- device
-
-
-def cpu_has_bf16() -> bool:
-    """True if the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16)."""
-    import torch
-
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    for name in probes:
-        probe = getattr(torch.cpu, name, None)
-        with contextlib.suppress(Exception):
-            if probe is not None and probe():
-                return True
-    return False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device if there is one, else the CPU."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where the device computes it natively, else fp32."""
-    import torch
-
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    if precision == "auto":
-        return "bf16" if supported else "fp32"
-    if precision == "bf16" and not supported and device.type == "cuda":
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16")
-    if precision == "bf16" and not supported:
-        print("warning: this CPU has no bf16 instructions; bf16 will be emulated and slow",
-              file=sys.stderr)
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast (fp32 master weights) or nothing."""
-    import torch
-
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Corpus:
-    """The training notes, the encoded validation songs and a fingerprint of both."""
-
-    train_set: NoteDataset
-    train_notes: list[np.ndarray]
-    train_codes: list[np.ndarray]  # unaugmented, for the baselines
-    valid_codes: list[np.ndarray]
-    sha256: str
-
-
-def load_corpus(opts: TrainOptions) -> Corpus:
-    """Read the train and valid splits of ``opts.data``."""
-    digest = hashlib.sha256()
-    splits = {}
-    for split in ("train", "valid"):
-        ds = open_dataset(opts.data, split)
-        songs = []
-        for name, notes in ds.items():
-            if len(notes) == 0:
-                raise UserError(f"{ds.path(name)}: song {name!r} has no notes")
-            digest.update(f"{split}\0{name}\0{notes.shape}\0".encode())
-            digest.update(np.ascontiguousarray(notes, dtype=np.int64).tobytes())
-            songs.append(notes)
-        splits[split] = (ds, songs)
-    train_set, train_notes = splits["train"]
-    encode = [rep.encode_song(n, opts.max_beat, opts.max_seq_len) for n in train_notes]
-    valid = [rep.encode_song(n, opts.max_beat, opts.max_seq_len) for n in splits["valid"][1]]
-    return Corpus(train_set, train_notes, encode, valid, digest.hexdigest())
-
-
-# --------------------------------------------------------------------------- folder
-
-
-def _config(opts: TrainOptions, precision: str) -> dict[str, Any]:
-    keep = {k: v for k, v in dataclasses.asdict(opts).items()
-            if k not in RESUMABLE and k not in ("data", "out")}  # fmt: skip
-    keep["precision"] = precision
-    return json.loads(json.dumps(keep))
-
-
-def run_identity(opts: TrainOptions, corpus: Corpus, precision: str) -> dict[str, Any]:
-    """What ``train-run.json`` records: the maker, the data fingerprint, the configuration."""
-    return {
-        "made_by": MADE_BY,
-        "format": RUN_FORMAT,
-        "data": str(opts.data),
-        "data_sha256": corpus.sha256,
-        "config": _config(opts, precision),
-    }
-
-
-def prepare_out(out: Path, identity: dict[str, Any]) -> bool:
-    """Make ``out`` ready; True if it holds a run of this data and configuration to continue.
-
-    A missing or empty folder is started afresh; one with a matching ``train-run.json``
-    is continued; anything else raises :class:`UserError` (nothing is written).
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        run_file = out / RUN_FILE
-        try:
-            old = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict) or old.get("made_by") != MADE_BY:
-            raise UserError(f"{out} exists and was not made by this trainer (no valid {RUN_FILE}); "
-                            "give a new or empty folder")
-        if old.get("format") != RUN_FORMAT:
-            raise UserError(f"{out}: {RUN_FILE} has format {old.get('format')!r}, "
-                            f"this trainer writes {RUN_FORMAT}; give a new folder")
-        if old.get("data_sha256") != identity["data_sha256"]:
-            raise UserError(f"{out} was trained on other data ({old.get('data')!r}, different "
-                            f"songs or notes); give a new folder")
-        new, was = identity["config"], old.get("config") or {}
-        diff = [f"{k} {was.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(new) | set(was))
-                if was.get(k) != new.get(k)]  # fmt: skip
-        if diff:
-            raise UserError(f"{out} was made with other options ({'; '.join(diff)}); "
-                            "rerun with the same options to continue, or give a new folder")
-        return True
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints" / ".gitignore").write_text("last.pt\n.lock\n.*.tmp\n")
-    write_json_atomic(out / RUN_FILE, identity)
-    return False
-
-
-def torch_save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, fsync, then rename."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def mmt_state_dict(state: dict[str, torch.Tensor], params: set[str], dtype: str) -> dict[str, Any]:
-    """A CPU copy of ``state`` with the parameters in ``dtype`` (buffers unchanged)."""
-    import torch
-
-    target = getattr(torch, dtype)
-    return {k: v.detach().to("cpu", target if k in params else v.dtype, copy=True)
-            for k, v in state.items()}  # fmt: skip
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    model: MMTModel,
-    valid: Sequence[np.ndarray],
-    batch_size: int,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """Per-field next-token loss on real targets of the validation songs (token-weighted).
-
-    Songs are batched in order of length (less padding); the result does not depend on
-    the order beyond float rounding.
-    """
-    import torch
-
-    from .model import field_losses
-
-    device = next(model.parameters()).device
-    sums = dict.fromkeys((*FIELDS, "total"), 0.0)
-    count = 0
-    order = sorted(range(len(valid)), key=lambda i: (len(valid[i]), i))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(device, precision):
-        for i in range(0, len(order), batch_size):
-            codes, mask = collate([valid[j] for j in order[i : i + batch_size]])
-            codes, mask = codes.to(device), mask.to(device)
-            logits, _ = model.net.run(codes, mask)
-            n = int(mask[:, 1:].sum())
-            for k, v in field_losses(logits, codes, mask).items():
-                sums[k] += float(v) * n
-            count += n
-    model.train(was_training)
-    return {k: v / count for k, v in sums.items()}
 
 
 # --------------------------------------------------------------------------- training

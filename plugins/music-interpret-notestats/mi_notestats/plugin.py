@@ -1,8 +1,8 @@
-"""Entry-point module: registers the ``note_stats`` stage."""
+"""Entry-point module: registers the ``note_stats`` stage and the ``note_share`` analyzer."""
 
 from __future__ import annotations
 
-from music_interpret.hookspecs import hookimpl
+from music_interpret.plugin import hookimpl
 
 
 @hookimpl
@@ -10,3 +10,10 @@ def mi_stages() -> list[type]:
     from .stage import NoteStats
 
     return [NoteStats]
+
+
+@hookimpl
+def mi_analyzers() -> list[type]:
+    from .analyzer import NoteShare
+
+    return [NoteShare]

@@ -1,4 +1,10 @@
-"""The ``note_stats`` stage: what is in the note dataset, in numbers."""
+"""The ``note_stats`` stage: what is in the note dataset, in numbers.
+
+The songs are read, tokenized and rendered back to notes by the pipeline's model adapter
+(``model.adapter``, the default adapter without a model section), through the door of
+:mod:`music_interpret.plugin`: the counts are those of the notes and tokens the model
+sees.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from music_interpret.interfaces import Stage
-
-RESOLUTION = 12  # MMT: time steps per beat
+from music_interpret.plugin import RESOLUTION, Stage, StageContext, window_ranges
 
 
 @dataclass
@@ -33,33 +37,36 @@ class NoteStats(Stage):
     Config = NoteStatsConfig
     requires: ClassVar[tuple[str, ...]] = ("data",)
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, Any]:
         import xarray as xr
 
-        from music_interpret.adapters.mmt.dataset import open_dataset, windows
-
         data = ctx.pipeline.header.data
-        dataset = open_dataset(data.path, data.split)
+        assert data is not None
+        adapter = ctx.data_adapter()
+        dataset = adapter.open_dataset(data.path, data.split)
         pitch = np.zeros(128, np.int64)
         position = np.zeros(RESOLUTION, np.int64)
         program = np.zeros(128, np.int64)
         duration = np.zeros(8 * RESOLUTION + 1, np.int64)  # last bin: 8 beats or longer
         songs: dict[str, list[float]] = {k: [] for k in ("notes", "beats", "instruments", "tokens",
                                                          "windows", "polyphony")}
-        for _name, notes in ctx.progress(dataset.items(), total=len(dataset), unit="song"):
-            beat, pos, pit, dur, prog = (notes[:, i] for i in range(5))
+        for name in ctx.progress(dataset.names, total=len(dataset), unit="song"):
+            song = adapter.tokenize(dataset.read(name))
+            notes = adapter.render_notes(song)
+            beat, pos, pit, dur, prog = (notes.beat, notes.position, notes.pitch, notes.duration,
+                                         notes.program)
             np.add.at(pitch, np.clip(pit, 0, 127), 1)
             np.add.at(position, np.clip(pos, 0, RESOLUTION - 1), 1)
             np.add.at(program, np.clip(prog, 0, 127), 1)
             np.add.at(duration, np.clip(dur, 0, len(duration) - 1), 1)
             n_instruments = len(np.unique(prog))
-            tokens = len(notes) + n_instruments + 3  # start, instruments, start-of-notes, notes, end
+            tokens = len(song)  # every token of the song, as the model reads it
             onsets = beat * RESOLUTION + pos
             songs["notes"].append(len(notes))
             songs["beats"].append(int(beat.max()) + 1 if len(notes) else 0)
             songs["instruments"].append(n_instruments)
             songs["tokens"].append(tokens)
-            songs["windows"].append(len(windows(tokens, ctx.config.context)))
+            songs["windows"].append(len(window_ranges(tokens, ctx.config.context)))
             songs["polyphony"].append(len(notes) / max(1, len(np.unique(onsets))))
         per_song = {k: np.asarray(v) for k, v in songs.items()}
         ds = xr.Dataset(
@@ -79,7 +86,7 @@ class NoteStats(Stage):
             },
             attrs={
                 "title": "note dataset profile",
-                "source": str(dataset.notes_dir),
+                "source": str(dataset.location),
                 "split": data.split,
                 "resolution": RESOLUTION,
                 "duration_note": "in 1/12 beats; the last bin counts 8 beats or longer",
@@ -91,7 +98,7 @@ class NoteStats(Stage):
         order = used[np.argsort(-program[used], kind="stable")][: ctx.config.top_programs]
         nz = np.nonzero(pitch)[0]
         summary = {
-            "dataset": str(dataset.notes_dir),
+            "dataset": str(dataset.location),
             "split": data.split,
             "songs": len(dataset),
             "notes": total_notes,

@@ -39,7 +39,7 @@ def codes_from_coords(coords: Mapping[str, np.ndarray],
                       sizes: Mapping[str, int] | None = None) -> np.ndarray:
     """MMT codes (n, 6) of tokens from their coordinates (-1 = none gives code 0); codes
     beyond a field's vocabulary (``sizes``) are clipped to its last code."""
-    from ..adapters.mmt.representation import DURATION_TO_CODE, MAX_DURATION
+    from .representation import DURATION_TO_CODE, MAX_DURATION
 
     def plus_one(name: str) -> np.ndarray:
         v = np.asarray(coords[name]).astype(np.int64)

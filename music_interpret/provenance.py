@@ -1,4 +1,4 @@
-"""The model and note data a store was extracted from, as its manifest records them.
+"""The model and note data a store was extracted from, as its attrs record them (any store).
 
 Stores written since format 2 record ``model_adapter``, ``model_path`` and ``data_path``;
 older ones only the extract stage's ``source`` line (``<adapter> adapter; checkpoint
