@@ -64,12 +64,13 @@ class HFRemiAdapter(ModelAdapter):
         self._device = "cpu"
         self._tokenizer: Any = None
         self._vocab: remi.Vocabulary | None = None
+        self._hooks: Any = None
 
     # -- identity ------------------------------------------------------------------------
 
     def load(self, model_dir: Path, device: str = "cpu") -> None:
         """Load ``config.json``, ``model.safetensors`` and ``miditok.json`` (local files only)."""
-        from .model import WEIGHTS, load_model, sha256_file
+        from .model import WEIGHTS, Hooks, load_model, sha256_file
 
         model_dir = Path(model_dir)
         self._load_tokenizer(model_dir)
@@ -78,6 +79,7 @@ class HFRemiAdapter(ModelAdapter):
             raise UserError(f"{model_dir}: vocab_size {model.config.vocab_size} is smaller than the "
                             f"tokenizer's {self.vocab.size}")
         self._model, self._device = model, device
+        self._hooks = Hooks(model)
         self._config = {**model.config.to_dict(), "tokenizer": self._tokenizer.to_dict()}
         self._sha256 = sha256_file(model_dir / WEIGHTS)
 
@@ -254,11 +256,9 @@ class HFRemiAdapter(ModelAdapter):
                 stop: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         import torch
 
-        from .model import hooked
-
         ids, mask = self._inputs(batch)
         logits = None
-        with torch.no_grad(), hooked(self.model, capture, patch, stop) as acts:
+        with torch.no_grad(), self._hooks.active(capture, patch, stop) as acts:
             logits = self.model(input_ids=ids, attention_mask=mask.long()).logits
         return logits, acts
 

@@ -1,7 +1,7 @@
 """Loading a HuggingFace causal LM from a local folder, and its hook points through torch
 forward hooks on the decoder blocks.
 
-Hook points: ``resid_pre.L`` (the residual stream entering block L, a forward pre-hook;
+Hook points (hooks registered once, per-pass state thread-local): ``resid_pre.L`` (the residual stream entering block L, a forward pre-hook;
 ``resid_pre.0`` is the token plus position embedding), ``resid_post.L`` (leaving block
 L) and ``final_norm`` (after the final layer norm, what the LM head reads). Blocks are
 ``transformer.h`` (GPT-2) or ``model.layers`` (Llama, Mistral, ...), found through
@@ -11,8 +11,10 @@ L) and ``final_norm`` (after the final layer norm, what the LM head reads). Bloc
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,53 +103,67 @@ class _Stop(Exception):
     """Raised by the last capture hook to end a pass nothing more is needed from."""
 
 
-def _replace(value: Any, new: torch.Tensor) -> Any:
-    return (new, *value[1:]) if isinstance(value, tuple) else new
+@dataclass
+class _Pass:
+    """What the hooks do in one forward pass of one thread."""
+
+    capture: frozenset[str]
+    patch: Patch | None
+    stop: bool
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@contextmanager
-def hooked(model: Any, capture: Sequence[str] = (), patch: Patch | None = None,
-           stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks on ``model`` for one pass: the dict yielded fills with the activation
-    at each ``capture`` hook point; ``patch = (hook point, fn)`` replaces one activation by
-    ``fn(activation)``; with ``stop`` the pass ends (``_Stop``) once all are captured."""
-    blocks, norm = blocks_and_norm(model)
-    acts: dict[str, torch.Tensor] = {}
-    wanted = set(capture) | ({patch[0]} if patch else set())
-    handles = []
+class Hooks:
+    """Forward hooks registered once on a model's blocks and final norm; each pass sets
+    what they capture and patch in a thread-local :class:`_Pass`, so threads running
+    passes on the same model at once (the extract stage's workers) do not mix."""
 
-    def visit(name: str, x: torch.Tensor) -> torch.Tensor | None:
-        new = None
-        if patch is not None and patch[0] == name:
-            new = patch[1](x)
-        if name in capture:
-            acts[name] = (x if new is None else new).detach()
-            if stop and len(acts) == len(capture):
+    def __init__(self, model: Any) -> None:
+        blocks, norm = blocks_and_norm(model)
+        self._local = threading.local()
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._pre(f"resid_pre.{i}"), with_kwargs=True)
+            block.register_forward_hook(self._post(f"resid_post.{i}"))
+        norm.register_forward_hook(self._post("final_norm"))
+
+    def _visit(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        state: _Pass | None = getattr(self._local, "state", None)
+        if state is None:
+            return None
+        new = state.patch[1](x) if state.patch is not None and state.patch[0] == name else None
+        if name in state.capture:
+            state.acts[name] = (x if new is None else new).detach()
+            if state.stop and len(state.acts) == len(state.capture):
                 raise _Stop
         return new
 
-    for i, block in enumerate(blocks):
-        if f"resid_pre.{i}" in wanted:
-            def pre(mod: Any, args: tuple, kwargs: dict, name: str = f"resid_pre.{i}") -> Any:
-                x = args[0] if args else kwargs["hidden_states"]
-                new = visit(name, x)
-                if new is None:
-                    return None
-                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        if f"resid_post.{i}" in wanted:
-            def post(mod: Any, args: tuple, out: Any, name: str = f"resid_post.{i}") -> Any:
-                new = visit(name, out[0] if isinstance(out, tuple) else out)
-                return None if new is None else _replace(out, new)
-            handles.append(block.register_forward_hook(post))
-    if "final_norm" in wanted:
-        def final(mod: Any, args: tuple, out: torch.Tensor) -> Any:
-            return visit("final_norm", out)
-        handles.append(norm.register_forward_hook(final))
-    try:
-        yield acts
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    def _pre(self, name: str) -> Callable[..., Any]:
+        def hook(mod: Any, args: tuple, kwargs: dict) -> Any:
+            new = self._visit(name, args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        return hook
+
+    def _post(self, name: str) -> Callable[..., Any]:
+        def hook(mod: Any, args: tuple, out: Any) -> Any:
+            new = self._visit(name, out[0] if isinstance(out, tuple) else out)
+            if new is None:
+                return None
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+        return hook
+
+    @contextmanager
+    def active(self, capture: Sequence[str] = (), patch: Patch | None = None,
+               stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass in this thread: the dict yielded fills with the activation at each
+        ``capture`` hook point; ``patch = (hook point, fn)`` replaces one activation by
+        ``fn(activation)``; with ``stop`` the pass ends once all are captured."""
+        state = _Pass(frozenset(capture), patch, stop)
+        self._local.state = state
+        try:
+            yield state.acts
+        except _Stop:
+            pass
+        finally:
+            self._local.state = None
