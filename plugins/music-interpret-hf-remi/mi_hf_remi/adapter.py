@@ -70,9 +70,9 @@ class HFRemiAdapter(ModelAdapter):
 
     def load(self, model_dir: Path, device: str = "cpu") -> None:
         """Load ``config.json``, ``model.safetensors`` and ``miditok.json`` (local files only)."""
-        from .model import WEIGHTS, Hooks, load_model, sha256_file
+        from .model import WEIGHTS, Hooks, check_model_dir, load_model, sha256_file
 
-        model_dir = Path(model_dir)
+        model_dir = check_model_dir(model_dir)
         self._load_tokenizer(model_dir)
         model = load_model(model_dir, device, self.config.dtype)
         if model.config.vocab_size < self.vocab.size:
@@ -80,7 +80,8 @@ class HFRemiAdapter(ModelAdapter):
                             f"tokenizer's {self.vocab.size}")
         self._model, self._device = model, device
         self._hooks = Hooks(model)
-        self._config = {**model.config.to_dict(), "tokenizer": self._tokenizer.to_dict()}
+        self._config = {**model.config.to_dict(), "max_seq_len": self.max_seq_len,
+                        "tokenizer": self._tokenizer.to_dict()}
         self._sha256 = sha256_file(model_dir / WEIGHTS)
 
     def _load_tokenizer(self, model_dir: Path) -> None:
@@ -133,7 +134,7 @@ class HFRemiAdapter(ModelAdapter):
 
     @property
     def model_config(self) -> dict[str, Any]:
-        """``config.json`` plus the tokenizer's parameters."""
+        """``config.json``, the window length ``max_seq_len`` and the tokenizer's parameters."""
         self.model  # noqa: B018 - raises if not loaded
         return dict(self._config)
 

@@ -62,15 +62,21 @@ def load_config(model_dir: Path) -> Any:
 def load_model(model_dir: Path, device: str, dtype: str) -> Any:
     """The causal LM in eval mode on ``device`` in ``dtype``, from local files only."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise UserError(f"hf_remi adapter: dtype {dtype!r} is not a torch floating dtype")
+    quiet = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
     try:
         model = AutoModelForCausalLM.from_pretrained(check_model_dir(model_dir), local_files_only=True,
                                                      dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"{model_dir}: cannot load the model: {exc}") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
