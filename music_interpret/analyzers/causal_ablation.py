@@ -10,14 +10,15 @@ Per song, summed over positions (divided by the counts only when reported, so th
 bootstrap can resample songs): the change of each field's next-token cross-entropy over
 all scored positions and over the *firing* positions (selected positions where f_j > 0),
 the KL divergence KL(p_clean || p_ablated) of each field's predicted distribution at the
-firing positions, and for each label that MMT predicts directly the clean probability of
-the label's value and its change at the firing positions.
+firing positions, and for each label that the model predicts directly the clean probability
+of the label's value and its change at the firing positions. The fields are the keys of
+the adapter's ``patched_logits`` (MMT's six, a language model's one ``token``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from .causal_data import EvalData
 if TYPE_CHECKING:
     from ..interfaces import ModelAdapter
 
+#: MMT's output fields (an adapter's own are the keys its ``patched_logits`` returns)
 FIELDS = ("type", "beat", "position", "pitch", "duration", "instrument")
 CHUNK = 2048  # tokens encoded at once with every latent
 
@@ -50,17 +52,18 @@ class LatentSums:
 
     n_fire: np.ndarray  # (S,) firing positions
     act_fire: np.ndarray  # (S,) summed activation at them
-    dce_all: np.ndarray  # (S, 6) ΔCE over every scored position
-    dce_fire: np.ndarray  # (S, 6) ΔCE over the firing positions
-    kl_fire: np.ndarray  # (S, 6) KL(clean || ablated) at the firing positions
+    dce_all: np.ndarray  # (S, fields) ΔCE over every scored position
+    dce_fire: np.ndarray  # (S, fields) ΔCE over the firing positions
+    kl_fire: np.ndarray  # (S, fields) KL(clean || ablated) at the firing positions
     p_clean: np.ndarray  # (S, labels) clean label probability at the firing positions
     dp: np.ndarray  # (S, labels) its change (ablated - clean)
+    fields: tuple[str, ...] = field(default=FIELDS)  # the model's output fields
 
     @classmethod
-    def zeros(cls, n_songs: int, n_labels: int) -> LatentSums:
-        z = np.zeros
-        return cls(z(n_songs), z(n_songs), z((n_songs, 6)), z((n_songs, 6)), z((n_songs, 6)),
-                   z((n_songs, n_labels)), z((n_songs, n_labels)))
+    def zeros(cls, n_songs: int, n_labels: int, fields: tuple[str, ...] = FIELDS) -> LatentSums:
+        z, f = np.zeros, len(fields)
+        return cls(z(n_songs), z(n_songs), z((n_songs, f)), z((n_songs, f)), z((n_songs, f)),
+                   z((n_songs, n_labels)), z((n_songs, n_labels)), tuple(fields))
 
 
 @torch.no_grad()
@@ -105,7 +108,7 @@ def measure(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData, l
     Only the windows where a latent fires are run for it: each pass holds (latent, window)
     pairs, at most ``pass_tokens`` tokens. ``step`` is called after each batch.
     """
-    out = {j: LatentSums.zeros(data.n_groups, len(labels)) for j in latents}
+    out: dict[int, LatentSums] = {}
     w_dec = dictionary.W_dec
     index = torch.as_tensor(latents, dtype=torch.long, device=w_dec.device)
     for eb in data.batches:
@@ -116,6 +119,8 @@ def measure(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData, l
             return x
 
         clean_logits = adapter.patched_logits(eb.batch, hook, capture)
+        if not out:
+            out = {j: LatentSums.zeros(data.n_groups, len(labels), tuple(clean_logits)) for j in latents}
         x = captured["x"]
         device = x.device
         f = encode_columns(dictionary, x, index) * eb.eligible.to(device)[..., None]  # (B, T, K)
@@ -147,13 +152,14 @@ def measure(adapter: ModelAdapter, hook: str, dictionary: Any, data: EvalData, l
 def _pair_sums(clean: _Clean, logits: dict[str, torch.Tensor], rows: torch.Tensor,
                fire: torch.Tensor, act: torch.Tensor) -> dict[str, np.ndarray]:
     """Per (latent, window) pair of one pass: the sums of :class:`LatentSums` (host arrays)."""
-    lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in FIELDS}
+    fields = tuple(clean.lp)
+    lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in fields}
     target = clean.target[rows]
     ce = torch.stack([-lp[name].gather(-1, target[..., i, None])[..., 0]
-                      for i, name in enumerate(FIELDS)])
-    dce = ce - clean.ce[:, rows]  # (6, P, T-1)
+                      for i, name in enumerate(fields)])
+    dce = ce - clean.ce[:, rows]  # (fields, P, T-1)
     kl = torch.stack([(clean.lp[n][rows].exp() * (clean.lp[n][rows] - lp[n])).sum(-1)
-                      for n in FIELDS])
+                      for n in fields])
     scored = clean.scored[rows].float()
     out = {"n_fire": _row_sums(fire), "act_fire": _row_sums(act * fire),
            "dce_all": _row_sums(dce * scored).T, "dce_fire": _row_sums(dce * fire).T,
@@ -175,19 +181,21 @@ class _Clean:
     """The clean pass of one batch at the scored positions."""
 
     lp: dict[str, torch.Tensor]  # field -> (B, T-1, V) log-probabilities
-    target: torch.Tensor  # (B, T-1, 6) codes of the next tokens
+    target: torch.Tensor  # (B, T-1, fields) codes of the next tokens
     scored: torch.Tensor  # (B, T-1) bool
-    ce: torch.Tensor  # (6, B, T-1) clean cross-entropy
+    ce: torch.Tensor  # (fields, B, T-1) clean cross-entropy
     p_label: torch.Tensor  # (labels, B, T-1) clean probability of each directly predicted label
     labels: list[LabelSpec]
 
     @classmethod
     def build(cls, logits: dict[str, torch.Tensor], eb: Any, device: torch.device,
               labels: list[LabelSpec]) -> _Clean:
-        lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in FIELDS}
+        lp = {name: torch.log_softmax(logits[name][:, :-1].float(), -1) for name in logits}
         target = torch.as_tensor(eb.batch.codes, device=device)[:, 1:].long()
+        if target.ndim == 2:  # one token id per row (a language model): one field
+            target = target[..., None]
         ce = torch.stack([-lp[name].gather(-1, target[..., i, None])[..., 0]
-                          for i, name in enumerate(FIELDS)])
+                          for i, name in enumerate(lp)])
         return cls(lp, target, eb.scored[:, :-1].to(device), ce, _label_probs(lp, labels), labels)
 
 

@@ -65,9 +65,10 @@ def summary_markdown(summary: dict[str, Any], rows: dict[str, list[dict[str, Any
         "# causal", "",
         "Each tested latent i is ablated alone (x -> x - f_i(x) W_dec[i] at the hook) on windows "
         "of the dictionary's held-out songs. Effect: the drop of the predicted probability of "
-        "the label's value at i's firing positions (labels MMT predicts: `next.pitch`, "
-        "`next.pitch_class`, `next.octave`, `next.position`, `next.duration`, "
-        "`next.instrument`, `next.event_type`), else the ΔCE (nats) of the label's field "
+        "the label's value at i's firing positions (labels the model predicts directly, "
+        "`ModelAdapter.label_target`; MMT: `next.pitch`, `next.pitch_class`, `next.octave`, "
+        "`next.position`, `next.duration`, `next.instrument`, `next.event_type`), else the ΔCE "
+        "(nats) of the label's field "
         f"there. Controls: the {cfg.n_controls} non-finding latents nearest in log firing "
         "density. Interval: percentile bootstrap 95% over held-out songs. **used**: effect "
         "above every control and interval above 0; **insufficient**: fewer than "

@@ -149,9 +149,9 @@ def _measures(s: LatentSums, n_scored: np.ndarray, density: float) -> dict[str, 
     return {"density": float(density), "firing_positions": int(fire),
             "firing_songs": int((s.n_fire > 0).sum()),
             "mean_activation": float(s.act_fire.sum() / fire) if fire else None,
-            "delta_ce_all": field_means(s.dce_all, n_scored),
-            "delta_ce_fire": field_means(s.dce_fire, s.n_fire),
-            "kl_fire": field_means(s.kl_fire, s.n_fire)}
+            "delta_ce_all": field_means(s.dce_all, n_scored, s.fields),
+            "delta_ce_fire": field_means(s.dce_fire, s.n_fire, s.fields),
+            "kl_fire": field_means(s.kl_fire, s.n_fire, s.fields)}
 
 
 def _row(t: Target, spec: LabelSpec, label: int, sums: dict[int, LatentSums], controls: list[int],

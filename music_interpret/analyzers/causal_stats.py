@@ -42,8 +42,8 @@ def effect(s: LatentSums, spec: LabelSpec, label: int, w: np.ndarray) -> np.ndar
     n = w @ s.n_fire
     if spec.codes is not None:
         num = -(w @ s.dp[:, label])
-    elif spec.field in FIELDS:
-        num = w @ s.dce_fire[:, FIELDS.index(spec.field)]
+    elif spec.field in s.fields:
+        num = w @ s.dce_fire[:, s.fields.index(spec.field)]
     else:
         num = w @ s.dce_fire.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -97,10 +97,11 @@ def verdict(value: float, interval: Sequence[float] | None, controls: Sequence[f
     return USED if value > max(finite) and interval[0] > 0 else NOT_USED
 
 
-def field_means(sums: np.ndarray, counts: np.ndarray) -> dict[str, float | None]:
-    """Per-field means ``sum over songs / count`` of (songs, 6) sums, plus ``total``."""
+def field_means(sums: np.ndarray, counts: np.ndarray,
+                fields: Sequence[str] = FIELDS) -> dict[str, float | None]:
+    """Per-field means ``sum over songs / count`` of (songs, fields) sums, plus ``total``."""
     n = float(counts.sum())
     if n <= 0:
-        return {k: None for k in (*FIELDS, "total")}
+        return {k: None for k in (*fields, "total")}
     mean = sums.sum(0) / n
-    return {**{f: float(v) for f, v in zip(FIELDS, mean, strict=True)}, "total": float(mean.sum())}
+    return {**{f: float(v) for f, v in zip(fields, mean, strict=True)}, "total": float(mean.sum())}

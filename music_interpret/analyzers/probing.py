@@ -136,7 +136,7 @@ class Embeddings:
         self.adapter: ModelAdapter | None = None
         if EMBEDDING_HOOK in info.hooks:
             self.source, self.note = EMBEDDING_HOOK, (f"hook point {EMBEDDING_HOOK} of the store "
-                                                      "(field embeddings + position embedding)")
+                                                      "(the model's input embedding, position embedding included)")
             return
         adapter = ctx.adapter("cpu")
         if adapter is not None and type(adapter).embed_coordinates is not ModelAdapter.embed_coordinates:

@@ -9,7 +9,8 @@ hook point, under four conditions:
 * ``zero_ablated``: the activation replaced by zeros (SAEBench's ablation);
 * ``ablated``: the activation replaced by its mean over the evaluated tokens (mean ablation).
 
-Per output field and for ``total`` (the sum of the six fields), over real targets, each
+Per output field (the keys of ``patched_logits``: MMT's six fields, a language model's one
+``token``) and for ``total`` (their sum), over real targets, each
 condition's next-token cross-entropy (nats; a mean over targets: per-song sums over all
 songs divided by the number of targets), and
 
@@ -50,6 +51,7 @@ from ..interfaces import Batch
 if TYPE_CHECKING:
     from ..interfaces import ModelAdapter
 
+#: MMT's output fields (an adapter's own are the keys its ``patched_logits`` returns)
 FIELDS = ("type", "beat", "position", "pitch", "duration", "instrument")
 KEYS = (*FIELDS, "total")
 LEVEL = 0.95
@@ -153,7 +155,7 @@ def note_rows(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
 
 @dataclass
 class _Sums:
-    """Per-group (song) sums of one condition: cross-entropy and KL from clean, (groups, 6)."""
+    """Per-group (song) sums of one condition: cross-entropy and KL from clean, (groups, fields)."""
 
     ce: np.ndarray
     kl: np.ndarray
@@ -191,6 +193,12 @@ class DownstreamEvaluator:
         self._clean_lp: list[list[torch.Tensor]] | None = None
         self._sums: dict[str, _Sums] = {}
         self._mean: torch.Tensor | None = None
+        self.fields: tuple[str, ...] = FIELDS  # the adapter's, from its first logits
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The output fields and ``total``."""
+        return (*self.fields, "total")
 
     @classmethod
     def for_songs(cls, adapter: ModelAdapter, hook: str, read: Callable[[str], Any],
@@ -220,17 +228,21 @@ class DownstreamEvaluator:
         """Per-group sums of every field's cross-entropy and KL(clean || this) over targets."""
         first = self._clean_lp is None and fn is None
         cache: list[list[torch.Tensor]] = []
-        ce = np.zeros((self.n_groups, len(FIELDS)))
-        kl = np.zeros((self.n_groups, len(FIELDS)))
+        ce: np.ndarray | None = None
+        kl: np.ndarray | None = None
         for i, (batch, where) in enumerate(zip(self.batches, self.where, strict=True)):
             logits = self.adapter.patched_logits(batch, self.hook,
                                                  None if fn is None else _masked(fn, where))
-            device = logits[FIELDS[0]].device
+            if ce is None or kl is None:
+                self.fields = tuple(logits)
+                ce, kl = np.zeros((self.n_groups, len(self.fields))), np.zeros((self.n_groups, len(self.fields)))
+            device = logits[self.fields[0]].device
             keep = torch.as_tensor(batch.mask, device=device)[:, 1:]
             rows, cols = keep.nonzero(as_tuple=True)
-            target = torch.as_tensor(batch.codes, device=device)[:, 1:][rows, cols].long()
+            # (targets, fields): one code per field (MMT), or the token id (a language model)
+            target = torch.as_tensor(batch.codes, device=device)[:, 1:][rows, cols].long().reshape(len(rows), -1)
             per_batch: list[torch.Tensor] = []
-            for f, name in enumerate(FIELDS):
+            for f, name in enumerate(self.fields):
                 lp = torch.log_softmax(logits[name][:, :-1][rows, cols].float(), dim=-1)
                 tok_ce = -lp.gather(1, target[:, f, None])[:, 0]
                 np.add.at(ce[:, f], self.group[i], _row_sums(tok_ce, rows, len(batch.codes)))
@@ -241,6 +253,7 @@ class DownstreamEvaluator:
                     tok_kl = (clean.exp() * (clean - lp)).sum(-1)
                     np.add.at(kl[:, f], self.group[i], _row_sums(tok_kl, rows, len(batch.codes)))
             cache.append(per_batch)
+        assert ce is not None and kl is not None
         if first:
             self._clean_lp = cache
         return _Sums(ce, kl)
@@ -272,7 +285,7 @@ class DownstreamEvaluator:
         return self._mean
 
     def _losses(self, sums: _Sums) -> dict[str, float]:
-        return _keyed(_ratio(sums.ce.sum(0, keepdims=True), self.targets.sum(keepdims=True)))[0]
+        return _keyed(_ratio(sums.ce.sum(0, keepdims=True), self.targets.sum(keepdims=True)), self.keys)[0]
 
     def clean(self) -> dict[str, float]:
         return self._losses(self._condition("clean"))
@@ -297,7 +310,7 @@ class DownstreamEvaluator:
             "songs": self.n_groups if self.unit == "song" else None, "tokens": self.tokens,
             "targets": sum(self.weights)}
         for key, value in point.items():
-            out[key] = _keyed(value)[0]
+            out[key] = _keyed(value, self.keys)[0]
         out["ci"] = self._intervals(sums)
         return out
 
@@ -311,7 +324,7 @@ class DownstreamEvaluator:
                             size=self.bootstrap).astype(np.float64)
         boot = _statistics(sums, self.targets, w)
         for key in CI_KEYS:
-            ci[key] = dict(zip(KEYS, (_percentiles(boot[key][:, j]) for j in range(len(KEYS))),
+            ci[key] = dict(zip(self.keys, (_percentiles(boot[key][:, j]) for j in range(len(self.keys))),
                                strict=True))
         return ci
 
@@ -324,7 +337,7 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> np.ndarr
 
 
 def _ratio(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(m, 7): per-field means ``sums / counts`` of (m, 6) sums plus their ``total``."""
+    """(m, fields + 1): per-field means ``sums / counts`` of (m, fields) sums plus their ``total``."""
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / counts.reshape(-1, 1)
     return np.concatenate([mean, mean.sum(1, keepdims=True)], axis=1)
@@ -338,7 +351,7 @@ def _fraction(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _statistics(sums: dict[str, _Sums], targets: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
-    """Every reported statistic, (m, 7) each, for m weightings ``w`` (m, groups) of the groups."""
+    """Every reported statistic, (m, fields + 1) each, for m weightings ``w`` (m, groups) of the groups."""
     n = w @ targets
     ce = {k: _ratio(w @ s.ce, n) for k, s in sums.items()}
     kl = {k: _ratio(w @ s.kl, n) for k, s in sums.items() if k != "clean"}
@@ -354,9 +367,9 @@ def _statistics(sums: dict[str, _Sums], targets: np.ndarray, w: np.ndarray) -> d
     }
 
 
-def _keyed(values: np.ndarray) -> list[dict[str, float | None]]:
-    """Rows of (m, 7) as ``{key: value}`` dicts (NaN -> None)."""
-    return [{k: (float(v) if math.isfinite(v) else None) for k, v in zip(KEYS, row, strict=True)}
+def _keyed(values: np.ndarray, keys: Sequence[str] = KEYS) -> list[dict[str, float | None]]:
+    """Rows of (m, len(keys)) as ``{key: value}`` dicts (NaN -> None)."""
+    return [{k: (float(v) if math.isfinite(v) else None) for k, v in zip(keys, row, strict=True)}
             for row in np.atleast_2d(values)]
 
 
@@ -390,7 +403,7 @@ def scalars(result: dict[str, Any]) -> dict[str, float]:
     """TensorBoard scalars of an evaluation: ``<field>_recovered``, ``<field>_recovered_zero``,
     ``<field>_ce_<condition>``, ``<field>_delta_ce`` and ``<field>_kl``."""
     out: dict[str, float] = {}
-    for k in KEYS:
+    for k in (result.get("clean") or {}) or KEYS:
         for name in ("recovered", "recovered_zero"):
             value = (result.get(name) or {}).get(k)
             if value is not None:

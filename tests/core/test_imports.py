@@ -17,6 +17,8 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "music_interpret"
 TEMPLATE = REPO / "plugins" / "music-interpret-notestats"
+#: the plugin packages under plugins/: {top-level module: distribution folder}
+PLUGIN_PACKAGES = {"mi_notestats": TEMPLATE, "mi_hf_remi": REPO / "plugins" / "music-interpret-hf-remi"}
 #: running these modules starts a command (``python -m music_interpret``)
 NOT_IMPORTED = {"music_interpret.__main__"}
 
@@ -64,7 +66,9 @@ def _imports(name: str, file: Path, package: bool, known: set[str]) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     """{module: modules of the package it imports} over music_interpret and the template."""
-    modules = {**_modules(PACKAGE, REPO), **_modules(TEMPLATE / "mi_notestats", TEMPLATE)}
+    modules = _modules(PACKAGE, REPO)
+    for name, folder in PLUGIN_PACKAGES.items():
+        modules.update(_modules(folder / name, folder))
     known = set(modules)
     return {name: _imports(name, file, package, known) for name, (file, package) in modules.items()}
 
@@ -137,7 +141,8 @@ def test_generic_code_goes_through_the_doors() -> None:
     assert not bypass, bypass
 
 
-def test_template_plugin_imports_only_the_facade() -> None:
-    imported = {t for m, ts in import_graph().items() if m.startswith("mi_notestats") for t in ts
+@pytest.mark.parametrize("package", sorted(PLUGIN_PACKAGES))
+def test_plugin_packages_import_only_the_facade(package: str) -> None:
+    imported = {t for m, ts in import_graph().items() if m.startswith(package) for t in ts
                 if t.startswith("music_interpret")}
     assert imported == {"music_interpret.plugin"}

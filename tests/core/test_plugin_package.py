@@ -57,7 +57,8 @@ def test_catalogue_lists_every_installed_builtin_and_the_template():
     entries = {(e["kind"], e["name"]) for e in load_catalogue(REPO / "registry" / "plugins.yaml")}
     registry = PluginRegistry()
     for info in registry.infos:
-        if info.status == "loaded" and info.distribution in ("music-interpret", "music-interpret-notestats"):
+        if info.status == "loaded" and info.distribution in ("music-interpret", "music-interpret-notestats",
+                                                                 "music-interpret-hf-remi"):
             assert (info.kind, info.name) in entries
 
 
