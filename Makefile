@@ -10,7 +10,7 @@ PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.2)
 
-.PHONY: init test demo bench lint clean help gpu-check
+.PHONY: init test demo bench lint clean help gpu-check notebook
 
 help:
 	@echo "make init   create .venv and install torch, music-interpret[dev,dask,demo] and plugins/*"
@@ -18,6 +18,7 @@ help:
 	@echo "make demo   python -m music_interpret run pipeline.yaml on the bundled demo"
 	@echo "make bench  run the benchmarks in bench/ (results in bench/results/)"
 	@echo "make lint   ruff check"
+	@echo "make notebook  install the [notebook] extra (JupyterLab) and open notebooks/feature_exploration.ipynb"
 	@echo "make gpu-check  on a CUDA machine without network: tests, demo and GPU benchmarks (bench/gpu_check.sh)"
 
 init: $(STAMP)
@@ -46,6 +47,10 @@ bench: $(STAMP)
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+notebook: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[notebook]"
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/feature_exploration.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check music_interpret tests bench plugins

@@ -38,7 +38,7 @@ def outputs(nb: object) -> str:
 def test_notebook_on_a_small_run(small_run, monkeypatch):
     nb = execute(monkeypatch, small_run, small_run.parent.parent / "acts")
     text = outputs(nb)
-    assert "latents: [" in text and "note tokens x chosen latents" in text
+    assert "latents: [" in text and "'latent': 4} | coordinates:" in text and "pitch_class" in text
     assert "findings;" in text and "permutation null" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images  # the activation profiles at least
