@@ -130,17 +130,20 @@ def test_pipeline_on_a_midi_folder_to_xarray_and_saelens(tmp_path):
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "reports" / "mine" / "imported" / "midi_notes"
     shards = sorted((tmp_path / "acts").glob("shard-*.nc"))
-    ds = xr.open_mfdataset(shards)
-    notes = np.concatenate([np.load(folder / "notes" / f"{n}.npy") for n in ds.attrs["songs"]]) \
-        if "songs" in ds.attrs else None
+    ds = xr.open_mfdataset(shards)  # default arguments
+    assert ds.attrs["data_path"] == str(folder)
     assert ds.token.dtype == np.int64 and np.array_equal(ds.token.values, np.arange(ds.sizes["token"]))
-    assert {"event_type", "beat", "pitch", "song"} <= set(ds.coords)
-    note_tokens = ds.where(ds.event_type == 3, drop=True)
-    songs = (tmp_path / "acts" / "store.json")
-    names = json.loads(songs.read_text())["songs"] if songs.exists() else list(CHORALES[:3])
-    if notes is None:
-        notes = np.concatenate([np.load(folder / "notes" / f"{n}.npy") for n in names])
-    np.testing.assert_array_equal(note_tokens.pitch.values, notes[:, 2])
+    assert {"song", "event_type", "beat", "position", "pitch", "duration", "program"} <= set(ds.coords)
+    names = xr.open_dataset(tmp_path / "acts" / "songs.nc").song_name.values
+    coords = ds.reset_coords()[["song", "event_type", "beat", "position", "pitch", "duration",
+                                "program"]].load()
+    note = coords.event_type.values == 3
+    for index, name in enumerate(names):  # every note token is the converted MIDI's note
+        rows = np.load(folder / "notes" / f"{name}.npy")
+        mine = note & (coords.song.values == index)
+        tokens = np.stack([coords[k].values[mine] for k in
+                           ("beat", "position", "pitch", "duration", "program")], axis=1)
+        np.testing.assert_array_equal(tokens, rows, err_msg=str(name))
     dictionary = next((tmp_path / "reports" / "mine" / "train").rglob("weights.safetensors")).parent
     export = run_cli("export", str(dictionary), "--format", "saelens", "--out", str(tmp_path / "sae"))
     assert export.returncode == 0, export.stderr
