@@ -105,9 +105,10 @@ def test_auto_takes_a_notes_dataset_as_it_is(tmp_path):
 def test_validate_names_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    cases = [("{path: %s, format: mid}" % tmp_path, "data.format: expected one of", "did you mean 'midi'"),
-             ("{path: %s, format: midi}" % (tmp_path / "empty"), "data.path: ", "no .mid/.midi files"),
-             ("{path: %s, format: auto}" % (tmp_path / "empty"), "data.path: ", "neither an MMT notes dataset")]
+    empty = tmp_path / "empty"
+    cases = [(f"{{path: {tmp_path}, format: mid}}", "data.format: expected one of", "did you mean 'midi'"),
+             (f"{{path: {empty}, format: midi}}", "data.path: ", "no .mid/.midi files"),
+             (f"{{path: {empty}, format: auto}}", "data.path: ", "neither an MMT notes dataset")]
     for data, *needles in cases:
         result = run_cli("validate", str(pipeline_file(tmp_path, data)))
         err = result.stderr.strip()
