@@ -281,10 +281,15 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Which note dataset to run the model on."""
+    """Which songs to run the model on: a notes dataset, or a folder of music files that
+    the model adapter converts once (``format``: ``midi``, ``musicxml``, or ``auto``, which
+    picks by the files' extensions and takes a notes dataset as it is)."""
 
     path: Path = field(metadata={"input": "dir"})
     split: Literal["all", "train", "valid", "test"] = "all"
+    format: Literal["notes", "midi", "musicxml", "auto"] = "notes"
+    #: the folder the user named, once the run has converted it (``path`` is then the dataset)
+    converted_from: Path | None = field(default=None, init=False)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_ADAPTER, Pipeline
+from .config import Pipeline
 from .errors import UserError
 from .outputs import MARKER
 
@@ -63,11 +63,9 @@ class StageContext:
     def data_adapter(self) -> ModelAdapter:
         """The model adapter that reads the pipeline's data (``model.adapter``, or the default
         adapter in a pipeline without a model section), built but not loaded."""
-        model = self.pipeline.header.model
-        if model is not None:
-            return model.adapter.build(self.registry)
-        cls = self.registry.get("model_adapter", DEFAULT_ADAPTER)
-        return cls(cls.Config())
+        from .datainput import data_adapter
+
+        return data_adapter(self.pipeline, self.registry)
 
     def model_adapter(self, device: str | None = None) -> ModelAdapter:
         """The pipeline's model adapter with its model loaded onto ``device`` (default: the

@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import Pipeline
 from .context import StageContext
+from .datainput import data_problems, import_data
 from .errors import ConfigError, DiskFull, StageFailed, StageUnavailable, UserError
 from .jsonio import dumps, fingerprint, to_jsonable, write_bytes_atomic, write_json_atomic
 from .outputs import (
@@ -152,6 +153,7 @@ def preflight(pipeline: Pipeline, registry: PluginRegistry, stages: list[str] | 
               for key, section in (("model", header.model), ("data", header.data)) if section is not None}
     for line in overlap_problems(outs, header.stages, names, inputs, pipeline.run_dir.resolve()):
         problems.append(line)
+    problems.extend(data_problems(pipeline, registry))
     for name in names:
         if name in outs and (problem := ownership_problem(name, outs[name])):
             problems.append(f"{_output_key(pipeline, name)}: {problem}")
@@ -230,6 +232,7 @@ class Engine:
         with run_lock(run_dir), contextlib.ExitStack() as locks:
             for name in selected:
                 locks.enter_context(output_lock(outs[name]))
+            import_data(self.pipeline, self.registry)  # data.format: convert the folder once
             hasher = InputHasher(run_dir / ".hash-cache.json")
             manifest = self._start_manifest(hasher)
             manifest["examined"] = []

@@ -178,6 +178,20 @@ class ModelAdapter(Plugin, ABC):
         ``valid``, ``test``); ``UserError`` naming the folder for what cannot be read."""
         raise self._missing("open_dataset")
 
+    def data_format(self, path: Path, format: str) -> str:
+        """What ``data.format`` means for the folder ``path``: ``notes`` (read as it is) or the
+        format :meth:`import_data` converts (``auto``: guessed from the files); ``UserError``
+        naming the folder when it holds nothing of that format."""
+        if format == "notes":
+            return "notes"
+        raise self._missing(f"data.format {format!r} (it reads only notes datasets)")
+
+    def import_data(self, path: Path, format: str, cache_dir: Path) -> Path:
+        """Convert the music files of ``path`` (``format`` as :meth:`data_format` returned it)
+        into a dataset inside ``cache_dir``, reused while the files and the conversion are
+        unchanged; returns the dataset folder for :meth:`open_dataset`."""
+        raise self._missing("import_data")
+
     def check_dataset(self, dataset: SongDataset) -> None:
         """``UserError`` when the dataset was encoded for another model than the loaded one."""
 

@@ -157,7 +157,8 @@ class ExtractStage(Stage):
                 problems.append(f"extract.hooks: {', '.join(missing)} do not exist in this model "
                                 f"(available: {', '.join(info.hook_points)})")
         try:
-            adapter.open_dataset(header.data.path, header.data.split)
+            if header.data.format == "notes":  # other formats: checked by preflight, converted by the run
+                adapter.open_dataset(header.data.path, header.data.split)
         except NotImplementedError:
             pass
         except UserError as exc:

@@ -104,7 +104,7 @@ def write_musicxml(path: Path) -> np.ndarray:
 
 def test_midi_rows_follow_mmt(tmp_path):
     expected = write_song(tmp_path / "My Song.v2.mid")
-    final, songs, _ = import_files([tmp_path], tmp_path / "out", "mine")
+    final, songs, _, _ = import_files([tmp_path], tmp_path / "out", "mine")
     assert [s.name for s in songs] == ["my_song_v2"]
     notes = np.load(final / "notes" / "my_song_v2.npy")
     assert notes.dtype == np.int64
@@ -189,7 +189,7 @@ def test_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
 def test_extract_runs_on_an_imported_dataset(tmp_path):
     (tmp_path / "in").mkdir()
     write_song(tmp_path / "in" / "song.mid")
-    final, _, _ = import_files([tmp_path / "in"], tmp_path / "data")
+    final, _, _, _ = import_files([tmp_path / "in"], tmp_path / "data")
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(textwrap.dedent(f"""
         run: mine
@@ -216,7 +216,7 @@ def test_midi_matches_muspy_when_installed(tmp_path):
     """MMT's own route (muspy.read, adjust_resolution, extract_notes) gives the same rows."""
     muspy = pytest.importorskip("muspy")
     music21 = pytest.importorskip("music21")
-    from music_interpret.adapters.mmt.import_notes import convert_midi
+    from music_interpret.adapters.mmt.import_songs import convert_midi
     from music_interpret.adapters.mmt.representation import PROGRAM_INSTRUMENT_MAP
 
     write_song(tmp_path / "song.mid")
@@ -233,3 +233,68 @@ def test_midi_matches_muspy_when_installed(tmp_path):
         notes, end_tick, _, _, _ = convert_midi(tmp_path / name)
         np.testing.assert_array_equal(notes, np.array(rows, dtype=np.int64))
         assert end_tick == music.get_end_time()
+
+
+def _bad_files(folder: Path) -> None:
+    """An unreadable file, one of drums only and one too short for MMT's filter."""
+    (folder / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06\x00\x01")
+    drums = mido.MidiFile(ticks_per_beat=PPQ)
+    drums.tracks.append(_track([(i * PPQ, mido.Message("note_on", channel=9, note=36)) for i in range(80)]))
+    drums.save(folder / "drums.mid")
+    short = mido.MidiFile(ticks_per_beat=PPQ)
+    short.tracks.append(_track([(i * PPQ, mido.Message("note_on", note=60 + i % 3)) for i in range(30)]))
+    short.save(folder / "short.mid")
+
+
+def test_a_bad_file_is_reported_not_fatal(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    expected = write_song(src / "good.mid")
+    _bad_files(src)
+    assert main([str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 songs" in out and "3 file(s) refused" in out and "import_report.json" in out
+    final = tmp_path / "out" / "imported_notes"
+    np.testing.assert_array_equal(np.load(final / "notes" / "good.npy"), expected)
+    assert (final / "notes" / "names.txt").read_text().split() == ["good"]
+    report = json.loads((final / "import_report.json").read_text())
+    assert (report["files"], report["converted"], report["refused"]) == (4, 1, 3)
+    assert report["counts"] == {"no-notes": 1, "too-short": 1, "unreadable": 1}
+    status = {Path(s["source"]).name: s for s in report["statuses"]}
+    assert status["good.mid"] == {"source": str(src / "good.mid"), "song": "good", "status": "converted"}
+    assert status["broken.mid"]["status"] == "refused" and "not a readable" in status["broken.mid"]["reason"]
+    assert "shorter than 40 beats" in status["short.mid"]["reason"]
+
+
+def test_strict_stops_at_the_first_bad_file(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_song(src / "good.mid")
+    _bad_files(src)
+    _one_line_error(capsys, [str(src), "--out", str(tmp_path / "out"), "--strict", "--workers", "1"],
+                    "broken.mid", "not a readable")  # the first in file order
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_file_converted_is_one_line(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _bad_files(src)
+    _one_line_error(capsys, [str(src), "--out", str(tmp_path / "out"), "--workers", "1"],
+                    "none of the 3 files", "unreadable 1", "broken.mid")
+    _one_line_error(capsys, [str(src), "--out", str(tmp_path / "out"), "--workers", "0"], "--workers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_is_the_same_for_any_worker_count(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_song(src / "a.mid")
+    write_song(src / "b.mid")
+    _bad_files(src)
+    one = import_files([src], tmp_path / "one", workers=1).folder
+    two = import_files([src], tmp_path / "two", workers=2).folder
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    for rel in files:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel

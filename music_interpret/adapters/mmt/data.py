@@ -44,6 +44,18 @@ class MMTData:
 
         return open_dataset(path, split)
 
+    def data_format(self, path: Path, format: str) -> str:
+        """``data.format`` for the folder ``path`` (see :func:`.data_import.data_format`)."""
+        from .data_import import data_format
+
+        return data_format(path, format)
+
+    def import_data(self, path: Path, format: str, cache_dir: Path) -> Path:
+        """The music files of ``path`` as a cached notes dataset (see :mod:`.data_import`)."""
+        from .data_import import import_data
+
+        return import_data(path, format, cache_dir)
+
     def check_dataset(self, dataset: SongDataset) -> None:
         """Refuse a dataset whose ``encoding.json`` disagrees with the checkpoint's vocabularies."""
         load = getattr(dataset, "load_encoding", None)
