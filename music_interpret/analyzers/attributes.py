@@ -411,6 +411,7 @@ ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
     *BASE_ATTRIBUTES, *(_next_attribute(a) for a in BASE_ATTRIBUTES))}
 
 #: coordinates the attributes read
+SONG_KEY = "__song__"  # not an attribute: the song index of each token, next to the codes
 COORD_NAMES = ("song", "song_token", "window", "seq_pos", "event_type", "beat", "position",
                "pitch", "duration", "instrument")
 
@@ -462,7 +463,9 @@ def iter_store_attributes(info: StoreReader, names: Sequence[str], max_tokens: i
                           meters: Mapping[int, Sequence[tuple[float, int, int]]] | None = None,
                           ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """``(shard, n_tokens, codes)`` per shard of a store, stopping after ``max_tokens`` tokens
-    (the first ones in store order); codes are computed on whole shards, then cut."""
+    (the first ones in store order); codes are computed on whole shards, then cut. The
+    codes also hold ``SONG_KEY``: each token's song index."""
     for index, n, coords in info.iter_coords(COORD_NAMES, max_tokens):
         codes = compute_attributes(coords, names, meters, info.vocabulary)
+        codes[SONG_KEY] = np.asarray(coords["song"]).astype(np.int64)
         yield index, n, {k: v[:n] for k, v in codes.items()}

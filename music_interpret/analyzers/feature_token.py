@@ -69,8 +69,9 @@ class FeatureTokenConfig:
 
     ``tokens``: ``notes`` (note tokens only, the default) or ``all``. ``controls``: the
     control groups computed (all by default; ``embedding`` needs the pipeline's model).
-    A finding needs AUROC >= ``min_auroc``, ``precision_mass`` >= ``min_precision`` and a
-    margin >= ``margin`` over every control. ``null_shifts``: permutation-null label sets.
+    A finding needs AUROC >= ``min_auroc``, ``precision_mass`` >= ``min_precision``, a
+    margin >= ``margin`` over every control and its mass spread over >= ``min_songs``
+    effective songs. ``null_shifts``: permutation-null label sets.
     """
 
     attributes: list[str] = field(default_factory=list)  # empty: every known attribute
@@ -83,6 +84,7 @@ class FeatureTokenConfig:
     min_auroc: float = 0.9
     margin: float = 0.02
     min_precision: float = 0.5
+    min_songs: float = 5.0
     null_shifts: int = 8
     seed: int | None = None  # of the random controls and null shifts (default: the run's)
     top_n: int = 20  # rows per hook in summary.md
@@ -104,12 +106,14 @@ class FeatureTokenConfig:
                              f"(known: {', '.join(CONTROL_GROUPS)})")
         if not 0.5 <= self.min_auroc <= 1 or not 0 <= self.min_precision <= 1 or self.margin < 0:
             raise ValueError("min_auroc must be in [0.5, 1], min_precision in [0, 1], margin >= 0")
+        if self.min_songs < 1:
+            raise ValueError(f"min_songs must be at least 1, got {self.min_songs}")
         if self.null_shifts < 0:
             raise ValueError(f"null_shifts must be >= 0, got {self.null_shifts}")
 
     @property
     def rule(self) -> FindingRule:
-        return FindingRule(self.min_auroc, self.margin, self.min_precision)
+        return FindingRule(self.min_auroc, self.margin, self.min_precision, self.min_songs)
 
 
 # -- the streaming passes ---------------------------------------------------------------
@@ -185,7 +189,7 @@ def feature_token_stats(info: StoreReader, hook: str, latents: LatentSource | Ca
                                                 two_sided=g.two_sided,
                                                 n_null=len(shifts) if g.name == "latent" else 0,
                                                 auroc_only=g.name not in ("latent", "neuron"),
-                                                device=device))
+                                                track_songs=g.name == "latent", device=device))
                      for g in groups if g.n_units > 0}
             for u in units.values():
                 u.stats.calibrate(u.values(p) for p in pieces)
@@ -201,7 +205,9 @@ def feature_token_stats(info: StoreReader, hook: str, latents: LatentSource | Ca
                         if pass_ == 1:
                             u.stats.add_pass1(a)
                         else:
-                            u.stats.add_pass2(y, a, null if u.group.name == "latent" else None)
+                            latent = u.group.name == "latent"
+                            u.stats.add_pass2(y, a, null if latent else None,
+                                              chunk.songs if latent else None)
                     if bar is not None:
                         bar.update(1)
                 if pass_ == 1:

@@ -43,7 +43,10 @@ _DOCS = {"firing_rate": "fraction of the label's tokens on which the unit is > 0
          "best_score": "highest score over labels", "best_score_error":
          "bound on |binned - exact| AUROC of the best label",
          "monosemanticity": "share of the unit's positive activation mass on its best label",
-         "density": "fraction of the selected tokens on which the unit is > 0"}
+         "density": "fraction of the selected tokens on which the unit is > 0",
+         "song_share_max": "largest single song's share of the unit's positive activation mass",
+         "songs_effective": "effective number of songs of the unit's positive mass: "
+                            "(sum of song masses)^2 / sum of squared song masses"}
 
 
 def to_dataset(labels: LabelSpace, results: dict[str, dict[str, np.ndarray]],
@@ -70,6 +73,9 @@ def to_dataset(labels: LabelSpace, results: dict[str, dict[str, np.ndarray]],
         for key in ("best_score", "best_score_error", "monosemanticity", "density"):
             data[prefix + key] = (kind, r[key].astype(np.float32))
         if kind == "latent":
+            for key in ("song_share_max", "songs_effective"):
+                if key in r:
+                    data[key] = (kind, r[key].astype(np.float32))
             for key, value in best_by_time(r, labels).items():
                 data[key] = ("latent", value.astype(str if key.startswith("best_label") else np.float32))
     for group, c in analysis["controls"].items():
@@ -127,11 +133,12 @@ def write_findings_csv(path: Path, rows: list[dict[str, Any]], groups: Sequence[
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["latent", "label", "when", "auroc", "precision_mass", "precision_fire",
-                    "density", "margin", "strongest_control",
+                    "density", "songs_effective", "song_share_max", "margin", "strongest_control",
                     *[f"{g}_{k}" for g in groups for k in ("score", "unit")]])
         for r in rows:
             w.writerow([r["latent"], r["label"], r["when"], _f(r["auroc"]), _f(r["precision_mass"]),
-                        _f(r["precision_fire"]), _f(r["density"]), _f(r["margin"]),
+                        _f(r["precision_fire"]), _f(r["density"]), _f(r.get("songs_effective")),
+                        _f(r.get("song_share_max")), _f(r["margin"]),
                         r["strongest_control"],
                         *[x for g in groups for x in (_f(r["controls"].get(g, {}).get("score", np.nan)),
                                                       r["controls"].get(g, {}).get("unit", ""))]])
@@ -154,6 +161,8 @@ def hook_summary(r: dict[str, dict[str, np.ndarray]], analysis: dict[str, Any],
         "findings": len(rows),
         "findings_t": sum(r_["when"] == "t" for r_ in rows),
         "findings_t1": sum(r_["when"] == "t+1" for r_ in rows),
+        "few_songs": int(np.sum(analysis["found"]["few_songs"]))
+        if analysis.get("found") is not None and "few_songs" in analysis["found"] else 0,
         "null": analysis.get("null"),
         "top": [{k: f[k] for k in ("latent", "label", "when", "auroc", "margin", "strongest_control")}
                 for f in rows[:n]],
@@ -167,7 +176,8 @@ def summary_markdown(per_hook: dict[str, dict[str, Any]], findings: dict[str, li
              f"at least {cfg.min_precision:.0%} of the latent's activation mass on the label, and a "
              f"margin >= {cfg.margin} over the best control for that label (raw dimensions "
              "two-sided, input-embedding rows, density-matched random directions, a random-init "
-             "dictionary). Labels `next.*` are at t+1 (what the model predicts); the others at t "
+             f"dictionary), and the latent's activation mass spread over at least {cfg.min_songs:g} "
+             "effective songs (a latent of one piece reaches every label of that piece). Labels `next.*` are at t+1 (what the model predicts); the others at t "
              f"(the token's own input). Note: {BEAT_NOTE}.", ""]
     for hook, s in per_hook.items():
         null = s.get("null") or {}
@@ -177,14 +187,18 @@ def summary_markdown(per_hook: dict[str, dict[str, Any]], findings: dict[str, li
                   f"{cfg.min_auroc}: " + ", ".join(f"{g} {c}" for g, c in passing.items()) + ".",
                   f"Under the null (labels rolled within shards, {len(null.get('null_counts', []))} "
                   f"sets): {null.get('null_counts')} latents (p = {null.get('p')})." if null else "",
-                  f"**{s['findings']} findings** ({s['findings_t']} at t, {s['findings_t1']} at t+1).",
-                  "", "| latent | label | when | AUROC | margin | strongest control | precision |",
-                  "|---:|---|---|---:|---:|---|---:|"]
+                  f"**{s['findings']} findings** ({s['findings_t']} at t, {s['findings_t1']} at t+1)."
+                  + (f" Left out as latents of too few songs: {s['few_songs']}."
+                     if s.get("few_songs") else ""),
+                  "", "| latent | label | when | AUROC | margin | strongest control | precision "
+                  "| songs (effective) |",
+                  "|---:|---|---|---:|---:|---|---:|---:|"]
         for f in findings.get(hook, [])[: cfg.top_n]:
             c = f["controls"].get(f["strongest_control"], {})
             lines.append(f"| {f['latent']} | {f['label']} | {f['when']} | {_f(f['auroc'])} | "
                          f"{_f(f['margin'])} | {f['strongest_control']} {_f(c.get('score'))} "
-                         f"({c.get('unit', '')}) | {_f(f['precision_mass'])} |")
+                         f"({c.get('unit', '')}) | {_f(f['precision_mass'])} | "
+                         f"{_f(f.get('songs_effective'))} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -6,7 +6,10 @@ is a **finding** for label l when
 
 * its AUROC for l is at least ``min_auroc``,
 * at least ``min_precision`` of its positive activation mass falls on tokens with l,
-* and its AUROC exceeds every control score C_g(l) by at least ``margin``.
+* its AUROC exceeds every control score C_g(l) by at least ``margin``,
+* and it is not the latent of a few songs: its positive activation mass spreads over at
+  least ``min_songs`` effective songs ((sum of song masses)^2 / sum of squared song
+  masses; a latent of one piece can reach any label of that piece, e.g. its key).
 
 Of the labels that qualify, the one with the largest margin is reported. A label at t
 is one the token carries in its own input; a label at t+1 (``next.*``) is one the model
@@ -31,6 +34,7 @@ class FindingRule:
     min_auroc: float = 0.9
     margin: float = 0.02
     min_precision: float = 0.5
+    min_songs: float = 5.0
 
 
 def control_scores(groups: dict[str, dict[str, np.ndarray]], unit_names: dict[str, list[str]],
@@ -50,7 +54,8 @@ def control_scores(groups: dict[str, dict[str, np.ndarray]], unit_names: dict[st
 def find(latent: dict[str, np.ndarray], controls: dict[str, dict[str, np.ndarray]],
          rule: FindingRule) -> dict[str, np.ndarray]:
     """Per latent: ``finding`` (bool), ``finding_label`` (label index, -1), ``margin`` over the
-    strongest control for that label, and ``control`` (the group of that control)."""
+    strongest control for that label, ``control`` (the group of that control) and
+    ``few_songs`` (it would be a finding but for its spread over songs)."""
     auroc = np.where(np.isfinite(latent["auroc"]), latent["auroc"], -np.inf)
     n_labels, n_units = auroc.shape
     if controls:
@@ -63,6 +68,11 @@ def find(latent: dict[str, np.ndarray], controls: dict[str, dict[str, np.ndarray
     margin = auroc - strongest[:, None]
     mass = np.nan_to_num(latent["precision_mass"], nan=0.0)
     ok = (auroc >= rule.min_auroc) & (mass >= rule.min_precision) & (margin >= rule.margin)
+    few_songs = np.zeros(n_units, bool)
+    if "songs_effective" in latent:
+        spread = np.nan_to_num(latent["songs_effective"], nan=0.0) >= rule.min_songs
+        few_songs = ok.any(axis=0) & ~spread if n_labels else few_songs
+        ok &= spread[None, :]
     masked = np.where(ok, margin, -np.inf)
     label = np.argmax(masked, axis=0) if n_labels else np.zeros(n_units, np.int64)
     found = ok.any(axis=0) if n_labels else np.zeros(n_units, bool)
@@ -72,6 +82,7 @@ def find(latent: dict[str, np.ndarray], controls: dict[str, dict[str, np.ndarray
         "finding_label": np.where(found, label, -1),
         "margin": np.where(found, margin[label, units] if n_labels else 0.0, np.nan),
         "control": np.where(found, which[label] if n_labels else "", ""),
+        "few_songs": few_songs,
     }
 
 
@@ -103,6 +114,9 @@ def findings_rows(latent: dict[str, np.ndarray], found: dict[str, np.ndarray],
             "precision_fire": float(latent["precision_fire"][lab, u]),
             "firing_rate": float(latent["firing_rate"][lab, u]),
             "density": float(latent["density"][u]),
+            **({"songs_effective": float(latent["songs_effective"][u]),
+                "song_share_max": float(latent["song_share_max"][u])}
+               if "songs_effective" in latent else {}),
             "margin": float(found["margin"][u]), "strongest_control": str(found["control"][u]),
             "controls": {g: {"score": float(c["score"][lab]), "unit": str(c["unit"][lab])}
                          for g, c in controls.items()},

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .attributes import ATTRIBUTES, attributes_for, iter_store_attributes
+from .attributes import ATTRIBUTES, SONG_KEY, attributes_for, iter_store_attributes
 
 if TYPE_CHECKING:
     from ..interfaces import StoreReader
@@ -30,12 +30,14 @@ TOKENS = ("notes", "all")
 @dataclass
 class Chunk:
     """Selected tokens ``rows`` (indices inside shard ``shard``) and their label index per
-    attribute (-1: none kept); ``shifted``: the same for each null shift."""
+    attribute (-1: none kept); ``shifted``: the same for each null shift; ``songs``: each
+    token's song index (None when not asked for)."""
 
     shard: int
     rows: np.ndarray
     labels: np.ndarray
     shifted: list[np.ndarray] = field(default_factory=list)
+    songs: np.ndarray | None = None
 
 
 @dataclass
@@ -94,6 +96,7 @@ class LabelSpace:
             matrix = np.stack([codes[a][rows] for a in attributes], axis=1).astype(np.int16) \
                 if attributes else np.zeros((len(rows), 0), np.int16)
             np.save(Path(store.name) / f"{shard}.npy", matrix)
+            np.save(Path(store.name) / f"{shard}.song.npy", codes[SONG_KEY][rows])
             selections.append((shard, rows))
             n += len(rows)
             for j, a in enumerate(attributes):
@@ -121,6 +124,10 @@ class LabelSpace:
 
     # -- reading ----------------------------------------------------------------------
 
+    def shard_songs(self, shard: int) -> np.ndarray:
+        """The song index of every selected token of the shard."""
+        return np.load(Path(self._dir.name) / f"{shard}.song.npy")
+
     def shard_labels(self, shard: int) -> np.ndarray:
         """(selected tokens of the shard, attributes) label indices."""
         codes = np.load(Path(self._dir.name) / f"{shard}.npy").astype(np.int64)
@@ -136,10 +143,11 @@ class LabelSpace:
             if not len(rows):
                 continue
             lab = self.shard_labels(shard)
+            songs = self.shard_songs(shard)
             rolled = [np.roll(lab, max(1, int(f * len(rows))), axis=0) for f in shifts]
             for s in range(0, len(rows), chunk_tokens):
                 e = min(len(rows), s + chunk_tokens)
-                yield Chunk(shard, rows[s:e], lab[s:e], [r[s:e] for r in rolled])
+                yield Chunk(shard, rows[s:e], lab[s:e], [r[s:e] for r in rolled], songs[s:e])
 
     def n_chunks(self, chunk_tokens: int) -> int:
         return sum(-(-len(rows) // chunk_tokens) for _, rows in self.selections)

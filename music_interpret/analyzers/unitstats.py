@@ -16,6 +16,12 @@ result equals the AUROC of the binned values exactly (ties inside a bin count 1/
 against the unbinned AUROC the error is at most 1/2 * (largest count of a bin other
 than the zero bin) / max(n+, n-), reported as ``best_score_error``.
 
+Song spread (``track_songs``): a unit that fires in one song only can reach a high AUROC
+for any label of that song (its key, its instrument). Per unit, the positive activation
+mass of each song is summed as the tokens stream by (songs are contiguous in store order:
+a song's tokens form one run) and folded into the largest song's share of the mass and
+the effective number of songs, (sum of masses)^2 / sum of squared song masses.
+
 Signed units are scored two-sided, ``max(AUROC, 1 - AUROC)``: a dimension low on a label
 separates it as well as one high on it. Null labels (see
 :meth:`LabelSpace.chunks`) add one set of rank sums each.
@@ -37,7 +43,7 @@ class UnitStats:
 
     def __init__(self, n_units: int, n_labels: int, bins: int, *, sparse: bool,
                  two_sided: bool = False, n_null: int = 0, auroc_only: bool = False,
-                 device: Any = "cpu") -> None:
+                 track_songs: bool = False, device: Any = "cpu") -> None:
         import torch
 
         self.n_units, self.n_labels, self.bins, self.sparse = n_units, n_labels, bins, sparse
@@ -57,6 +63,12 @@ class UnitStats:
         self.null_rank_sums = torch.zeros((n_null, *shape), **f64)
         self.total_fires = torch.zeros(n_units, **f64)
         self.total_pos = torch.zeros(n_units, **f64)
+        self.track_songs = track_songs
+        self.song_carry = torch.zeros(n_units, **f64)  # mass of the song still streaming in
+        self.song_max = torch.zeros(n_units, **f64)  # largest finished song mass
+        self.song_sq = torch.zeros(n_units, **f64)  # sum of squared finished song masses
+        self.song_total = torch.zeros(n_units, **f64)  # sum of finished song masses
+        self._last_song: int | None = None
 
     def calibrate(self, blocks: Iterable[Any]) -> None:
         """Fix the bins from sample blocks (n, units) of activations (tensors on the device)."""
@@ -108,9 +120,15 @@ class UnitStats:
         # float64, like the rank sums (see add_pass2)
         self.midrank = (below + (hist + 1) / 2.0) / n.clamp_min(1)
 
-    def add_pass2(self, y: Any, a: Any, null: list[Any] | None = None) -> None:
+    def add_pass2(self, y: Any, a: Any, null: list[Any] | None = None,
+                  songs: np.ndarray | None = None) -> None:
         """Accumulate label sums: ``y`` (n, labels) one-hot float32, ``a`` (n, units);
-        ``null``: one-hot null labels, one (n, labels) per null set."""
+        ``null``: one-hot null labels, one (n, labels) per null set; ``songs``: each token's
+        song index (needed with ``track_songs``)."""
+        if self.track_songs:
+            if songs is None:
+                raise ValueError("track_songs needs the song of every token")
+            self._add_song_mass(a, np.asarray(songs))
         yt = y.T.contiguous()
         yt64 = yt.double()
         # null rank sums only decide a count against a threshold: float32 is plenty
@@ -138,6 +156,39 @@ class UnitStats:
                 pos = blk.clamp_min(0)
                 self.pos_sums[:, s:e] += yt @ pos
                 self.total_pos[s:e] += pos.sum(0)
+
+    def _add_song_mass(self, a: Any, songs: np.ndarray) -> None:
+        """Fold the chunk's per-song positive mass into the running song statistics."""
+        import torch
+
+        if not len(songs):
+            return
+        starts = np.flatnonzero(np.r_[True, songs[1:] != songs[:-1]])
+        seg = torch.from_numpy(np.cumsum(np.r_[False, songs[1:] != songs[:-1]])).to(a.device)
+        continues = self._last_song is not None and int(songs[0]) == self._last_song
+        if not continues:
+            self._finish_song()
+        for s in range(0, self.n_units, UNIT_BLOCK):
+            e = min(self.n_units, s + UNIT_BLOCK)
+            pos = a[:, s:e].clamp_min(0).double()
+            mass = torch.zeros(len(starts), e - s, dtype=torch.float64, device=a.device)
+            mass.index_add_(0, seg, pos)
+            mass[0] += self.song_carry[s:e]
+            done = mass[:-1]
+            if len(done):
+                self.song_max[s:e] = torch.maximum(self.song_max[s:e], done.max(0).values)
+                self.song_sq[s:e] += (done * done).sum(0)
+                self.song_total[s:e] += done.sum(0)
+            self.song_carry[s:e] = mass[-1]
+        self._last_song = int(songs[-1])
+
+    def _finish_song(self) -> None:
+        import torch
+
+        self.song_max = torch.maximum(self.song_max, self.song_carry)
+        self.song_sq += self.song_carry * self.song_carry
+        self.song_total += self.song_carry
+        self.song_carry.zero_()
 
     def host(self) -> dict[str, np.ndarray]:
         """The accumulators as float64 numpy arrays (one copy from the device, at the end)."""
@@ -170,6 +221,9 @@ class UnitStats:
         label and score, its error bound, monosemanticity (= precision_mass of the best
         label) and density."""
         h = self.host()
+        if self.track_songs:
+            self._finish_song()
+            self._last_song = None
         pos = counts.astype(np.float64)[:, None]
         neg = n - pos
         auroc = self._auroc(h["rank_sums"], counts, n)
@@ -202,4 +256,19 @@ class UnitStats:
             "best_score_error": np.where(alive, bound[best, units], np.nan),
             "monosemanticity": np.where(alive, mass[best, units], np.nan),
             "density": h["total_fires"] / max(n, 1),
+            **self._song_spread(),
         }
+
+    def _song_spread(self) -> dict[str, np.ndarray]:
+        """``song_share_max`` (largest song's share of the positive mass) and
+        ``songs_effective`` ((sum of song masses)^2 / sum of their squares), with
+        ``track_songs``."""
+        if not self.track_songs:
+            return {}
+        total = self.song_total.cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = self.song_max.cpu().numpy() / total
+            eff = total * total / self.song_sq.cpu().numpy()
+        alive = total > 0
+        return {"song_share_max": np.where(alive, share, np.nan),
+                "songs_effective": np.where(alive, eff, np.nan)}

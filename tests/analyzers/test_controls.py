@@ -134,3 +134,43 @@ def test_finding_rule_needs_every_part() -> None:
     null = null_summary(np.array([0.95, 0.2, 0.91]), np.array([[0.5, 0.6, 0.95], [0.2, 0.2, 0.2]]),
                         FindingRule())
     assert null == {"observed": 2, "null_counts": [1, 0], "null_mean": 0.5, "null_max": 1, "p": 1 / 3}
+
+
+def test_latents_of_few_songs_are_left_out(planted) -> None:  # noqa: ANN001
+    _, results, analysis = analyse(planted)
+    eff = results["latent"]["songs_effective"][12]
+    assert 8 < eff <= 12  # the octave latent fires across the store's 12 songs
+    labels, results, strict = analyse(planted, min_songs=13)  # more songs than the store has
+    assert not strict["found"]["finding"].any() and strict["found"]["few_songs"][12]
+    assert strict["rows"] == [] and analysis["rows"][0]["songs_effective"] == eff
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_song_spread_streams_exactly(chunk: int) -> None:
+    from music_interpret.analyzers.unitstats import UnitStats
+
+    rng = np.random.default_rng(chunk)
+    songs = np.repeat(np.arange(9), rng.integers(20, 60, 9))  # contiguous songs, uneven lengths
+    a = np.maximum(rng.normal(size=(len(songs), 5)), 0).astype(np.float32)
+    a[songs == 4, 0] *= 50  # unit 0: mostly one song
+    a[songs != 2, 1] = 0  # unit 1: only song 2
+    a[:, 4] = 0  # unit 4: dead
+    stats = UnitStats(5, 1, 16, sparse=True, track_songs=True)
+    stats.calibrate([torch.from_numpy(a)])
+    for s in range(0, len(a), chunk):
+        stats.add_pass1(torch.from_numpy(a[s:s + chunk]))
+    stats.finish_pass1()
+    for s in range(0, len(a), chunk):
+        stats.add_pass2(torch.ones(len(a[s:s + chunk]), 1), torch.from_numpy(a[s:s + chunk]),
+                        songs=songs[s:s + chunk])
+    r = stats.results(["x"], ["a"], ["v"], np.array([len(a)]), len(a))
+    mass = np.stack([a[songs == k].sum(0) for k in range(9)]).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want_share = mass.max(0) / mass.sum(0)
+        want_eff = mass.sum(0) ** 2 / (mass ** 2).sum(0)
+    np.testing.assert_allclose(r["song_share_max"][:4], want_share[:4], rtol=1e-6)
+    np.testing.assert_allclose(r["songs_effective"][:4], want_eff[:4], rtol=1e-6)
+    assert r["song_share_max"][1] == 1.0 and r["songs_effective"][1] == 1.0
+    assert r["song_share_max"][0] > 0.5 and np.isnan(r["songs_effective"][4])
+    with pytest.raises(ValueError, match="track_songs"):
+        stats.add_pass2(torch.ones(1, 1), torch.from_numpy(a[:1]))
