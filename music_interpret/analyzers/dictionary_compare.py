@@ -14,7 +14,11 @@ on ``sample_tokens`` tokens of the store) are compared by cosine:
   has cosine > each of ``match_thresholds``.
 
 Control: the same statistics with the other dictionary's live rows replaced by as many
-random unit vectors (seeded): what the thresholds pass by chance.
+random unit vectors (seeded): what the thresholds pass by chance. For splitting also the
+larger dictionary's own neighbourhood: how many other latents of that dictionary lie
+above ``split_threshold`` from each of its latents, on average. When that is close to
+the mean number of children, the "children" are the neighbours of a cluster of related
+latents already present at one size, not the pieces of a split.
 
 Members come from ``ctx.sweeps`` (the analyze stage), else from the sweep folders under
 ``ctx.train_dir/dictionaries``. Outputs: ``<hook>_splitting.csv`` (per smaller latent and
@@ -167,9 +171,14 @@ def splitting(members: list[Member], cfg: CompareConfig, seed: int) -> tuple[lis
                 rand = random_rows(len(large.live), large.rows.shape[1], seed, large.rows)
                 n_rand = np.array([len(k) for k in children(small.rows, rand, cfg.split_threshold)],
                                   np.int64)
+                within = np.array([len(k) - 1 for k in children(large.rows, large.rows,
+                                                                   cfg.split_threshold)])
                 pairs.append({"smaller": small.label, "larger": large.label,
                               "d_sae": [small.d_sae, large.d_sae], **split_counts(n),
-                              "control_random": split_counts(n_rand)})
+                              "mean_children": float(n.mean()) if len(n) else None,
+                              "control_random": split_counts(n_rand),
+                              "control_within_larger_mean": float(within.mean())
+                              if len(within) else None})
                 for latent, kid in zip(small.live, kids, strict=True):
                     rows.append([small.label, large.label, int(latent), len(kid),
                                  " ".join(f"{large.live[j]}:{c:.3f}" for j, c in kid),
@@ -224,20 +233,23 @@ def summary_markdown(result: dict[str, Any], cfg: CompareConfig) -> str:
              f"Decoder-row cosines between the live latents of a sweep's members. Splitting: "
              f"children = latents of the larger dictionary with cosine > {cfg.split_threshold:g}. "
              "Stability: share of latents whose best match in the other seed's dictionary "
-             "passes the threshold. Control: random unit vectors in place of the other "
-             "dictionary.", ""]
+             "passes the threshold. Controls: random unit vectors in place of the other "
+             "dictionary; for splitting also the mean number of other latents of the larger "
+             "dictionary above the threshold from each of its latents (its own clusters).", ""]
     for hook, r in result.items():
         lines += [f"## {hook}", ""]
         if r.get("note"):
             lines += [r["note"], ""]
         if r["splitting"]:
             lines += ["| smaller | larger | live | unmatched | kept | split | mean children | "
-                      "split (random) |", "|---|---|---|---|---|---|---|---|"]
+                      "split (random) | neighbours within larger (mean) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for p in r["splitting"]:
-                mean = p["mean_children_of_split"]
+                mean, within = p["mean_children_of_split"], p.get("control_within_larger_mean")
                 lines.append(f"| {p['smaller']} | {p['larger']} | {p['latents']} | {p['unmatched']} "
                              f"| {p['kept']} | {p['split']} | {'' if mean is None else f'{mean:.2f}'} "
-                             f"| {p['control_random']['split']} |")
+                             f"| {p['control_random']['split']} "
+                             f"| {'' if within is None else f'{within:.2f}'} |")
             lines.append("")
         if r["stability"]:
             ts = [f"{t:g}" for t in cfg.match_thresholds]

@@ -71,6 +71,8 @@ def test_splitting_and_stability_on_planted_rows(sweep: tuple[Path, Path], tmp_p
     assert (split["unmatched"], split["kept"], split["split"]) == (1, 1, 2)
     assert split["mean_children_of_split"] == 2.5 and split["max_children"] == 3
     assert split["control_random"]["split"] == 0
+    # the larger dictionary's own clusters: {0, 1} and {3, 4, 5} lie above 0.5 of each other
+    assert split["mean_children"] == 1.5 and split["control_within_larger_mean"] == 1.0
     rows = (tmp_path / f"{HOOK}_splitting.csv").read_text().splitlines()
     assert rows[0] == "smaller,larger,latent,n_children,children,best_cos" and len(rows) == 5
     stab = {(p["a"], p["b"]): p for p in result["stability"]}
