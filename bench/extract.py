@@ -83,13 +83,10 @@ def stage_throughput(tmp: Path, model: Path, songs: int, run: str,
     return seconds, int(manifest["stages"]["extract"]["summary"]["tokens"])
 
 
-def _padded(groups: list[list[Any]]) -> list[tuple[Any, Any]]:
-    """(codes, mask) tensors of window groups, padded by the stage's own function."""
-    import torch
-
-    from music_interpret.adapters.mmt.windows import pad_codes
-
-    return [tuple(torch.from_numpy(a) for a in pad_codes([w.codes for w in group])) for group in groups]
+def _padded(adapter: Any, groups: list[list[Any]]) -> list[tuple[Any, Any]]:
+    """(codes, mask) tensors of window groups, padded by the adapter as the stage pads them."""
+    batches = [adapter.pad([w.inputs for w in group]) for group in groups]
+    return [(b.codes, b.mask) for b in batches]
 
 
 def forward_batches(adapter: Any, songs: int, policy: str,
@@ -99,17 +96,17 @@ def forward_batches(adapter: Any, songs: int, policy: str,
     ``stage``: exactly the stage's batches (its shard plans at ``SHARD_MB`` and its
     length batching); ``global``: every window sorted by length, fixed batches of 8.
     """
-    from music_interpret.adapters.mmt.dataset import open_dataset
     from music_interpret.stages.extract import ExtractConfig, ExtractStage, shard_batches
     from music_interpret.stores.netcdf import NetCDFStoreConfig
 
-    dataset = open_dataset(data)
+    dataset = adapter.open_dataset(data)
     names = list(dataset.names)[:songs]
     if policy == "global":
-        windows = [w for name in names for w in adapter.windows(dataset.read(name))[1]]
-        windows.sort(key=lambda w: -len(w.codes))
+        windows = [w for name in names
+                   for w in adapter.song_windows(adapter.tokenize(dataset.read(name)))]
+        windows.sort(key=lambda w: -len(w))
         groups = [windows[b : b + 8] for b in range(0, len(windows), 8)]
-        return _padded(groups), int(sum(int(w.owned.sum()) for w in windows))
+        return _padded(adapter, groups), int(sum(int(w.owned.sum()) for w in windows))
     config = ExtractConfig(hooks=HOOKS, batch_size=8)
     stage = ExtractStage(config)
     per_shard = NetCDFStoreConfig(shard_mb=SHARD_MB).tokens_per_shard(len(HOOKS), adapter.d_model)
@@ -121,7 +118,7 @@ def forward_batches(adapter: Any, songs: int, policy: str,
                    for idx in shard_batches(plan, config.batch_size, config.length_slack)]
         tokens += plan.n_tokens
         song = plan.songs[-1] + 1
-    return _padded(groups), tokens
+    return _padded(adapter, groups), tokens
 
 
 def bare_forward(model: Path, songs: int, policy: str = "stage",
