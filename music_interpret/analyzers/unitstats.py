@@ -163,15 +163,16 @@ class UnitStats:
 
         if not len(songs):
             return
-        starts = np.flatnonzero(np.r_[True, songs[1:] != songs[:-1]])
-        seg = torch.from_numpy(np.cumsum(np.r_[False, songs[1:] != songs[:-1]])).to(a.device)
+        seg_np = np.cumsum(np.r_[False, songs[1:] != songs[:-1]])  # segment of each token
+        n_seg = int(seg_np[-1]) + 1
+        seg = torch.from_numpy(seg_np).to(a.device)
         continues = self._last_song is not None and int(songs[0]) == self._last_song
         if not continues:
             self._finish_song()
         for s in range(0, self.n_units, UNIT_BLOCK):
             e = min(self.n_units, s + UNIT_BLOCK)
             pos = a[:, s:e].clamp_min(0).double()
-            mass = torch.zeros(len(starts), e - s, dtype=torch.float64, device=a.device)
+            mass = torch.zeros(n_seg, e - s, dtype=torch.float64, device=a.device)
             mass.index_add_(0, seg, pos)
             mass[0] += self.song_carry[s:e]
             done = mass[:-1]

@@ -74,11 +74,9 @@ def input_fingerprint(folder: Path, files: list[Path], format: str) -> str:
     """sha256 over the files' relative paths, sizes and contents and the conversion options."""
     entries = []
     for path in files:
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        entries.append([str(path.relative_to(folder)), path.stat().st_size, digest.hexdigest()])
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        entries.append([str(path.relative_to(folder)), path.stat().st_size, digest])
     return fingerprint({"generator": GENERATOR, "version": __version__, "format": format,
                         "split": SPLIT, "files": entries})
 
