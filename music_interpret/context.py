@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Pipeline
 from .errors import UserError
 from .outputs import MARKER
+from .ranks import DistInfo
 
 if TYPE_CHECKING:
     from .interfaces import ModelAdapter, SongDataset, StoreReader
@@ -30,6 +31,9 @@ class StageContext:
     upstream: dict[str, Path] = field(default_factory=dict)
     force: bool = False
     fingerprint: str = ""
+    #: this process's rank when a ``distributed`` stage runs under ``torchrun``
+    #: (:mod:`music_interpret.ranks`); the world of one otherwise
+    dist: DistInfo = field(default_factory=DistInfo)
 
     @property
     def run_dir(self) -> Path:
@@ -91,5 +95,5 @@ class StageContext:
 
         kwargs.setdefault("desc", self.name)
         kwargs.setdefault("dynamic_ncols", True)
-        kwargs.setdefault("disable", None)  # off when stderr is not a terminal
+        kwargs.setdefault("disable", None if self.dist.main else True)  # None: off when not a terminal
         return tqdm(iterable, **kwargs)

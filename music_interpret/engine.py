@@ -41,6 +41,7 @@ from .outputs import (
     write_partial_marker,
 )
 from .plugins import PluginRegistry
+from .ranks import DistInfo
 from .version import __version__
 
 __all__ = ["MARKER", "Engine", "StageContext", "fingerprint", "preflight", "to_jsonable",
@@ -201,6 +202,8 @@ class Engine:
         self.registry = registry
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.manifest_path = pipeline.run_dir / "manifest.json"
+        self.dist = DistInfo()
+        self._ranked_stage = False  # inside a stage that every rank runs
 
     def _selected(self, only: list[str] | None) -> list[str]:
         stages = list(self.pipeline.header.stages)
@@ -217,8 +220,65 @@ class Engine:
     def run(self, only: list[str] | None = None, force: bool = False) -> dict[str, Any]:
         """Run the selected stages in pipeline order; returns the manifest.
 
-        ``manifest["examined"]`` lists the stages this call ran or skipped.
+        ``manifest["examined"]`` lists the stages this call ran or skipped. Under
+        ``torchrun`` (:mod:`music_interpret.ranks`) rank 0 runs the pipeline and the other
+        ranks follow it: they return ``{"rank": r, "ran": [stages they took part in]}``.
         """
+        from . import ranks
+
+        self.dist = ranks.info()
+        if not self.dist.enabled:
+            return self._run(only, force)
+        if not self.dist.main:
+            return self._follow()
+        try:
+            manifest = self._run(only, force)
+        except BaseException as exc:
+            if not self._ranked_stage:  # the others wait for a message: tell them to stop
+                ranks.send({"action": "abort", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            raise  # (inside a shared stage, torchrun stops the others when this rank exits)
+        ranks.send({"action": "end"})
+        return manifest
+
+    def _follow(self) -> dict[str, Any]:
+        """Ranks other than 0: run the distributed stages rank 0 announces, until it ends."""
+        from . import ranks
+
+        ran = []
+        while True:
+            msg = ranks.receive()
+            if msg["action"] == "end":
+                return {"rank": self.dist.rank, "ran": ran}
+            if msg["action"] == "abort":
+                raise StageFailed(f"rank {self.dist.rank}: rank 0 stopped the run ({msg['error']})")
+            data = self.pipeline.header.data
+            if data is not None and msg.get("data"):
+                data.path, data.format = Path(msg["data"]["path"]), msg["data"]["format"]
+                data.converted_from = msg["data"]["converted_from"] and Path(msg["data"]["converted_from"])
+            name = msg["stage"]
+            cls = self.registry.get("stage", name)
+            config = self.pipeline.stage_configs.get(name)
+            ctx = StageContext(name, config, self.pipeline, self.registry, Path(msg["out_dir"]),
+                               Path(msg["work_dir"]), {k: Path(v) for k, v in msg["upstream"].items()},
+                               bool(msg["force"]), msg["fingerprint"], self.dist)
+            cls(config).run(ctx)
+            ranks.barrier()
+            ran.append(name)
+
+    def _announce(self, ctx: StageContext) -> None:
+        """Rank 0: have the other ranks run ``ctx``'s stage along with this one."""
+        from . import ranks
+
+        data = self.pipeline.header.data
+        ranks.send({
+            "action": "stage", "stage": ctx.name, "out_dir": str(ctx.out_dir),
+            "work_dir": str(ctx.work_dir), "upstream": {k: str(v) for k, v in ctx.upstream.items()},
+            "force": ctx.force, "fingerprint": ctx.fingerprint,
+            "data": data and {"path": str(data.path), "format": data.format,
+                              "converted_from": data.converted_from and str(data.converted_from)},
+        })
+
+    def _run(self, only: list[str] | None, force: bool) -> dict[str, Any]:
         selected = self._selected(only)
         for name in selected:
             if self.registry.find("stage", name) is None:
@@ -351,10 +411,20 @@ class Engine:
         entry.update(status="running", started_at=now())
         write_manifest(self.manifest_path, manifest)
         self._notify("mi_stage_start", stage=name, run_dir=str(ctx.run_dir), config=config)
+        ranked = self.dist.enabled and bool(getattr(cls, "distributed", False))
+        if ranked:
+            ctx.dist = self.dist
+            self._announce(ctx)
         t0 = time.perf_counter()
         try:
             try:
+                self._ranked_stage = ranked
                 summary = stage.run(ctx)
+                if ranked:
+                    from . import ranks
+
+                    ranks.barrier()  # every rank has finished writing into the work folder
+                self._ranked_stage = False
             except SystemExit as exc:  # a stage that exits has failed, whatever its code
                 raise StageFailed(f"stage {name!r} failed: it called sys.exit({exc.code!r})") from None
         except KeyboardInterrupt:

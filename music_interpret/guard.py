@@ -27,7 +27,8 @@ T = TypeVar("T")
 def print_error(message: str) -> None:
     """``error: <line>`` on stderr for each line of ``message``."""
     for line in str(message).splitlines() or [""]:
-        print(f"error: {line}", file=sys.stderr)
+        sys.stderr.write(f"error: {line}\n")  # one write: lines of several ranks do not interleave
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager

@@ -311,6 +311,13 @@ class ActivationStore(Plugin, ABC):
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         """How many tokens a shard should hold."""
 
+    def attach(self, path: Path, rank: int) -> StoreWriter:
+        """Optional, for ``extract`` under ``torchrun``: a writer of rank ``rank``'s shards in
+        the store that rank 0 opened with :meth:`create`. Its ``write_shard`` takes the
+        shard's place (``index=``, ``token_start=``); rank 0's writer then gets
+        ``join_parts()`` before ``finish``. Stores without it are written by one process."""
+        raise NotImplementedError
+
     @abstractmethod
     def open(self, path: Path, *, verify: bool = False) -> StoreReader:
         """The checked store at ``path`` (``verify``: also compare every shard's checksum);
@@ -350,6 +357,9 @@ class Stage(Plugin, ABC):
     kind = "stage"
     #: top-level sections of ``pipeline.yaml`` the stage needs (``"model"``, ``"data"``)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: under ``torchrun``, run on every rank with ``ctx.dist`` set (:mod:`music_interpret.ranks`);
+    #: otherwise rank 0 runs the stage alone
+    distributed: ClassVar[bool] = False
 
     def inputs(self, ctx: StageContext) -> list[Path]:
         """Files whose content decides the stage's result (hashed into its fingerprint)."""

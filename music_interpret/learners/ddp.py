@@ -14,63 +14,28 @@ variance, a close approximation. Example (2 GPUs)::
     torchrun --standalone --nproc_per_node 2 -m music_interpret.learners.distributed \\
         STORE HOOK OUT_DIR --learner relu_l1 --steps 10000 --batch-size 8192 --d-sae 16384
 
-(:mod:`music_interpret.learners.distributed`; the ``train`` stage itself runs
-single-process). In code: call :func:`init` (reads torchrun's environment), then build and
+(:mod:`music_interpret.learners.distributed`; the ``train`` stage of a pipeline run
+under ``torchrun`` trains this way too, see :mod:`music_interpret.ranks`). In code: call :func:`init` (reads torchrun's environment), then build and
 run a :class:`~music_interpret.learners.trainer.Trainer` as usual.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the process group (world 1: not distributed)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+from ..ranks import DistInfo, init  # noqa: F401 - init re-exported
 
 
 def info() -> DistInfo:
     """Rank and world size of the initialised default process group (or 0 / 1)."""
-    import torch.distributed as dist
+    import torch.distributed  # noqa: F401 - loaded, so that ranks.info can see the group
 
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
+    from ..ranks import info as ranks_info
 
-
-def init(device: str | None = None) -> tuple[DistInfo, str]:
-    """Initialise the process group from torchrun's environment; returns (info, device).
-
-    NCCL with one GPU per local rank when CUDA is available (unless ``device`` is
-    ``cpu``), gloo on CPU. Without ``WORLD_SIZE`` > 1 nothing is initialised.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return info(), f"cuda:{local}"
-    return info(), "cpu"
+    return ranks_info()
 
 
 def shard(x: torch.Tensor, d: DistInfo) -> torch.Tensor:

@@ -38,8 +38,10 @@ POOR_FVU = 0.5
 
 
 def warn_if_short(hook: str, steps: int, lr: float) -> None:
-    """A warning on stderr when the run looks too short to converge."""
-    if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS:
+    """A warning on stderr when the run looks too short to converge (rank 0 only)."""
+    from ..ranks import info
+
+    if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS or not info().main:
         return
     print(f"train: warning: {hook}: {steps:,} steps at lr {lr:g} (lr x steps = {lr * steps:.3g}) "
           f"is likely too short to converge (fewer than {MIN_STEPS:,} steps, or lr x steps below "

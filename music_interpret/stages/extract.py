@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +113,34 @@ class _ShardPlan:
     offsets: list[np.ndarray]  # per window: destination rows of its kept tokens
     keep: list[np.ndarray]  # per window: input positions kept
     n_tokens: int
+    index: int | None = None  # under torchrun: the shard's place in the store
+    token_start: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of a store: its place, its songs and its first token."""
+
+    index: int
+    song_start: int
+    song_stop: int
+    token_start: int
+    tokens: int
+
+
+def cut_shards(counts: list[int], shard_tokens: int) -> list[ShardSpec]:
+    """The shards one process writes for songs of ``counts`` stored tokens: each takes
+    songs until it holds ``shard_tokens`` tokens (at least one song)."""
+    out: list[ShardSpec] = []
+    song, token = 0, 0
+    while song < len(counts):
+        first, total = song, 0
+        while song < len(counts) and (total < shard_tokens or song == first):
+            total += counts[song]
+            song += 1
+        out.append(ShardSpec(len(out), first, song, token, total))
+        token += total
+    return out
 
 
 class ExtractStage(Stage):
@@ -122,6 +150,7 @@ class ExtractStage(Stage):
     description = "Extract hook-point activations of every token into an activation store."
     Config = ExtractConfig
     requires: ClassVar[tuple[str, ...]] = ("model", "data")
+    distributed = True  # under torchrun each rank writes its share of the shards
 
     @staticmethod
     def output_dir(pipeline: Pipeline, config: ExtractConfig) -> Path:
@@ -202,47 +231,28 @@ class ExtractStage(Stage):
             "fingerprint": ctx.fingerprint,
         }
         extra = {"dtype": cfg.dtype} if cfg.dtype != "float32" else {}
-        writer = store.create(ctx.work_dir, hooks=hooks, d_model=adapter.d_model, songs=names,
-                              sources=sources, attrs=attrs, resume=True, **extra)
-        start = writer.next_song
-        if start:
-            print(f"extract: resuming after {writer.n_shards} complete shard(s), at song {start}/{len(names)}",
-                  file=sys.stderr)
         shard_tokens = store.tokens_per_shard(len(hooks), adapter.d_model)
-        t0 = time.perf_counter()
+        create = {"hooks": hooks, "d_model": adapter.d_model, "songs": names, "sources": sources,
+                  "attrs": attrs, "resume": True, **extra}
         stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
-        bar = ctx.progress(total=len(names), initial=start, unit="song", desc="extract")
-        # shard k's forward passes run on the workers while the main thread plans shard
-        # k+1, and shard k-1 is written by a background thread; writes stay in order (each
-        # waits for the previous one), so at most two shards' activations are in memory
-        with self._workers(ctx.device) as forward, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
-            pending: Future[Any] | None = None
-            buffers: list[np.ndarray | None] = [None, None]  # one computed, one being written
-            plan = self._plan_shard(adapter, dataset, names, start, shard_tokens, stats) \
-                if start < len(names) else None
-            while plan is not None:
-                buffers[0] = _room(buffers[0], plan.n_tokens, (len(hooks), adapter.d_model))
-                acts = buffers[0][: plan.n_tokens]
-                running = self._submit_shard(forward, adapter, plan, hooks, acts)
-                song = plan.songs[-1] + 1
-                upcoming = self._plan_shard(adapter, dataset, names, song, shard_tokens, stats) \
+        t0 = time.perf_counter()
+        if ctx.dist.enabled:
+            writer = self._extract_ranked(ctx, adapter, dataset, store, create, shard_tokens, stats)
+        else:
+            writer = store.create(ctx.work_dir, **create)
+            start = writer.next_song
+            if start:
+                print(f"extract: resuming after {writer.n_shards} complete shard(s), at song "
+                      f"{start}/{len(names)}", file=sys.stderr)
+
+            def upcoming(done: _ShardPlan | None) -> _ShardPlan | None:
+                song = done.songs[-1] + 1 if done else start
+                return self._plan_shard(adapter, dataset, names, song, shard_tokens, stats) \
                     if song < len(names) else None
-                for done in running:
-                    seconds, windows = done.result()
-                    stats["forward_seconds"] += seconds
-                    stats["windows"] += windows
-                buffers.reverse()
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write_shard, acts, plan.coords, plan.songs[0], song)
-                stats["tokens"] += plan.n_tokens
-                bar.update(len(plan.songs))
-                bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
-                plan = upcoming
-            if pending is not None:
-                pending.result()
-        bar.close()
+
+            self._extract(ctx, adapter, hooks, upcoming, writer.write_shard, stats, len(names) - start)
+        if not ctx.dist.main:
+            return {}
         if not writer.n_shards:
             raise UserError(f"extract: no tokens selected from {dataset.location} (events={cfg.events})")
         seconds = time.perf_counter() - t0
@@ -253,8 +263,112 @@ class ExtractStage(Stage):
             "dropped_notes": stats["dropped_notes"], "seconds": round(seconds, 2),
             "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
         }
+        if ctx.dist.enabled:
+            summary["ranks"] = ctx.dist.world
         writer.finish(summary)
         return summary
+
+    def _extract(self, ctx: StageContext, adapter: ModelAdapter, hooks: list[str],
+                 upcoming: Callable[[_ShardPlan | None], _ShardPlan | None],
+                 write: Callable[..., Any], stats: dict[str, Any], songs: int) -> None:
+        """Forward and write the shards ``upcoming`` plans one after the other.
+
+        Shard k's forward passes run on the workers while the main thread plans shard k+1
+        (``upcoming(k)``), and shard k-1 is written by a background thread; writes stay in
+        order (each waits for the previous one), so at most two shards' activations are
+        in memory. ``songs``: how many songs the shards hold (for the progress bar).
+        """
+        t0 = time.perf_counter()
+        bar = ctx.progress(total=songs, unit="song", desc="extract")
+        shape = (len(hooks), adapter.d_model)
+        with self._workers(ctx.device) as forward, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+            pending: Future[Any] | None = None
+            buffers: list[np.ndarray | None] = [None, None]  # one computed, one being written
+            plan = upcoming(None)
+            while plan is not None:
+                buffers[0] = _room(buffers[0], plan.n_tokens, shape)
+                acts = buffers[0][: plan.n_tokens]
+                running = self._submit_shard(forward, adapter, plan, hooks, acts)
+                following = upcoming(plan)
+                for done in running:
+                    seconds, windows = done.result()
+                    stats["forward_seconds"] += seconds
+                    stats["windows"] += windows
+                buffers.reverse()
+                if pending is not None:
+                    pending.result()
+                place = {} if plan.index is None else {"index": plan.index, "token_start": plan.token_start}
+                pending = pool.submit(write, acts, plan.coords, plan.songs[0], plan.songs[-1] + 1, **place)
+                stats["tokens"] += plan.n_tokens
+                bar.update(len(plan.songs))
+                bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
+                plan = following
+            if pending is not None:
+                pending.result()
+        bar.close()
+
+    def _extract_ranked(self, ctx: StageContext, adapter: ModelAdapter, dataset: SongDataset,
+                        store: Any, create: dict[str, Any], shard_tokens: int,
+                        stats: dict[str, Any]) -> Any:
+        """This rank's share of the store under ``torchrun``; rank 0's writer of the joined store.
+
+        Every rank counts the stored tokens of its block of songs; from all the counts each
+        rank cuts the same shards a single process would write (:func:`cut_shards`) and
+        writes shards ``rank, rank + world, ...`` that are not complete yet. Rank 0 then
+        joins the ranks' shards into the store (complete only when every rank is).
+        """
+        from .. import ranks
+
+        d, names = ctx.dist, self._names
+        if d.main:
+            writer = store.create(ctx.work_dir, **create)
+        ranks.barrier()  # the store exists (rank 0 joined what an interrupted run left)
+        try:
+            part = store.attach(ctx.work_dir, d.rank)
+        except NotImplementedError:
+            raise UserError(f"extract.store: the {self.config.store.name!r} store cannot be written "
+                            "by several ranks; run extract without torchrun") from None
+        done = ranks.gather(writer.n_shards if d.main else None)[0]  # complete shards so far
+        lo, hi = (len(names) * d.rank) // d.world, (len(names) * (d.rank + 1)) // d.world
+        counts = [c for block in ranks.gather(self._count(adapter, dataset, lo, hi)) for c in block]
+        shards = cut_shards(counts, shard_tokens)[done:]
+        mine = [s for k, s in enumerate(shards) if k % d.world == d.rank]
+        if d.main and done:
+            print(f"extract: resuming after {done} complete shard(s)", file=sys.stderr)
+        queue = iter(mine)
+
+        def upcoming(_: _ShardPlan | None) -> _ShardPlan | None:
+            spec = next(queue, None)
+            if spec is None:
+                return None
+            plan = self._plan_shard(adapter, dataset, names, spec.song_start, shard_tokens, stats,
+                                    stop=spec.song_stop)
+            plan.index, plan.token_start = spec.index, spec.token_start
+            return plan
+
+        self._extract(ctx, adapter, create["hooks"], upcoming, part.write_shard, stats,
+                      sum(s.song_stop - s.song_start for s in mine))
+        everyone = ranks.gather(stats)
+        ranks.barrier()  # every rank's shards are written
+        if not d.main:
+            return part
+        for key in stats:
+            stats[key] = sum(s[key] for s in everyone)
+        writer.join_parts()
+        if writer.next_song != len(names):
+            raise UserError(f"extract: the ranks' shards do not cover every song (up to song "
+                            f"{writer.next_song} of {len(names)}); rerun to write the rest")
+        return writer
+
+    def _count(self, adapter: ModelAdapter, dataset: SongDataset, lo: int, hi: int) -> list[int]:
+        """Stored tokens of songs ``lo..hi-1`` (every token, or the notes with ``events: notes``)."""
+        counts = []
+        for name in self._names[lo:hi]:
+            tokens = adapter.tokenize(dataset.read(name))
+            counts.append(int(np.sum(tokens.coords["event_type"] == self._note))
+                          if self.config.events == "notes" else len(tokens))
+        return counts
 
     @contextmanager
     def _workers(self, device: str) -> Iterator[ThreadPoolExecutor]:
@@ -275,14 +389,15 @@ class ExtractStage(Stage):
             torch.set_num_threads(threads)
 
     def _plan_shard(self, adapter: ModelAdapter, dataset: SongDataset, names: list[str], first: int,
-                    shard_tokens: int, stats: dict[str, Any]) -> _ShardPlan:
+                    shard_tokens: int, stats: dict[str, Any], stop: int | None = None) -> _ShardPlan:
         """Windows and coordinates of the songs of one shard (no forward pass yet): each song
-        is tokenized and windowed by the adapter."""
+        is tokenized and windowed by the adapter. The shard ends before song ``stop`` when
+        given, else once it holds ``shard_tokens`` tokens (the rule of :func:`cut_shards`)."""
         notes_only = self.config.events == "notes"
         songs, windows, offsets, keeps, parts = [], [], [], [], []
         total = 0
         song = first
-        while song < len(names) and (total < shard_tokens or not songs):
+        while song < len(names) and (song < stop if stop is not None else total < shard_tokens or not songs):
             tokens = adapter.tokenize(dataset.read(names[song]))
             wins = adapter.song_windows(tokens, self.config.stride)
             stats["dropped_notes"] += tokens.dropped

@@ -29,6 +29,9 @@ spliced, mean-ablated) and the fraction of loss recovered go to ``metrics.json``
 (``downstream``) and TensorBoard (``downstream/*``), at the end and every
 ``downstream_every`` steps. ``on`` makes a missing model/data an error, ``off`` skips it.
 
+Under ``torchrun`` (:mod:`music_interpret.ranks`) every rank trains on its share of each
+global batch (``DistributedDataParallel``: NCCL on GPUs, gloo on CPU) and rank 0 writes.
+
 Checkpoints live in ``checkpoints/<hook>/`` while a hook trains; after a crash the
 engine hands the partial folder back and training continues from them. A hook whose
 ``config.json`` (``sweep.json`` for a sweep) exists is complete and is not trained again.
@@ -116,6 +119,7 @@ class TrainStage(Stage):
     name = "train"
     description = "Train one sparse dictionary (relu_l1, topk, ...) per hook point on the activation store."
     Config = TrainConfig
+    distributed = True  # under torchrun: data-parallel, rank 0 writes (music_interpret.ranks)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -226,11 +230,14 @@ class TrainStage(Stage):
         summary: dict[str, Any] = {"store": str(info.path), "learner": learner.name, "hooks": {}}
         for hook in hooks:
             summary["hooks"][hook] = self._train_hook(ctx, info, hook, learner, device, seed, downstream)
+        if ctx.dist.enabled:
+            summary["ranks"] = ctx.dist.world
         return summary
 
     def _train_hook(self, ctx: StageContext, info: StoreReader, hook: str, learner: Learner,
                     device: str, seed: int, downstream: DownstreamSource | None) -> dict[str, Any]:
         """One dictionary (or one per sweep member) of ``hook``; skipped when complete."""
+        from .. import ranks
         from ..jsonio import write_json_atomic
         from ..learners.io import CONFIG, METRICS, save_dictionary
         from ..learners.job import HookJob, summary_of, warn_if_poor
@@ -238,6 +245,7 @@ class TrainStage(Stage):
 
         cfg: TrainConfig = self.config
         out_dir = ctx.work_dir / "dictionaries" / hook
+        ranks.barrier()  # under torchrun: every rank sees the same finished hooks
         if cfg.sweep and (out_dir / SWEEP_FILE).exists():  # finished before an interruption
             done = json.loads((out_dir / SWEEP_FILE).read_text())
             return {"sweep": done["param"], "points": done["curve"]}
@@ -257,6 +265,8 @@ class TrainStage(Stage):
             members = [("", learner)]
             ckpt = ctx.work_dir / "checkpoints" / hook / "checkpoint.pt"
             results = job.train(learner, ckpt, tb, lambda **kw: ctx.progress(desc=f"train {hook}", **kw))
+        if not ctx.dist.main:  # under torchrun rank 0 writes the results
+            return {}
         params = list(cfg.sweep)
         points = dict(zip([n for n, _ in members], grid_points(learner, cfg.sweep), strict=True)) \
             if cfg.sweep else {}

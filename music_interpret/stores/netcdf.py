@@ -69,6 +69,14 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.nc"
 
 
+def part_manifest(rank: int) -> str:
+    """The manifest of the shards one rank of a distributed extract has written."""
+    return f".store.rank-{rank:05d}.json"
+
+
+PART_GLOB = ".store.rank-*.json"
+
+
 def songs_digest(songs: Sequence[str]) -> str:
     """sha256 of the song list (what a resumed extraction must agree on)."""
     return hashlib.sha256(json.dumps(list(songs)).encode()).hexdigest()
@@ -124,6 +132,10 @@ class NetCDFStore(ActivationStore):
     def tokens_per_shard(self, n_hooks: int, d_model: int) -> int:
         return self.config.tokens_per_shard(n_hooks, d_model)
 
+    def attach(self, path: Path, rank: int) -> StoreWriter:
+        """Rank ``rank``'s writer in the store rank 0 created (:meth:`StoreWriter.attach`)."""
+        return StoreWriter.attach(Path(path), self.config, rank)
+
     def open(self, path: Path, *, verify: bool = False) -> StoreInfo:
         """The checked store (:func:`~music_interpret.stores.info.check_store`)."""
         return check_store(path, verify_checksums=verify)
@@ -136,6 +148,7 @@ class StoreWriter:
     path: Path
     config: NetCDFStoreConfig
     manifest: dict[str, Any] = field(default_factory=dict)
+    manifest_name: str = MANIFEST  # a rank's part manifest when written by several ranks
 
     @classmethod
     def open(cls, path: Path, config: NetCDFStoreConfig, hooks: list[str], d_model: int,
@@ -155,9 +168,9 @@ class StoreWriter:
                 all(manifest.get(k) == v for k, v in identity.items())
             if same and not manifest.get("complete") and (path / SONGS_FILE).exists():
                 writer = cls(path, config, manifest)
-                writer._drop_strays()
+                writer.join_parts()
                 return writer
-        for stale in [*path.glob("*shard-*.nc*"), *path.glob(f"*{SONGS_FILE}*")]:
+        for stale in [*path.glob("*shard-*.nc*"), *path.glob(f"*{SONGS_FILE}*"), *path.glob(PART_GLOB)]:
             stale.unlink()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": uuid.uuid4().hex,
@@ -168,6 +181,51 @@ class StoreWriter:
         _write_songs(path / SONGS_FILE, songs, sources, manifest["store_id"])
         write_json_atomic(existing, manifest)
         return cls(path, config, manifest)
+
+    @classmethod
+    def attach(cls, path: Path, config: NetCDFStoreConfig, rank: int) -> StoreWriter:
+        """The writer of rank ``rank``'s shards in the store rank 0 opened with :meth:`open`.
+
+        Its shards are listed in the rank's part manifest (:func:`part_manifest`) until rank 0
+        joins the parts (:meth:`join_parts`) into ``store.json``.
+        """
+        try:
+            root = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path / MANIFEST}: cannot read the store manifest ({exc})") from None
+        return cls(path, config, {**root, "shards": []}, part_manifest(rank))
+
+    def join_parts(self) -> None:
+        """Fold the ranks' part manifests into ``store.json`` and remove them.
+
+        The store keeps the longest run of complete shards from shard 0 whose songs and
+        tokens follow on without a gap; shard files outside it are removed (a resumed run
+        writes them again).
+        """
+        parts = sorted(self.path.glob(PART_GLOB))
+        found = {k: dict(e) for k, e in enumerate(self.manifest["shards"])}
+        for part in parts:
+            try:
+                entries = json.loads(part.read_text()).get("shards", [])
+            except (OSError, ValueError):
+                entries = []
+            for entry in entries:
+                if (self.path / entry["file"]).exists():
+                    found[int(entry.pop("index"))] = entry
+        kept: list[dict[str, Any]] = []
+        while len(kept) in found:
+            entry = found[len(kept)]
+            before = kept[-1] if kept else {"song_stop": 0, "token_start": 0, "tokens": 0}
+            if entry["song_start"] != before["song_stop"] or \
+                    entry["token_start"] != before["token_start"] + before["tokens"]:
+                break
+            kept.append(entry)
+        self.manifest["shards"] = kept
+        if parts:
+            write_json_atomic(self.path / MANIFEST, self.manifest)
+            for part in parts:
+                part.unlink(missing_ok=True)
+        self._drop_strays()
 
     def _drop_strays(self) -> None:
         listed = {s["file"] for s in self.manifest["shards"]}
@@ -194,24 +252,27 @@ class StoreWriter:
         return str(self.manifest.get("dtype", "float32"))
 
     def write_shard(self, acts: np.ndarray, coords: Mapping[str, np.ndarray],
-                    song_start: int, song_stop: int) -> Path:
+                    song_start: int, song_stop: int, *, index: int | None = None,
+                    token_start: int | None = None) -> Path:
         """Write one shard: ``acts`` (n_tokens, n_hooks, d_model) float32 and token coordinates.
 
         The file is written under a temporary name, synced, checksummed and renamed; only
         then does the manifest list it. On any failure the temporary file is removed (a
-        full disk is reported as :class:`DiskFull` naming the shard).
+        full disk is reported as :class:`DiskFull` naming the shard). ``index`` and
+        ``token_start`` (a rank's writer, see :meth:`attach`): the shard's place in the
+        store, by default the next one.
         """
         m = self.manifest
         n = acts.shape[0]
         if acts.shape[1:] != (len(m["hooks"]), m["d_model"]):
             raise ValueError(f"shard activations {acts.shape} do not match hooks/d_model")
-        index = self.n_shards
+        index = self.n_shards if index is None else index
         final = self.path / shard_name(index)
         if self.dtype == "float16" and n and (peak := float(np.abs(acts).max())) > schema.FLOAT16_MAX:
             raise UserError(f"{final}: activations reach |x| = {peak:.4g}, beyond float16's range "
                             f"({schema.FLOAT16_MAX:g}); extract with dtype bfloat16 or float32")
         tmp = self.path / f".{final.name}.tmp"
-        first = sum(int(s["tokens"]) for s in m["shards"])
+        first = sum(int(s["tokens"]) for s in m["shards"]) if token_start is None else token_start
         try:
             self._write_file(tmp, acts, coords, index, first, song_start, song_stop)
             with open(tmp, "rb+") as fh:
@@ -224,10 +285,12 @@ class StoreWriter:
             if full:
                 raise DiskFull(f"no space left on device while writing {final}") from None
             raise
-        m["shards"].append({"file": final.name, "tokens": int(n), "token_start": first,
-                            "song_start": int(song_start), "song_stop": int(song_stop),
-                            "checksum": checksum})
-        write_json_atomic(self.path / MANIFEST, m)
+        entry = {"file": final.name, "tokens": int(n), "token_start": int(first),
+                 "song_start": int(song_start), "song_stop": int(song_stop), "checksum": checksum}
+        if self.manifest_name != MANIFEST:
+            entry["index"] = int(index)
+        m["shards"].append(entry)
+        write_json_atomic(self.path / self.manifest_name, m)
         return final
 
     def _write_file(self, tmp: Path, acts: np.ndarray, coords: Mapping[str, np.ndarray],
