@@ -17,12 +17,17 @@ latents that beat their controls, strongest margin first), then the best other l
 latents up to ``render_latents`` (by ``monosemanticity`` x ``best_score`` from
 ``feature_token/<hook>.nc`` when that exists, else by maximum activation), plus a random
 ``render_sample`` of the other live latents. The report gives a page to exactly these.
+
+Rendering runs on ``render_workers`` processes (``spawn``; default: the usable CPUs, at
+most 4; 1: in this process). The main process reads the songs and cuts the contexts;
+the workers draw and write the files. Files and ``index.json`` are the same either way.
+A script that runs it with workers needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from ..doors import EventVocabulary, NoteTable
     from ..interfaces import ModelAdapter, SongDataset, StoreReader
     from .context import AnalysisContext
+    from .examples_render import LatentJob
 
 COORDS = ("song", "song_token", "event_type", "beat", "position", "pitch", "duration", "instrument")
 
@@ -53,11 +59,14 @@ class TopExamplesConfig:
     rank_by: Literal["auto", "monosemanticity", "max_activation"] = "auto"
     tempo_bpm: float = 90.0
     block_tokens: int = 16_384
+    render_workers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_examples", "render_examples", "block_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.render_workers is not None and self.render_workers < 1:
+            raise ValueError(f"render_workers must be positive or null, got {self.render_workers}")
         for name in ("render_latents", "render_sample"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -174,38 +183,32 @@ class TopExamplesAnalyzer(Analyzer):
 
     def _render(self, ctx: AnalysisContext, hook: str, ds: Any, chosen: list[tuple[int, str]],
                 out: Path) -> list[dict[str, Any]]:
-        from .examples_render import context_for, piano_roll, text_dump, write_midi
+        """Draw the chosen latents (in ``chosen`` order); their ``index.json`` entries."""
+        from .examples_render import default_workers, render_all
+
+        cfg: TopExamplesConfig = self.config
+        workers = min(cfg.render_workers or default_workers(), max(len(chosen), 1))
+        jobs = self._jobs(ctx, hook, ds, ctx.progress(chosen, desc=f"top_examples {hook}",
+                                                       unit="latent"), out)
+        return render_all(jobs, workers)
+
+    def _jobs(self, ctx: AnalysisContext, hook: str, ds: Any, chosen: Iterable[tuple[int, str]],
+              out: Path) -> Iterator[LatentJob]:
+        """What drawing each chosen latent needs, gathered here (songs read once each)."""
+        from .examples_render import LatentJob, context_for
 
         cfg: TopExamplesConfig = self.config
         songs = _SongCache(ctx)
         names = [str(s) for s in ds.song_name.values]
-        rendered = []
-        for latent, reason in ctx.progress(chosen, desc=f"top_examples {hook}", unit="latent"):
+        for latent, reason in chosen:
             examples = _examples(ds, latent, names, ctx.vocabulary)
             contexts = [songs.context(ex.song, ex.song_token, cfg.context_beats, context_for)
                         for ex in examples]
-            shown = _distinct(examples, contexts)[: cfg.render_examples]
-            shown_contexts = [contexts[ex.rank] for ex in shown]
-            entry: dict[str, Any] = {"latent": latent, "reason": reason,
-                                     "shown": [ex.rank for ex in shown],
-                                     "max_activation": float(ds.max_activation[latent]),
-                                     "density": float(ds.density[latent])}
-            txt = out / f"latent_{latent}.txt"
-            txt.write_text(text_dump(latent, hook, examples, contexts) + "\n")
-            entry["txt"] = txt.name
-            if shown:
-                png = piano_roll(out / f"latent_{latent}.png", f"{hook}  latent {latent}",
-                                 shown, shown_contexts)
-                entry["png"] = png.name
-            entry["midi"] = []
-            for ex, cx in zip(shown, shown_contexts, strict=True):
-                if cx is not None and len(cx.notes):
-                    mid = write_midi(out / f"latent_{latent}_ex{ex.rank}.mid", cx,
-                                     f"latent {latent} #{ex.rank + 1}: {ex.token_label()}",
-                                     cfg.tempo_bpm)
-                    entry["midi"].append(mid.name)
-            rendered.append(entry)
-        return rendered
+            shown = [ex.rank for ex in _distinct(examples, contexts)[: cfg.render_examples]]
+            entry = {"latent": latent, "reason": reason, "shown": shown,
+                     "max_activation": float(ds.max_activation[latent]),
+                     "density": float(ds.density[latent])}
+            yield LatentJob(hook, out, examples, contexts, shown, cfg.tempo_bpm, entry)
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -5,13 +5,22 @@ the activating token (all instruments), with the activating note marked. The not
 the model adapter's rendering of the song's tokens
 (:class:`~music_interpret.doors.NoteTable`: beat, position, pitch, duration, program,
 instrument name; position and duration in 1/12 beats, ``RESOLUTION``).
+
+:func:`render_latent` draws one latent from a :class:`LatentJob` (plain, picklable
+data); :func:`render_all` runs it in process or on ``spawn`` worker processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 import numpy as np
 
@@ -228,3 +237,88 @@ def piano_roll(path: Path, title: str, examples: Sequence[Example],
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# -- one latent, in process or on a worker ------------------------------------------------
+
+
+@dataclass
+class LatentJob:
+    """What drawing one latent needs: its examples with their contexts, the ranks of those
+    shown (piano roll, MIDI), where to write and the ``index.json`` fields known before."""
+
+    hook: str
+    out: Path
+    examples: list[Example]
+    contexts: list[Context | None]
+    shown: list[int]
+    tempo_bpm: float
+    entry: dict[str, Any]
+
+
+def render_latent(job: LatentJob) -> dict[str, Any]:
+    """Write ``latent_<i>.txt``, ``.png`` (if any example is shown) and one ``.mid`` per
+    shown example with notes; returns the latent's ``index.json`` entry."""
+    latent = int(job.entry["latent"])
+    entry = dict(job.entry)
+    shown = [job.examples[r] for r in job.shown]
+    contexts = [job.contexts[r] for r in job.shown]
+    txt = job.out / f"latent_{latent}.txt"
+    txt.write_text(text_dump(latent, job.hook, job.examples, job.contexts) + "\n")
+    entry["txt"] = txt.name
+    if shown:
+        entry["png"] = piano_roll(job.out / f"latent_{latent}.png", f"{job.hook}  latent {latent}",
+                                  shown, contexts).name
+    entry["midi"] = []
+    for ex, cx in zip(shown, contexts, strict=True):
+        if cx is not None and len(cx.notes):
+            mid = write_midi(job.out / f"latent_{latent}_ex{ex.rank}.mid", cx,
+                             f"latent {latent} #{ex.rank + 1}: {ex.token_label()}", job.tempo_bpm)
+            entry["midi"].append(mid.name)
+    return entry
+
+
+def default_workers() -> int:
+    """Render workers when the config leaves it open: the usable CPUs, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cpus or 1))
+
+
+def _init_worker() -> None:
+    """A render worker: Agg backend; Ctrl-C is the main process's to handle."""
+    import signal
+
+    os.environ["MPLBACKEND"] = "Agg"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def render_all(jobs: Iterable[LatentJob], workers: int = 1) -> list[dict[str, Any]]:
+    """:func:`render_latent` of every job, entries in job order.
+
+    ``workers`` > 1: on that many ``spawn`` processes (not fork: torch's threads are live
+    here), with at most ``4 * workers`` jobs queued while the next ones are gathered. A
+    worker's exception is raised here, as its own type, in job order; on it, or on an
+    interrupt, the queued jobs are cancelled and the pool is shut down.
+    """
+    if workers <= 1:
+        return [render_latent(job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+    entries: list[dict[str, Any]] = []
+    queued: deque[Future[dict[str, Any]]] = deque()
+    try:
+        for job in jobs:
+            if len(queued) >= 4 * workers:
+                entries.append(queued.popleft().result())
+            queued.append(pool.submit(render_latent, job))
+        entries.extend(future.result() for future in queued)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return entries
