@@ -19,7 +19,8 @@ latents up to ``render_latents`` (by ``monosemanticity`` x ``best_score`` from
 ``render_sample`` of the other live latents. The report gives a page to exactly these.
 
 Rendering runs on ``render_workers`` processes (``spawn``; default: the usable CPUs, at
-most 4; 1: in this process). The main process reads the songs and cuts the contexts;
+most 4, once there are ``SPAWN_FROM`` (32) latents to draw, else in this process; 1: in
+this process). The main process reads the songs and cuts the contexts;
 the workers draw and write the files. Files and ``index.json`` are the same either way.
 A script that runs it with workers needs the ``if __name__ == "__main__":`` guard.
 """
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from .context import AnalysisContext
     from .examples_render import LatentJob
 
+SPAWN_FROM = 32  # render_workers: null draws fewer latents than this in the main process
 COORDS = ("song", "song_token", "event_type", "beat", "position", "pitch", "duration", "instrument")
 
 
@@ -187,7 +189,8 @@ class TopExamplesAnalyzer(Analyzer):
         from .examples_render import default_workers, render_all
 
         cfg: TopExamplesConfig = self.config
-        workers = min(cfg.render_workers or default_workers(), max(len(chosen), 1))
+        auto = default_workers() if len(chosen) >= SPAWN_FROM else 1  # starting workers costs seconds
+        workers = min(cfg.render_workers or auto, max(len(chosen), 1))
         jobs = self._jobs(ctx, hook, ds, ctx.progress(chosen, desc=f"top_examples {hook}",
                                                        unit="latent"), out)
         return render_all(jobs, workers)
