@@ -39,9 +39,9 @@ POOR_FVU = 0.5
 
 def warn_if_short(hook: str, steps: int, lr: float) -> None:
     """A warning on stderr when the run looks too short to converge (rank 0 only)."""
-    from ..ranks import info
+    from ..ranks import info as dist_info
 
-    if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS or not info().main:
+    if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS or not dist_info().main:
         return
     print(f"train: warning: {hook}: {steps:,} steps at lr {lr:g} (lr x steps = {lr * steps:.3g}) "
           f"is likely too short to converge (fewer than {MIN_STEPS:,} steps, or lr x steps below "
@@ -130,7 +130,10 @@ class HookJob:
         cfg, lc = self.cfg, self.learner.config
         probe = self.loader(self.train_songs, lc.batch_size, prefetch=0)
         self.n_train = probe.n_tokens
-        self.batch_size = min(lc.batch_size, probe.n_tokens)
+        from ..ranks import info as dist_info
+
+        world = dist_info().world  # under torchrun the global batch splits over the ranks
+        self.batch_size = min(lc.batch_size, probe.n_tokens // world * world)
         norm = probe.normalizer
         self.shift = torch.as_tensor(norm.shift, dtype=torch.float32)
         self.scale = torch.as_tensor(norm.scale, dtype=torch.float32)

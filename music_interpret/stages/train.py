@@ -221,6 +221,9 @@ class TrainStage(Stage):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"train.device: {device!r} requested but CUDA is not available")
         learner = cfg.learner.build(ctx.registry)
+        if learner.config.batch_size % ctx.dist.world:
+            raise UserError(f"train.learner.batch_size: {learner.config.batch_size} does not split "
+                            f"evenly over the {ctx.dist.world} ranks of this torchrun")
         seed = learner.config.seed if learner.config.seed is not None else ctx.seed
         if cfg.sweep:
             from ..learners.sweep import sweep_learners
