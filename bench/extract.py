@@ -96,7 +96,8 @@ def forward_batches(adapter: Any, songs: int, policy: str,
     ``stage``: exactly the stage's batches (its shard plans at ``SHARD_MB`` and its
     length batching); ``global``: every window sorted by length, fixed batches of 8.
     """
-    from music_interpret.stages.extract import ExtractConfig, ExtractStage, shard_batches
+    from music_interpret.stages.extract import ExtractConfig, _take_shard, shard_batches
+    from music_interpret.stages.extract_plan import SongPlanner
     from music_interpret.stores.netcdf import NetCDFStoreConfig
 
     dataset = adapter.open_dataset(data)
@@ -108,16 +109,16 @@ def forward_batches(adapter: Any, songs: int, policy: str,
         groups = [windows[b : b + 8] for b in range(0, len(windows), 8)]
         return _padded(adapter, groups), int(sum(int(w.owned.sum()) for w in windows))
     config = ExtractConfig(hooks=HOOKS, batch_size=8)
-    stage = ExtractStage(config)
     per_shard = NetCDFStoreConfig(shard_mb=SHARD_MB).tokens_per_shard(len(HOOKS), adapter.d_model)
-    groups, tokens, song = [], 0, 0
+    groups, tokens = [], 0
     stats: dict[str, Any] = {"dropped_notes": 0}
-    while song < len(names):
-        plan = stage._plan_shard(adapter, dataset, names, song, per_shard, stats)
+    planner = SongPlanner(adapter, dataset, names, notes_only=False,
+                          note=adapter.event_vocabulary().note, stride=None)
+    songs_iter = planner.plans(range(len(names)))
+    while (plan := _take_shard(songs_iter, stats, shard_tokens=per_shard)) is not None:
         groups += [[plan.windows[i][2] for i in idx]
                    for idx in shard_batches(plan, config.batch_size, config.length_slack)]
         tokens += plan.n_tokens
-        song = plan.songs[-1] + 1
     return _padded(adapter, groups), tokens
 
 

@@ -31,13 +31,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from ..config import DEFAULT_STORE, Pipeline, PluginRef
-from ..doors import COORDINATES
 from ..errors import UserError
 from ..interfaces import Stage
+from .extract_plan import (  # noqa: F401 - cut_shards, ShardSpec re-exported
+    ShardPlan,
+    ShardSpec,
+    SongPlan,
+    SongPlanner,
+    assemble,
+    cut_shards,
+    default_plan_workers,
+    stored_mask,
+)
 
 if TYPE_CHECKING:
     from ..context import StageContext
-    from ..interfaces import ModelAdapter, SongDataset, Window
+    from ..interfaces import ModelAdapter, SongDataset
     from ..plugins import PluginRegistry
 
 HOOK_RE = re.compile(r"^(resid_pre|resid_mid|resid_post)\.\d+$|^final_norm$")
@@ -57,6 +66,10 @@ class ExtractConfig:
     threads, which share the torch threads between them, else 1). A small model's
     operations are too short to keep two cores busy each, so on CPU two batches at once
     deliver more tokens/s than one batch on two threads; on a GPU one worker suffices.
+    ``plan_workers``: processes that read, tokenize and window the songs ahead of the
+    forward passes (:mod:`~music_interpret.stages.extract_plan`; 0: this process; ``null``:
+    none on CPU, half the CPUs, at most 8, beside a GPU). Each loads the model adapter
+    once on CPU.
     ``shuffle_songs``: store the songs in a seeded random order (the run's seed) instead of
     the dataset's, so that ``max_songs`` and the analyzers' ``max_tokens`` (the first
     tokens of the store) take a random sample of a dataset sorted by collection.
@@ -73,6 +86,7 @@ class ExtractConfig:
     max_songs: int | None = None
     shuffle_songs: bool = False
     forward_workers: int | None = None
+    plan_workers: int | None = None
     output: Path | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     store: PluginRef = field(default=DEFAULT_STORE, metadata={"plugin": "activation_store"})  # type: ignore[assignment]
@@ -90,6 +104,8 @@ class ExtractConfig:
             raise ValueError(f"length_slack must be in [0, 1) or null, got {self.length_slack}")
         if self.forward_workers is not None and self.forward_workers < 1:
             raise ValueError(f"forward_workers must be positive or null, got {self.forward_workers}")
+        if self.plan_workers is not None and self.plan_workers < 0:
+            raise ValueError(f"plan_workers must be 0 or more, or null, got {self.plan_workers}")
         if self.max_songs is not None and self.max_songs < 1:
             raise ValueError(f"max_songs must be positive, got {self.max_songs}")
 
@@ -103,44 +119,6 @@ class ExtractConfig:
             raise UserError(f"extract: hook point(s) {', '.join(missing)} do not exist in this model "
                             f"(available: {', '.join(available)})")
         return [h for h in available if h in set(wanted)]
-
-
-@dataclass
-class _ShardPlan:
-    songs: list[int]
-    windows: list[tuple[int, int, Window]]  # (song, window index, window)
-    coords: dict[str, np.ndarray]
-    offsets: list[np.ndarray]  # per window: destination rows of its kept tokens
-    keep: list[np.ndarray]  # per window: input positions kept
-    n_tokens: int
-    index: int | None = None  # under torchrun: the shard's place in the store
-    token_start: int | None = None
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """One shard of a store: its place, its songs and its first token."""
-
-    index: int
-    song_start: int
-    song_stop: int
-    token_start: int
-    tokens: int
-
-
-def cut_shards(counts: list[int], shard_tokens: int) -> list[ShardSpec]:
-    """The shards one process writes for songs of ``counts`` stored tokens: each takes
-    songs until it holds ``shard_tokens`` tokens (at least one song)."""
-    out: list[ShardSpec] = []
-    song, token = 0, 0
-    while song < len(counts):
-        first, total = song, 0
-        while song < len(counts) and (total < shard_tokens or song == first):
-            total += counts[song]
-            song += 1
-        out.append(ShardSpec(len(out), first, song, token, total))
-        token += total
-    return out
 
 
 class ExtractStage(Stage):
@@ -236,21 +214,29 @@ class ExtractStage(Stage):
                   "attrs": attrs, "resume": True, **extra}
         stats = {"tokens": 0, "windows": 0, "dropped_notes": 0, "forward_seconds": 0.0}
         t0 = time.perf_counter()
-        if ctx.dist.enabled:
-            writer = self._extract_ranked(ctx, adapter, dataset, store, create, shard_tokens, stats)
-        else:
-            writer = store.create(ctx.work_dir, **create)
-            start = writer.next_song
-            if start:
-                print(f"extract: resuming after {writer.n_shards} complete shard(s), at song "
-                      f"{start}/{len(names)}", file=sys.stderr)
+        workers = cfg.plan_workers if cfg.plan_workers is not None else default_plan_workers(ctx.device)
+        planner = SongPlanner(adapter, dataset, names, notes_only=cfg.events == "notes",
+                              note=self._note, stride=cfg.stride, workers=workers,
+                              adapter_ref=header.model.adapter, model_path=Path(header.model.path),
+                              data=(Path(header.data.path), header.data.split))
+        try:
+            if ctx.dist.enabled:
+                writer = self._extract_ranked(ctx, adapter, dataset, store, create, shard_tokens,
+                                              stats, planner)
+            else:
+                writer = store.create(ctx.work_dir, **create)
+                start = writer.next_song
+                if start:
+                    print(f"extract: resuming after {writer.n_shards} complete shard(s), at song "
+                          f"{start}/{len(names)}", file=sys.stderr)
+                songs = planner.plans(range(start, len(names)))
 
-            def upcoming(done: _ShardPlan | None) -> _ShardPlan | None:
-                song = done.songs[-1] + 1 if done else start
-                return self._plan_shard(adapter, dataset, names, song, shard_tokens, stats) \
-                    if song < len(names) else None
+                def upcoming(_: ShardPlan | None) -> ShardPlan | None:
+                    return _take_shard(songs, stats, shard_tokens=shard_tokens)
 
-            self._extract(ctx, adapter, hooks, upcoming, writer.write_shard, stats, len(names) - start)
+                self._extract(ctx, adapter, hooks, upcoming, writer.write_shard, stats, len(names) - start)
+        finally:
+            planner.close()
         if not ctx.dist.main:
             return {}
         if not writer.n_shards:
@@ -269,7 +255,7 @@ class ExtractStage(Stage):
         return summary
 
     def _extract(self, ctx: StageContext, adapter: ModelAdapter, hooks: list[str],
-                 upcoming: Callable[[_ShardPlan | None], _ShardPlan | None],
+                 upcoming: Callable[[ShardPlan | None], ShardPlan | None],
                  write: Callable[..., Any], stats: dict[str, Any], songs: int) -> None:
         """Forward and write the shards ``upcoming`` plans one after the other.
 
@@ -310,7 +296,7 @@ class ExtractStage(Stage):
 
     def _extract_ranked(self, ctx: StageContext, adapter: ModelAdapter, dataset: SongDataset,
                         store: Any, create: dict[str, Any], shard_tokens: int,
-                        stats: dict[str, Any]) -> Any:
+                        stats: dict[str, Any], planner: SongPlanner) -> Any:
         """This rank's share of the store under ``torchrun``; rank 0's writer of the joined store.
 
         Every rank counts the stored tokens of its block of songs; from all the counts each
@@ -337,13 +323,14 @@ class ExtractStage(Stage):
         if d.main and done:
             print(f"extract: resuming after {done} complete shard(s)", file=sys.stderr)
         queue = iter(mine)
+        songs = planner.plans([song for s in mine for song in range(s.song_start, s.song_stop)])
 
-        def upcoming(_: _ShardPlan | None) -> _ShardPlan | None:
+        def upcoming(_: ShardPlan | None) -> ShardPlan | None:
             spec = next(queue, None)
             if spec is None:
                 return None
-            plan = self._plan_shard(adapter, dataset, names, spec.song_start, shard_tokens, stats,
-                                    stop=spec.song_stop)
+            plan = _take_shard(songs, stats, stop=spec.song_stop)
+            assert plan is not None and plan.songs[0] == spec.song_start
             plan.index, plan.token_start = spec.index, spec.token_start
             return plan
 
@@ -363,12 +350,9 @@ class ExtractStage(Stage):
 
     def _count(self, adapter: ModelAdapter, dataset: SongDataset, lo: int, hi: int) -> list[int]:
         """Stored tokens of songs ``lo..hi-1`` (every token, or the notes with ``events: notes``)."""
-        counts = []
-        for name in self._names[lo:hi]:
-            tokens = adapter.tokenize(dataset.read(name))
-            counts.append(int(np.sum(tokens.coords["event_type"] == self._note))
-                          if self.config.events == "notes" else len(tokens))
-        return counts
+        notes_only = self.config.events == "notes"
+        return [int(stored_mask(adapter.tokenize(dataset.read(name)), notes_only, self._note).sum())
+                for name in self._names[lo:hi]]
 
     @contextmanager
     def _workers(self, device: str) -> Iterator[ThreadPoolExecutor]:
@@ -388,46 +372,7 @@ class ExtractStage(Stage):
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
-    def _plan_shard(self, adapter: ModelAdapter, dataset: SongDataset, names: list[str], first: int,
-                    shard_tokens: int, stats: dict[str, Any], stop: int | None = None) -> _ShardPlan:
-        """Windows and coordinates of the songs of one shard (no forward pass yet): each song
-        is tokenized and windowed by the adapter. The shard ends before song ``stop`` when
-        given, else once it holds ``shard_tokens`` tokens (the rule of :func:`cut_shards`)."""
-        notes_only = self.config.events == "notes"
-        songs, windows, offsets, keeps, parts = [], [], [], [], []
-        total = 0
-        song = first
-        while song < len(names) and (song < stop if stop is not None else total < shard_tokens or not songs):
-            tokens = adapter.tokenize(dataset.read(names[song]))
-            wins = adapter.song_windows(tokens, self.config.stride)
-            stats["dropped_notes"] += tokens.dropped
-            n = len(tokens)
-            # tokens kept (all, or notes only), and the shard row of each kept token
-            chosen = tokens.coords["event_type"] == self._note if notes_only else np.ones(n, bool)
-            dest = np.cumsum(chosen) - 1 + total
-            seq_pos = np.zeros(n, np.int64)
-            window_of = np.zeros(n, np.int64)
-            for w_index, win in enumerate(wins):
-                rows = np.flatnonzero(win.owned & chosen[win.token]) if notes_only \
-                    else np.flatnonzero(win.owned)
-                song_rows = win.token[rows]
-                seq_pos[song_rows] = rows
-                window_of[song_rows] = w_index
-                if len(rows):
-                    windows.append((song, w_index, win))
-                    offsets.append(dest[song_rows])
-                    keeps.append(rows)
-            sel = np.flatnonzero(chosen) if notes_only else np.arange(n)
-            parts.append({"song": np.full(len(sel), song), "seq_pos": seq_pos[sel],
-                          "song_token": sel, "window": window_of[sel],
-                          **{k: np.asarray(tokens.coords[k])[sel] for k in COORDINATES}})
-            total += len(sel)
-            songs.append(song)
-            song += 1
-        coords = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return _ShardPlan(songs, windows, coords, offsets, keeps, total)
-
-    def _submit_shard(self, forward: ThreadPoolExecutor, adapter: ModelAdapter, plan: _ShardPlan,
+    def _submit_shard(self, forward: ThreadPoolExecutor, adapter: ModelAdapter, plan: ShardPlan,
                       hooks: list[str], out: np.ndarray) -> list[Future[tuple[float, int]]]:
         """Queue the shard's forward batches, longest windows first, on the workers.
 
@@ -443,7 +388,7 @@ class ExtractStage(Stage):
         batches = shard_batches(plan, self.config.batch_size, self.config.length_slack)
         return [forward.submit(self._run_batch, adapter, plan, idx, hooks, target) for idx in batches]
 
-    def _run_batch(self, adapter: ModelAdapter, plan: _ShardPlan, idx: list[int], hooks: list[str],
+    def _run_batch(self, adapter: ModelAdapter, plan: ShardPlan, idx: list[int], hooks: list[str],
                    target: Any) -> tuple[float, int]:
         """One forward batch; its kept tokens' activations go to their rows of ``target``."""
         import torch
@@ -467,7 +412,7 @@ class ExtractStage(Stage):
             target[:, h].index_copy_(0, dest, picked)
         return time.perf_counter() - t0, len(idx)
 
-    def _non_finite(self, plan: _ShardPlan, hook: str, picked: Any, dest: Any) -> None:
+    def _non_finite(self, plan: ShardPlan, hook: str, picked: Any, dest: Any) -> None:
         """Refuse activations that are NaN or infinite, naming the hook point and the song."""
         import torch
 
@@ -487,6 +432,22 @@ class ExtractStage(Stage):
         if buf is None or buf.numel() < rows * width:
             buf = local.buf = torch.empty(rows * width)
         return buf[: rows * width].view(rows, width)
+
+
+def _take_shard(songs: Iterator[SongPlan], stats: dict[str, Any], *, shard_tokens: int | None = None,
+                stop: int | None = None) -> ShardPlan | None:
+    """The next shard from the song plans: up to song ``stop`` (exclusive) when given, else
+    songs until it holds ``shard_tokens`` tokens (the rule of :func:`cut_shards`)."""
+    plans: list[SongPlan] = []
+    total = 0
+    while not plans or (plans[-1].song + 1 < stop if stop is not None else total < (shard_tokens or 0)):
+        plan = next(songs, None)
+        if plan is None:
+            break
+        plans.append(plan)
+        total += plan.n_tokens
+        stats["dropped_notes"] += plan.dropped
+    return assemble(plans) if plans else None
 
 
 def default_forward_workers(device: str) -> int:
@@ -523,7 +484,7 @@ def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> 
     return out
 
 
-def shard_batches(plan: _ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
+def shard_batches(plan: ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
     """Window indices of each forward batch of a shard, longest windows first."""
     lengths = [len(w[2].inputs) for w in plan.windows]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

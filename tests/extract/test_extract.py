@@ -223,6 +223,31 @@ def test_forward_workers_give_the_same_store(tmp_path, fix):
         assert (one[name].values == many[name].values).all()
 
 
+def test_plan_workers_give_the_same_store(tmp_path, fix, monkeypatch):
+    """Songs planned on worker processes (chunks of songs, spawned) give the same store."""
+    from music_interpret.config import load_pipeline
+    from music_interpret.engine import Engine
+    from music_interpret.plugins import get_registry
+    from music_interpret.stages import extract_plan
+
+    monkeypatch.setattr(extract_plan, "CHUNK_SONGS", 5)  # 12 songs: 3 chunks over 2 workers
+    registry = get_registry()
+    stores = []
+    for workers in (0, 2):
+        extract = f"layers: [1]\nmax_songs: 12\nevents: notes\nplan_workers: {workers}\n" \
+                  "forward_workers: 1\nstore: {name: netcdf, shard_tokens: 300}"
+        pipeline = load_pipeline(write_pipeline(tmp_path, data="bach", extract=extract, run=f"p{workers}"), registry)
+        Engine(pipeline, registry, log=lambda _m: None).run(force=True)
+        stores.append(tmp_path / "acts" / f"p{workers}")
+    here, there = (json.loads((s / "store.json").read_text())["shards"] for s in stores)
+    assert [(s["song_start"], s["song_stop"], s["tokens"]) for s in here] == \
+        [(s["song_start"], s["song_stop"], s["tokens"]) for s in there] and len(here) >= 3
+    a, b = (mi.open_activations(s, lazy=False) for s in stores)
+    assert np.array_equal(a.activations.values, b.activations.values)
+    for name in a.coords:
+        assert np.array_equal(a[name].values, b[name].values), name
+
+
 def test_forward_workers_must_be_positive(tmp_path):
     pipeline = write_pipeline(tmp_path, extract="layers: [0]\nforward_workers: 0")
     result = run_cli("run", str(pipeline))
