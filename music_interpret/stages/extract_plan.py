@@ -167,11 +167,13 @@ class SongPlanner:
 
 def default_plan_workers(device: str) -> int:
     """Planning processes when the config leaves it open: none on CPU (the forward passes
-    need the cores), half the usable CPUs (at most 8) beside a GPU."""
+    need the cores), beside a GPU half the usable CPUs (at most 8), shared out between the
+    ranks ``torchrun`` started on this machine."""
     if not device.startswith("cuda"):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // 2))
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // 2 // ranks_here))
 
 
 _worker: dict[str, Any] = {}
