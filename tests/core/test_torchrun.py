@@ -169,3 +169,16 @@ def _coord_names() -> list[str]:
     from music_interpret.stores.schema import TOKEN_COORDS
 
     return list(TOKEN_COORDS)
+
+
+def test_default_plan_workers_share_the_cpus_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from music_interpret.stages import extract_plan
+
+    monkeypatch.setattr(extract_plan.os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert extract_plan.default_plan_workers("cpu") == 0
+    assert extract_plan.default_plan_workers("cuda") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert extract_plan.default_plan_workers("cuda:1") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert extract_plan.default_plan_workers("cuda") == 1
