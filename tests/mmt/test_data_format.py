@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def test_conversion_is_reused_replaced_or_refused(tmp_path, capsys):
     write_song(src / "b.mid")  # the folder changed: converted again
     assert converted(tmp_path, data) == folder
     assert (folder / "notes" / "names.txt").read_text().split() == ["a", "b"]
+    # a file rewritten in place with its size and modification time put back: its change
+    # time still moved, so the hash cache reads it again and the conversion is redone
+    stamp, before = marker.stat().st_mtime_ns, (src / "b.mid").stat()
+    body = bytearray((src / "b.mid").read_bytes())
+    body[-5] ^= 1  # a note's velocity byte (the file stays a valid MIDI file)
+    (src / "b.mid").write_bytes(bytes(body))
+    os.utime(src / "b.mid", ns=(before.st_atime_ns, before.st_mtime_ns))
+    capsys.readouterr()
+    assert converted(tmp_path, data) == folder and marker.stat().st_mtime_ns != stamp
+    assert "(unchanged), reused" not in capsys.readouterr().err
     (marker).unlink()  # no marker: not ours to replace
     (src / "c.mid").write_bytes((src / "a.mid").read_bytes())
     result = run_cli("run", str(pipeline_file(tmp_path, data)))

@@ -70,13 +70,26 @@ def data_format(path: Path, format: str) -> str:
     return "midi" if all(midi) else "musicxml" if not any(midi) else "midi+musicxml"
 
 
-def input_fingerprint(folder: Path, files: list[Path], format: str) -> str:
-    """sha256 over the files' relative paths, sizes and contents and the conversion options."""
+def input_fingerprint(folder: Path, files: list[Path], format: str, cache: Path | None = None) -> str:
+    """sha256 over the files' relative paths, sizes and contents and the conversion options.
+
+    ``cache``: a hash cache file (:class:`~music_interpret.hashing.InputHasher`): files whose
+    size, times, inode and device are unchanged since the last run are not read again.
+    """
+    from ...hashing import InputHasher
+
+    hasher = InputHasher(cache) if cache is not None else None
     entries = []
     for path in files:
-        with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if hasher is not None:
+            digest = hasher.file(path)
+        else:
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
         entries.append([str(path.relative_to(folder)), path.stat().st_size, digest])
+    if hasher is not None and cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        hasher.save()
     return fingerprint({"generator": GENERATOR, "version": __version__, "format": format,
                         "split": SPLIT, "files": entries})
 
@@ -95,7 +108,7 @@ def import_data(path: Path, format: str, cache_dir: Path, workers: int | None = 
     files = find_sources([folder], SUFFIXES[format])
     slug = re.sub(r"[^a-z0-9_-]+", "_", folder.name.lower()).strip("_") or "data"
     final = Path(cache_dir) / f"{slug}_notes"
-    fp = input_fingerprint(folder, files, format)
+    fp = input_fingerprint(folder, files, format, Path(cache_dir) / f".{slug}.hash-cache.json")
     marker = _marker(final)
     if marker is not None and marker.get("fingerprint") == fp:
         print(f"data: {final} is the conversion of {folder} (unchanged), reused", file=sys.stderr)
