@@ -42,13 +42,17 @@ from music_interpret.analyzers.feature_token import FeatureTokenConfig, feature_
 from music_interpret.learners.io import load_dictionary
 from music_interpret.stores.netcdf import check_store
 store, folder, n, chunk, hook = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6]
+device = sys.argv[7]
 torch.set_num_threads(int(sys.argv[5]))
-d = load_dictionary(folder)
+d = load_dictionary(folder, device=device)
 t0 = time.perf_counter()
 labels, res = feature_token_stats(check_store(store), hook, d.encode, d.d_sae,
-                                  FeatureTokenConfig(chunk_tokens=chunk), max_tokens=n)
+                                  FeatureTokenConfig(chunk_tokens=chunk), max_tokens=n, device=device)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
 s = time.perf_counter() - t0
-print(json.dumps({"tokens": labels.n_tokens, "seconds": s, "labels": len(labels),
+gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+print(json.dumps({"tokens": labels.n_tokens, "seconds": s, "labels": len(labels), "peak_gpu_mib": gpu,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "latent_density": float(res["latent"]["density"].mean()),
                   "max_best_score_error": float(__import__("numpy").nanmax(
@@ -115,9 +119,11 @@ def build(folder: Path, n_tokens: int, d_model: int, d_sae: int, shard_tokens: i
     return folder / "store", folder_dict, time.perf_counter() - t0
 
 
-def run_size(store: Path, folder: Path, n: int, chunk: int, threads: int) -> dict[str, Any]:
+def run_size(store: Path, folder: Path, n: int, chunk: int, threads: int,
+             device: str = "cpu") -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", CHILD, str(store), str(folder), str(n),
-                          str(chunk), str(threads), HOOK], capture_output=True, text=True, cwd=ROOT)
+                          str(chunk), str(threads), HOOK, device], capture_output=True, text=True,
+                         cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the statistics are computed (cuda: also "
+                   "the peak GPU memory)")
+    p.add_argument("--out", type=Path, default=None, help=f"result file (default {RESULTS}; "
+                   "--quick writes none unless given)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.d_sae, args.shard_tokens = 65_536, 1024, 16_384
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not enough free space in {base} ({need / 2**30:.1f} GiB needed)", file=sys.stderr)
         return 2
     folder = Path(tempfile.mkdtemp(prefix="mi-bench-ft-", dir=base))
-    results: dict[str, Any] = {"machine": machine(), "tokens": args.tokens,
+    results: dict[str, Any] = {"machine": machine(), "device": args.device, "tokens": args.tokens,
                                "d_model": args.d_model, "d_sae": args.d_sae,
                                "density": args.density, "chunk": args.chunk,
                                "threads": args.threads, "rows": []}
@@ -174,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       args.density, args.seed)
         print(f"built in {results['build_s']:.0f}s" + " " * 20, flush=True)
         for f in args.fractions:
-            row = run_size(store, dictionary, int(args.tokens * f), args.chunk, args.threads)
+            row = run_size(store, dictionary, int(args.tokens * f), args.chunk, args.threads,
+                           args.device)
             results["rows"].append(row)
+            gpu = f", peak GPU {row['peak_gpu_mib']:.0f} MiB" if row.get("peak_gpu_mib") else ""
             print(f"  {row['tokens']:,} tokens: {row['seconds']:.0f}s, {row['tok_s']:,.0f} tok/s, "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"peak RSS {row['peak_rss_mib']:.0f} MiB{gpu}", flush=True)
     finally:
         if args.keep:
             print(f"kept {folder}")
@@ -189,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         results["time_per_token_ratio_last_first"] = (rows[-1]["seconds"] / rows[-1]["tokens"]) / (
             rows[0]["seconds"] / rows[0]["tokens"])
     print(table(results))
-    if not args.quick:
+    if not args.quick or args.out:
         from music_interpret.jsonio import to_jsonable, write_json_atomic
 
-        write_json_atomic(RESULTS, to_jsonable(results))  # temporary name, then rename
+        write_json_atomic(args.out or RESULTS, to_jsonable(results))  # temporary name, then rename
     return 0
 
 

@@ -117,8 +117,8 @@ def step_bench(out: Path, name: str, args: list[str], limit: float) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.splitlines()[0])
-    p.add_argument("--tests-limit", type=float, default=200)
-    p.add_argument("--demo-limit", type=float, default=120)
+    p.add_argument("--tests-limit", type=float, default=150)
+    p.add_argument("--demo-limit", type=float, default=90)
     p.add_argument("--bench-limit", type=float, default=60)
     p.add_argument("--extract-limit", type=float, default=110)
     p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers when available")
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                                             args.bench_limit)
             steps["extract_scale"] = step_bench(out, "extract_scale", ["--copies", "10"],
                                                 args.extract_limit)
+            steps["feature_token"] = step_bench(  # 16k latents on CUDA; memory flat in the tokens
+                out, "feature_token", ["--device", "cuda", "--d-sae", "16384", "--tokens", "1048576",
+                                       "--threads", "8", "--fractions", "0.5", "1"], args.bench_limit)
     path = out / "gpu_check.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
