@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,14 +118,33 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def count_parameters(cfg: MMTConfig) -> int:
-    """Parameters and buffers of the model ``cfg`` describes, counted without allocating them."""
+    """Parameters and buffers of the model ``cfg`` describes, counted without allocating them.
+
+    The model is built on the meta device. ``nn.init.normal_`` (the embeddings' init) has no
+    meta kernel and would load torch's compiler stack (about 2 s of imports) to fill values
+    that do not exist, so it leaves meta tensors alone here (other tensors, as always).
+    """
     import torch
+    from torch.nn import init
 
     from .model import MMTModel
 
-    with torch.device("meta"):
-        model = MMTModel(cfg)
+    with _META_INIT_LOCK:
+        original = init.normal_
+
+        def normal_(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+        init.normal_ = normal_  # type: ignore[assignment]
+        try:
+            with torch.device("meta"):
+                model = MMTModel(cfg)
+        finally:
+            init.normal_ = original  # type: ignore[assignment]
     return sum(t.numel() for t in model.state_dict().values())
+
+
+_META_INIT_LOCK = threading.Lock()
 
 
 def check_model_memory(cfg: MMTConfig, args_path: Path, device: str, itemsize: int = 4) -> int:
