@@ -96,7 +96,7 @@ def forward_batches(adapter: Any, songs: int, policy: str,
     ``stage``: exactly the stage's batches (its shard plans at ``SHARD_MB`` and its
     length batching); ``global``: every window sorted by length, fixed batches of 8.
     """
-    from music_interpret.stages.extract import ExtractConfig, _take_shard, shard_batches
+    from music_interpret.stages.extract import ExtractConfig, shard_batches, take_shard
     from music_interpret.stages.extract_plan import SongPlanner
     from music_interpret.stores.netcdf import NetCDFStoreConfig
 
@@ -115,7 +115,7 @@ def forward_batches(adapter: Any, songs: int, policy: str,
     planner = SongPlanner(adapter, dataset, names, notes_only=False,
                           note=adapter.event_vocabulary().note, stride=None)
     songs_iter = planner.plans(range(len(names)))
-    while (plan := _take_shard(songs_iter, stats, shard_tokens=per_shard)) is not None:
+    while (plan := take_shard(songs_iter, stats, shard_tokens=per_shard)) is not None:
         groups += [[plan.windows[i][2] for i in idx]
                    for idx in shard_batches(plan, config.batch_size, config.length_slack)]
         tokens += plan.n_tokens

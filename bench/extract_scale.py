@@ -90,8 +90,7 @@ def bare_forward(model: Path, data: Path, device: str, dtype: str, shard_tokens:
     """Tokens/s of forward passes alone over the stage's batches, prepared on the device."""
     import torch
 
-    from music_interpret.stages.extract import _take_shard, shard_batches
-    from music_interpret.stages.extract_plan import SongPlanner
+    from music_interpret.stages.extract_plan import SongPlanner, shard_batches, take_shard
 
     adapter = _adapter(model, device, dtype)
     dataset = adapter.open_dataset(data)
@@ -100,7 +99,7 @@ def bare_forward(model: Path, data: Path, device: str, dtype: str, shard_tokens:
                           note=adapter.event_vocabulary().note, stride=None)
     songs = planner.plans(range(len(names)))
     batches, tokens = [], 0
-    while (plan := _take_shard(songs, {"dropped_notes": 0}, shard_tokens=shard_tokens)) is not None:
+    while (plan := take_shard(songs, {"dropped_notes": 0}, shard_tokens=shard_tokens)) is not None:
         for idx in shard_batches(plan, BATCH, 0.1):
             b = adapter.pad([plan.windows[i][2].inputs for i in idx])
             b.codes, b.mask = b.codes.to(device), b.mask.to(device)

@@ -33,15 +33,16 @@ import numpy as np
 from ..config import DEFAULT_STORE, Pipeline, PluginRef
 from ..errors import UserError
 from ..interfaces import Stage
-from .extract_plan import (  # noqa: F401 - cut_shards, ShardSpec re-exported
+from .extract_plan import (  # noqa: F401 - cut_shards, ShardSpec, length_batches re-exported
     ShardPlan,
     ShardSpec,
-    SongPlan,
     SongPlanner,
-    assemble,
     cut_shards,
     default_plan_workers,
+    length_batches,
+    shard_batches,
     stored_mask,
+    take_shard,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class ExtractStage(Stage):
                 songs = planner.plans(range(start, len(names)))
 
                 def upcoming(_: ShardPlan | None) -> ShardPlan | None:
-                    return _take_shard(songs, stats, shard_tokens=shard_tokens)
+                    return take_shard(songs, stats, shard_tokens=shard_tokens)
 
                 self._extract(ctx, adapter, hooks, upcoming, writer.write_shard, stats, len(names) - start)
         finally:
@@ -329,7 +330,7 @@ class ExtractStage(Stage):
             spec = next(queue, None)
             if spec is None:
                 return None
-            plan = _take_shard(songs, stats, stop=spec.song_stop)
+            plan = take_shard(songs, stats, stop=spec.song_stop)
             assert plan is not None and plan.songs[0] == spec.song_start
             plan.index, plan.token_start = spec.index, spec.token_start
             return plan
@@ -434,22 +435,6 @@ class ExtractStage(Stage):
         return buf[: rows * width].view(rows, width)
 
 
-def _take_shard(songs: Iterator[SongPlan], stats: dict[str, Any], *, shard_tokens: int | None = None,
-                stop: int | None = None) -> ShardPlan | None:
-    """The next shard from the song plans: up to song ``stop`` (exclusive) when given, else
-    songs until it holds ``shard_tokens`` tokens (the rule of :func:`cut_shards`)."""
-    plans: list[SongPlan] = []
-    total = 0
-    while not plans or (plans[-1].song + 1 < stop if stop is not None else total < (shard_tokens or 0)):
-        plan = next(songs, None)
-        if plan is None:
-            break
-        plans.append(plan)
-        total += plan.n_tokens
-        stats["dropped_notes"] += plan.dropped
-    return assemble(plans) if plans else None
-
-
 def default_forward_workers(device: str) -> int:
     """Forward workers when the config leaves it open: 2 on a CPU with 2+ torch threads, else 1."""
     import torch
@@ -462,33 +447,6 @@ def _room(buffer: np.ndarray | None, n_tokens: int, shape: tuple[int, int]) -> n
     if buffer is not None and buffer.shape[0] >= n_tokens and buffer.shape[1:] == shape:
         return buffer
     return np.empty((n_tokens, *shape), np.float32)
-
-
-def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> list[slice]:
-    """Cut windows sorted by decreasing length into batches (slices of the list).
-
-    The token budget is ``batch_size`` times the longest length; a batch starting at
-    length L takes the next windows while they fit the budget at length L and are at
-    least ``(1 - slack) * L`` long. ``slack=None``: fixed batches of ``batch_size``.
-    """
-    if slack is None:
-        return [slice(b, b + batch_size) for b in range(0, len(lengths), batch_size)]
-    budget = batch_size * (lengths[0] if lengths else 0)
-    out, i = [], 0
-    while i < len(lengths):
-        longest, j = lengths[i], i + 1
-        while j < len(lengths) and (j - i + 1) * longest <= budget and lengths[j] >= (1 - slack) * longest:
-            j += 1
-        out.append(slice(i, j))
-        i = j
-    return out
-
-
-def shard_batches(plan: ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
-    """Window indices of each forward batch of a shard, longest windows first."""
-    lengths = [len(w[2].inputs) for w in plan.windows]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s] for s in length_batches([lengths[i] for i in order], batch_size, slack)]
 
 
 def _version() -> str:

@@ -197,3 +197,46 @@ def _init_worker(adapter_ref: Any, model_path: Path, data: tuple[Path, str | Non
 def _plan_chunk(songs: list[int]) -> list[SongPlan]:
     w = _worker
     return [plan_song(w["adapter"], w["dataset"], w["names"][s], s, *w["args"]) for s in songs]
+
+
+def take_shard(songs: Iterator[SongPlan], stats: dict[str, Any], *, shard_tokens: int | None = None,
+                stop: int | None = None) -> ShardPlan | None:
+    """The next shard from the song plans: up to song ``stop`` (exclusive) when given, else
+    songs until it holds ``shard_tokens`` tokens (the rule of :func:`cut_shards`)."""
+    plans: list[SongPlan] = []
+    total = 0
+    while not plans or (plans[-1].song + 1 < stop if stop is not None else total < (shard_tokens or 0)):
+        plan = next(songs, None)
+        if plan is None:
+            break
+        plans.append(plan)
+        total += plan.n_tokens
+        stats["dropped_notes"] += plan.dropped
+    return assemble(plans) if plans else None
+
+
+def length_batches(lengths: list[int], batch_size: int, slack: float | None) -> list[slice]:
+    """Cut windows sorted by decreasing length into batches (slices of the list).
+
+    The token budget is ``batch_size`` times the longest length; a batch starting at
+    length L takes the next windows while they fit the budget at length L and are at
+    least ``(1 - slack) * L`` long. ``slack=None``: fixed batches of ``batch_size``.
+    """
+    if slack is None:
+        return [slice(b, b + batch_size) for b in range(0, len(lengths), batch_size)]
+    budget = batch_size * (lengths[0] if lengths else 0)
+    out, i = [], 0
+    while i < len(lengths):
+        longest, j = lengths[i], i + 1
+        while j < len(lengths) and (j - i + 1) * longest <= budget and lengths[j] >= (1 - slack) * longest:
+            j += 1
+        out.append(slice(i, j))
+        i = j
+    return out
+
+
+def shard_batches(plan: ShardPlan, batch_size: int, slack: float | None) -> list[list[int]]:
+    """Window indices of each forward batch of a shard, longest windows first."""
+    lengths = [len(w[2].inputs) for w in plan.windows]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s] for s in length_batches([lengths[i] for i in order], batch_size, slack)]
