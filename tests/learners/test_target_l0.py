@@ -48,3 +48,19 @@ def test_the_controller_resumes_exactly(tmp_path: Path, store: Path) -> None:
     assert state["step"] == 40 and "l1_log_scale" in state["learner_state"]
     resumed = trainer(store, tmp_path / "run.pt", 5.0, 60).run()
     assert torch.equal(resumed.model.W_enc, reference.model.W_enc)
+
+
+def test_a_short_target_l0_run_is_warned_about(tmp_path: Path, store: Path) -> None:
+    """The controller overshoots below about 1,000 steps (bench sae_equal_l0): the stage says so."""
+    from tests.conftest import run_cli
+
+    from .conftest import pipeline
+
+    short = pipeline(tmp_path, store, """
+        learner: {name: relu_l1, d_sae: 32, batch_size: 64, lr: 0.003, target_l0: 4}
+        steps: 20
+        downstream: off
+    """)
+    result = run_cli("run", str(short))
+    assert result.returncode == 0, result.stderr
+    assert "target_l0 over 20 steps: the L1 controller needs about 1,000 steps" in result.stderr
