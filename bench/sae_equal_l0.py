@@ -2,9 +2,11 @@
 
 Synthetic activations with a known sparse dictionary, as ``bench/sae_train.py`` builds
 them: 2,048 random Gaussian directions in 512 dimensions, each token the sum of 8 of them
-(uniform, with repeats) with magnitudes uniform in [0, 2], plus a constant offset of 1. ``--tokens`` (default 1,048,576) are drawn; the first 90% are trained on
-in one pass (batch 4,096, so 224 steps at the default: a short run), the last 10% are held
-out. Every trainer gets d_sae 4,096, lr 1e-3 and one torch thread:
+(uniform, with repeats) with magnitudes uniform in [0, 2], plus a constant offset of 1.
+``--tokens`` (default 1,048,576) are drawn; the first 90%, rounded down to whole shards of
+65,536 (917,504 at the default), are trained on in one pass (batch 4,096: 224 steps, a
+short run) and the rest is held out. Every trainer gets d_sae 4,096, lr 1e-3 and one
+torch thread:
 
 - ``relu_l1`` with ``target_l0`` 32 (the L1 coefficient steered to the requested L0), and
   with fixed ``l1_coeff`` values around it;
