@@ -9,7 +9,7 @@ batches of 64 windows. Measured in the same run, on the same file system:
 - ``plan``: songs read, tokenized and windowed per second with 0, 2, 4, 8 planning
   processes (``extract.plan_workers``), no forward;
 - ``bare``: forward passes alone over the stage's own batches (padded and on the device
-  beforehand), per model dtype;
+  beforehand, run by as many forward workers as the stage uses), per model dtype;
 - ``stage``: the whole stage in a fresh process (``python -m music_interpret run``), per
   model dtype, stored dtype and planning processes; its tokens/s from the stage's summary.
 
@@ -105,15 +105,26 @@ def bare_forward(model: Path, data: Path, device: str, dtype: str, shard_tokens:
             b.codes, b.mask = b.codes.to(device), b.mask.to(device)
             batches.append(b)
         tokens += plan.n_tokens
+    from concurrent.futures import ThreadPoolExecutor
+
+    from music_interpret.stages.extract import default_forward_workers
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     adapter.run_with_hooks(batches[0], [HOOK])  # warm-up (kernels, allocator)
     sync()
-    t0 = time.perf_counter()
-    for b in batches:
-        adapter.run_with_hooks(b, [HOOK])
-    sync()
-    seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+    # the stage's forward workers: on CPU two threads sharing torch's threads (see ExtractConfig)
+    workers, threads = default_forward_workers(device), torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda b: adapter.run_with_hooks(b, [HOOK]), batches))
+        sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "forward_workers": workers}
 
 
 def stage(tmp: Path, model: Path, data: Path, device: str, dtype: str, stored: str,
