@@ -86,20 +86,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = get_registry()
     pipeline = load_pipeline(Path(args.pipeline), registry, args.set)
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
-    if ranks.launched():  # under torchrun: see music_interpret.ranks
-        from .resources import resolve_device
-
-        dist = ranks.start(resolve_device(pipeline.header.device))
-        ok = False
-        try:
-            manifest = Engine(pipeline, registry).run(only=only, force=args.force)
-            ok = True
-        finally:
-            ranks.stop(ok)
-        if not dist.main:
-            return EXIT_OK
-    else:
+    dist = ranks.start(pipeline.header.device)  # under torchrun: see music_interpret.ranks
+    ok = False
+    try:
         manifest = Engine(pipeline, registry).run(only=only, force=args.force)
+        ok = True
+    finally:
+        ranks.stop(ok)
+    if not dist.main:
+        return EXIT_OK
     examined = [manifest["stages"][n] for n in manifest["examined"]]
     done = [e for e in examined if e.get("status") == "done"]
     skipped = [e for e in examined if e.get("status") == "skipped"]

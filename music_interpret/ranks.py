@@ -47,12 +47,16 @@ def launched() -> bool:
 
 def start(device: str) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (NCCL with one GPU per local
-    rank when ``device`` is CUDA, gloo otherwise); the world of one process otherwise."""
+    rank when ``device`` resolves to CUDA, gloo otherwise); the world of one process
+    otherwise."""
     global _control
     if not launched():
         return DistInfo()
     import torch.distributed as dist
 
+    from .resources import resolve_device
+
+    device = resolve_device(device)
     d, _ = init("cpu" if not device.startswith("cuda") else device)
     if _control is None:
         _control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
@@ -124,10 +128,10 @@ def gather(value: Any) -> list[Any]:
 def stop(ok: bool) -> None:
     """Leave the process group; after a success, first wait for the other ranks."""
     global _control
+    if not info().enabled:
+        return
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
     if ok:
         barrier()
     dist.destroy_process_group()

@@ -280,8 +280,9 @@ def render_latent(job: LatentJob) -> dict[str, Any]:
 
 def default_workers() -> int:
     """Render workers when the config leaves it open: the usable CPUs, at most 4."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, cpus or 1))
+    from ..resources import usable_cpus
+
+    return min(4, usable_cpus())
 
 
 def _init_worker() -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import DEFAULT_ADAPTER
 from ..errors import UserError
 from ..normalize import NONE, STANDARDIZE, UNIT_MEAN_NORM
+from ..ranks import info as dist_info
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +40,6 @@ POOR_FVU = 0.5
 
 def warn_if_short(hook: str, steps: int, lr: float) -> None:
     """A warning on stderr when the run looks too short to converge (rank 0 only)."""
-    from ..ranks import info as dist_info
-
     if steps >= MIN_STEPS and lr * steps >= MIN_LR_STEPS or not dist_info().main:
         return
     print(f"train: warning: {hook}: {steps:,} steps at lr {lr:g} (lr x steps = {lr * steps:.3g}) "
@@ -130,8 +129,6 @@ class HookJob:
         cfg, lc = self.cfg, self.learner.config
         probe = self.loader(self.train_songs, lc.batch_size, prefetch=0)
         self.n_train = probe.n_tokens
-        from ..ranks import info as dist_info
-
         world = dist_info().world  # under torchrun the global batch splits over the ranks
         self.batch_size = min(lc.batch_size, probe.n_tokens // world * world)
         norm = probe.normalizer

@@ -41,13 +41,12 @@ from .extract_plan import (  # noqa: F401 - cut_shards, ShardSpec, length_batche
     default_plan_workers,
     length_batches,
     shard_batches,
-    stored_mask,
     take_shard,
 )
 
 if TYPE_CHECKING:
     from ..context import StageContext
-    from ..interfaces import ModelAdapter, SongDataset
+    from ..interfaces import ModelAdapter
     from ..plugins import PluginRegistry
 
 HOOK_RE = re.compile(r"^(resid_pre|resid_mid|resid_post)\.\d+$|^final_norm$")
@@ -222,8 +221,7 @@ class ExtractStage(Stage):
                               data=(Path(header.data.path), header.data.split))
         try:
             if ctx.dist.enabled:
-                writer = self._extract_ranked(ctx, adapter, dataset, store, create, shard_tokens,
-                                              stats, planner)
+                writer = self._extract_ranked(ctx, adapter, store, create, shard_tokens, stats, planner)
             else:
                 writer = store.create(ctx.work_dir, **create)
                 start = writer.next_song
@@ -295,14 +293,14 @@ class ExtractStage(Stage):
                 pending.result()
         bar.close()
 
-    def _extract_ranked(self, ctx: StageContext, adapter: ModelAdapter, dataset: SongDataset,
-                        store: Any, create: dict[str, Any], shard_tokens: int,
-                        stats: dict[str, Any], planner: SongPlanner) -> Any:
+    def _extract_ranked(self, ctx: StageContext, adapter: ModelAdapter, store: Any,
+                        create: dict[str, Any], shard_tokens: int, stats: dict[str, Any],
+                        planner: SongPlanner) -> Any:
         """This rank's share of the store under ``torchrun``; rank 0's writer of the joined store.
 
-        Every rank counts the stored tokens of its block of songs; from all the counts each
-        rank cuts the same shards a single process would write (:func:`cut_shards`) and
-        writes shards ``rank, rank + world, ...`` that are not complete yet. Rank 0 then
+        Every rank counts the stored tokens of its block of songs (on its planning workers,
+        if any); from all the counts each rank cuts the same shards a single process would
+        write (:func:`cut_shards`) and writes shards ``rank, rank + world, ...`` that are not complete yet. Rank 0 then
         joins the ranks' shards into the store (complete only when every rank is).
         """
         from .. import ranks
@@ -318,7 +316,7 @@ class ExtractStage(Stage):
                             "by several ranks; run extract without torchrun") from None
         done = ranks.gather(writer.n_shards if d.main else None)[0]  # complete shards so far
         lo, hi = (len(names) * d.rank) // d.world, (len(names) * (d.rank + 1)) // d.world
-        counts = [c for block in ranks.gather(self._count(adapter, dataset, lo, hi)) for c in block]
+        counts = [c for block in ranks.gather(planner.counts(range(lo, hi))) for c in block]
         shards = cut_shards(counts, shard_tokens)[done:]
         mine = [s for k, s in enumerate(shards) if k % d.world == d.rank]
         if d.main and done:
@@ -348,12 +346,6 @@ class ExtractStage(Stage):
             raise UserError(f"extract: the ranks' shards do not cover every song (up to song "
                             f"{writer.next_song} of {len(names)}); rerun to write the rest")
         return writer
-
-    def _count(self, adapter: ModelAdapter, dataset: SongDataset, lo: int, hi: int) -> list[int]:
-        """Stored tokens of songs ``lo..hi-1`` (every token, or the notes with ``events: notes``)."""
-        notes_only = self.config.events == "notes"
-        return [int(stored_mask(adapter.tokenize(dataset.read(name)), notes_only, self._note).sum())
-                for name in self._names[lo:hi]]
 
     @contextmanager
     def _workers(self, device: str) -> Iterator[ThreadPoolExecutor]:

@@ -85,6 +85,12 @@ def stored_mask(tokens: Any, notes_only: bool, note: int) -> np.ndarray:
     return tokens.coords["event_type"] == note if notes_only else np.ones(len(tokens), bool)
 
 
+def count_song(adapter: ModelAdapter, dataset: SongDataset, name: str, notes_only: bool,
+               note: int) -> int:
+    """How many tokens of one song the store keeps."""
+    return int(stored_mask(adapter.tokenize(dataset.read(name)), notes_only, note).sum())
+
+
 def plan_song(adapter: ModelAdapter, dataset: SongDataset, name: str, song: int,
               notes_only: bool, note: int, stride: int | None) -> SongPlan:
     """Read, tokenize and window one song (no forward pass)."""
@@ -159,6 +165,15 @@ class SongPlanner:
         while queue:
             yield from queue.popleft().result()
 
+    def counts(self, songs: Sequence[int]) -> list[int]:
+        """Stored tokens of each of ``songs`` (tokenized, not windowed), on the workers when
+        there are any."""
+        if self.pool is None:
+            return [count_song(self.adapter, self.dataset, self.names[s], *self.args[:2]) for s in songs]
+        chunks = [list(songs[i: i + CHUNK_SONGS]) for i in range(0, len(songs), CHUNK_SONGS)]
+        futures = [self.pool.submit(_count_chunk, chunk) for chunk in chunks]
+        return [n for future in futures for n in future.result()]
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -171,7 +186,9 @@ def default_plan_workers(device: str) -> int:
     ranks ``torchrun`` started on this machine."""
     if not device.startswith("cuda"):
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from ..resources import usable_cpus
+
+    cpus = usable_cpus()
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cpus // 2 // ranks_here))
 
@@ -192,6 +209,11 @@ def _init_worker(adapter_ref: Any, model_path: Path, data: tuple[Path, str | Non
     adapter = adapter_ref.build(get_registry())
     adapter.load(model_path, device="cpu")
     _worker.update(adapter=adapter, dataset=adapter.open_dataset(*data), names=names, args=args)
+
+
+def _count_chunk(songs: list[int]) -> list[int]:
+    w = _worker
+    return [count_song(w["adapter"], w["dataset"], w["names"][s], *w["args"][:2]) for s in songs]
 
 
 def _plan_chunk(songs: list[int]) -> list[SongPlan]:

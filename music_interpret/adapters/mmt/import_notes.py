@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import random
 import re
 from collections import Counter
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple
 
 from ...errors import UserError
 from ...jsonio import dumps
+from ...resources import usable_cpus
 from .dataset import SPLITS
 from .import_songs import (
     MIDI_SUFFIXES,
@@ -125,14 +125,6 @@ def mmt_split(names: Sequence[str], valid_fraction: float, test_fraction: float,
             "valid": tuple(sampled[:n_valid]), "test": tuple(sampled[n_valid:])}
 
 
-def default_workers() -> int:
-    """The CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _convert(job: tuple[str, str]) -> tuple[ImportedSong | None, dict[str, Any]]:
     """Convert one file (runs in a worker): the song, or None and why it was refused."""
     path = Path(job[0])
@@ -153,7 +145,7 @@ def convert_songs(paths: Sequence[Path], names: Sequence[str], *, strict: bool =
     from tqdm.auto import tqdm
 
     jobs = [(str(p), n) for p, n in zip(paths, names, strict=True)]
-    count = max(1, min(workers or default_workers(), len(jobs)))
+    count = max(1, min(workers or usable_cpus(), len(jobs)))
     songs: list[ImportedSong] = []
     statuses: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=None, dynamic_ncols=True)
