@@ -148,9 +148,9 @@ class HookJob:
         warn_if_short(self.hook, steps, float(lc.lr))
         if getattr(lc, "target_l0", None) is not None and steps < MIN_STEPS and dist_info().main:
             print(f"train: warning: {self.hook}: target_l0 over {steps:,} steps: the L1 controller "
-                  f"needs about {MIN_STEPS:,} steps to settle and overshoots on shorter runs (see "
-                  "bench/results/sae_equal_l0.json); use a fixed l1_coeff or topk", file=sys.stderr,
-                  flush=True)
+                  f"needs about {MIN_STEPS:,} steps to settle; shorter runs end below the target "
+                  "and behind a fixed l1_coeff (see bench/results/sae_equal_l0.json); use a fixed "
+                  "l1_coeff or topk", file=sys.stderr, flush=True)
         settings = TrainSettings(steps=steps, log_every=cfg.log_every,
                                  checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                                  dead_window_tokens=cfg.dead_window_tokens,

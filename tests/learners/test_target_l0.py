@@ -51,7 +51,8 @@ def test_the_controller_resumes_exactly(tmp_path: Path, store: Path) -> None:
 
 
 def test_a_short_target_l0_run_is_warned_about(tmp_path: Path, store: Path) -> None:
-    """The controller overshoots below about 1,000 steps (bench sae_equal_l0): the stage says so."""
+    """The controller does not settle below about 1,000 steps (bench sae_equal_l0): the stage
+    says so."""
     from tests.conftest import run_cli
 
     from .conftest import pipeline
@@ -64,3 +65,26 @@ def test_a_short_target_l0_run_is_warned_about(tmp_path: Path, store: Path) -> N
     result = run_cli("run", str(short))
     assert result.returncode == 0, result.stderr
     assert "target_l0 over 20 steps: the L1 controller needs about 1,000 steps" in result.stderr
+
+
+def test_the_goal_falls_geometrically_to_the_target() -> None:
+    """The goal starts at the L0 seen at the end of the L1 warm-up and reaches the target
+    after ``target_l0_reach`` of the remaining steps; the multiplier moves only off the goal."""
+    cfg = ReluL1Config(d_sae=8, target_l0=10.0, target_l0_gain=0.1, target_l0_reach=0.5,
+                       l1_warmup_steps=5)
+    learner = ReluL1Learner(cfg)
+    scale = learner._scale(torch.device("cpu"))
+    total = 105  # 100 steps after the warm-up: the goal reaches 10 at step 55
+    learner._steer(torch.tensor(1000.0), 4, total)  # still warming up: no start, no move
+    assert learner._log_start is None and float(scale) == 0.0
+    learner._steer(torch.tensor(1000.0), 5, total)  # the start of the goal: on it
+    assert float(scale) == 0.0
+    learner._steer(torch.tensor(100.0), 30, total)  # halfway: the goal is sqrt(1000 * 10)
+    assert float(scale) == pytest.approx(0.0, abs=1e-6)
+    learner._steer(torch.tensor(10.0), 30, total)  # below the goal by log 10: clipped to -1
+    assert float(scale) == pytest.approx(-0.1)
+    learner._steer(torch.tensor(10.0), 80, total)  # past the reach: the goal is the target
+    assert float(scale) == pytest.approx(-0.1)
+    assert learner.state_dict()["l1_log_start"] == pytest.approx(float(torch.tensor(1000.0).log()))
+    with pytest.raises(ValueError, match="target_l0_reach"):
+        ReluL1Config(target_l0=4.0, target_l0_reach=1.5)
