@@ -24,6 +24,25 @@ def available_devices() -> list[str]:
 DEVICES = available_devices()
 
 
+def share_cpus_between_workers() -> None:
+    """Under pytest-xdist each worker takes its share of the CPUs, for its own torch threads
+    and (through ``OMP_NUM_THREADS``) for the CLI subprocesses it starts: two workers that
+    each run two threads on two cores thrash instead of running side by side."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    import torch
+
+    from music_interpret.resources import usable_cpus
+
+    share = max(1, usable_cpus() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    torch.set_num_threads(share)
+
+
+share_cpus_between_workers()
+
+
 def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
                       version: str = "1.0.0") -> Path:
     """Install a distribution into ``site`` the way pip lays one out (dist-info + modules)."""
