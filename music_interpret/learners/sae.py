@@ -36,6 +36,7 @@ loss and gradients up to float32 rounding; see :mod:`~music_interpret.learners.s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -163,13 +164,13 @@ class ReluL1Learner(Learner):
         if c.target_l0 is None or step < warmup:
             return
         log_l0 = torch.log(l0.float().clamp_min(1e-3))
-        target = torch.tensor(c.target_l0, device=l0.device).log()
+        target = math.log(c.target_l0)
         if self._log_start is None or self._log_start.device != l0.device:
             start = log_l0 if self._log_start is None else self._log_start.to(l0.device)
-            self._log_start = torch.maximum(start, target)
+            self._log_start = start.clamp_min(target)
         span = c.target_l0_reach * (total - warmup)
         done = min(1.0, (step - warmup) / span) if span > 0 else 1.0
-        goal = self._log_start + done * (target - self._log_start)
+        goal = (1.0 - done) * self._log_start + done * target
         self._log_scale.add_(c.target_l0_gain * (log_l0 - goal).clamp_(-1.0, 1.0))
 
     def state_dict(self) -> dict[str, Any]:
