@@ -19,7 +19,8 @@ explicitly override the preset.
 ``target_l0``: instead of fixing the sparsity through ``l1_coeff``, ask for an L0 (mean
 active latents per token); after the L1 warm-up the coefficient is multiplied by
 exp(s), and every step s moves by ``target_l0_gain`` * clip(log(L0_batch / goal), -1, 1),
-on the device (no host sync). The goal falls geometrically from the batch L0 at the end
+on the device (no host sync); under data-parallel training L0_batch is averaged over the
+ranks, so every rank steers alike. The goal falls geometrically from the batch L0 at the end
 of the warm-up to ``target_l0`` over the first ``target_l0_reach`` of the remaining
 steps, then stays there: a dictionary's L0 falls by itself while its latents specialise,
 and a controller aimed at the final L0 from the start mistakes that fall for a
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import torch
 
 from . import sparse_step as SP
+from .ddp import all_reduce_
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -163,7 +165,8 @@ class ReluL1Learner(Learner):
         warmup = self.l1_warmup(total)
         if c.target_l0 is None or step < warmup:
             return
-        log_l0 = torch.log(l0.float().clamp_min(1e-3))
+        l0 = all_reduce_(l0.detach().float().clone(), "mean")  # data-parallel: the global batch's L0
+        log_l0 = torch.log(l0.clamp_min(1e-3))
         target = math.log(c.target_l0)
         if self._log_start is None or self._log_start.device != l0.device:
             start = log_l0 if self._log_start is None else self._log_start.to(l0.device)

@@ -20,14 +20,17 @@ STEPS, BATCH = 40, 128
 def train(store: Path, out: Path, tb: Path | None) -> dict[str, torch.Tensor]:
     """The same training in every process (the trainer shards batches when distributed)."""
     torch.set_num_threads(1)
-    learner = ReluL1Learner(ReluL1Config(d_sae=32, batch_size=BATCH, lr=3e-3, l1_coeff=0.5))
+    # target_l0: the L1 controller must steer every rank by the global batch's L0
+    learner = ReluL1Learner(ReluL1Config(d_sae=32, batch_size=BATCH, lr=3e-3, l1_coeff=0.5,
+                                         target_l0=4.0, target_l0_gain=0.1))
     loader = ActivationLoader(store, HOOKS[0], BATCH, drop_last=True, epochs=None, prefetch=0,
                               block_tokens=256)
     sample = next(iter(ActivationLoader(store, HOOKS[0], 1024, seed=1, prefetch=0)))
     trainer = Trainer(learner, loader, TrainSettings(steps=STEPS, log_every=10, checkpoint_every=25),
                       checkpoint=out / "ckpt.pt", tb_dir=tb, init_sample=lambda: sample)
     result = trainer.run()
-    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    return {**weights, "l1_log_scale": torch.tensor(learner.state_dict()["l1_log_scale"])}
 
 
 def _worker(rank: int, world: int, store: Path, out: Path) -> None:
