@@ -74,7 +74,7 @@ def step_tests(out: Path, limit: float, workers: int) -> dict[str, Any]:
     try:
         import xdist  # noqa: F401
 
-        cmd += ["-n", str(workers)]
+        cmd += ["-n", str(workers), "--dist", "loadfile"]  # as pyproject's addopts
     except ImportError:
         pass
     result = run(cmd, limit, out / "gpu_tests.log")
