@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 import uuid
@@ -30,15 +29,16 @@ from .hashing import InputHasher
 from .jsonio import dumps, fingerprint, to_jsonable, write_bytes_atomic, write_json_atomic
 from .outputs import (
     MARKER,
-    PARTIAL_MARKER,
+    drop_if_empty,
     output_lock,
     overlap_problems,
     ownership_problem,
     partial_dir,
+    prepare_work_dir,
+    publish,
+    published_identity,
     read_marker,
-    read_partial_marker,
     run_lock,
-    write_partial_marker,
 )
 from .plugins import PluginRegistry
 from .ranks import DistInfo
@@ -354,11 +354,11 @@ class Engine:
         marker = read_marker(out_dir)
         if not force and marker and marker.get("fingerprint") == fp and marker.get("stage") == name:
             entry.update(status="skipped", reason="up to date", summary=marker.get("summary"),
-                         published=_published(marker))
+                         published=published_identity(marker))
             self.log(f"{label} {name}: skipped (output up to date: {out_dir})")
             self._notify("mi_stage_end", stage=name, run_dir=str(ctx.run_dir), status="skipped", seconds=0.0)
             return fp
-        created = self._prepare_work_dir(out_dir, fp, name, force)
+        created = prepare_work_dir(out_dir, fp, name, force)
         self.log(f"{label} {name}: running")
         entry.update(status="running", started_at=now())
         write_manifest(self.manifest_path, manifest)
@@ -387,11 +387,11 @@ class Engine:
             entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                          error=f"{type(exc).__name__}: {exc}".splitlines()[0])
             if created:
-                _drop_if_empty(work_dir)
+                drop_if_empty(work_dir)
             self._notify("mi_stage_error", stage=name, run_dir=str(ctx.run_dir), error=exc)
             raise
         seconds = time.perf_counter() - t0
-        published = self._publish(name, work_dir, out_dir, {
+        published = publish(name, work_dir, out_dir, {
             "stage": name, "fingerprint": fp, "publish_id": uuid.uuid4().hex, "finished_at": now(),
             "seconds": round(seconds, 3), "summary": to_jsonable(summary)})
         entry.update(status="done", seconds=round(seconds, 3), summary=to_jsonable(summary),
@@ -399,56 +399,3 @@ class Engine:
         self.log(f"{label} {name}: done in {seconds:.1f}s -> {out_dir}")
         self._notify("mi_stage_end", stage=name, run_dir=str(ctx.run_dir), status="done", seconds=seconds)
         return fp
-
-    @staticmethod
-    def _prepare_work_dir(out_dir: Path, fp: str, stage: str, force: bool) -> bool:
-        """Reuse the partial folder of ``out_dir`` if it has the same fingerprint (resume);
-        start afresh otherwise. Only a partial folder of this stage (carrying its marker)
-        is ever removed. Returns True when the folder was created now.
-        """
-        work_dir = partial_dir(out_dir)
-        if work_dir.exists():
-            problem = ownership_problem(stage, out_dir)
-            if problem:
-                raise UserError(problem)
-            marker = read_partial_marker(work_dir)
-            if force or marker is None or marker[0] != fp:
-                shutil.rmtree(work_dir)
-        created = not work_dir.exists()
-        work_dir.mkdir(parents=True, exist_ok=True)
-        write_partial_marker(work_dir, fp, stage)
-        return created
-
-    @staticmethod
-    def _publish(stage: str, work_dir: Path, out_dir: Path, marker: dict[str, Any]) -> dict[str, Any]:
-        """Marker into the work folder, then swap it into place; returns what was published.
-
-        An existing output is replaced only when it carries this stage's marker (checked
-        again here: the folder may have changed while the stage ran).
-        """
-        problem = ownership_problem(stage, out_dir)
-        if problem:
-            raise UserError(f"{problem}; the finished output stays in {work_dir}")
-        (work_dir / PARTIAL_MARKER).unlink(missing_ok=True)
-        write_json_atomic(work_dir / MARKER, marker)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(work_dir, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work_dir, out_dir)
-        return _published(read_marker(out_dir) or {})
-
-
-def _published(marker: dict[str, Any]) -> dict[str, Any]:
-    """What the manifest records of a published output: its marker's identity."""
-    return {"fingerprint": marker.get("fingerprint"), "publish_id": marker.get("publish_id"),
-            "finished_at": marker.get("finished_at")}
-
-
-def _drop_if_empty(work_dir: Path) -> None:
-    """Remove a partial folder that holds nothing but its marker (the stage wrote nothing)."""
-    with contextlib.suppress(OSError):
-        if [p.name for p in work_dir.iterdir()] == [PARTIAL_MARKER]:
-            shutil.rmtree(work_dir)

@@ -20,12 +20,14 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .jsonio import write_json_atomic
 
 MARKER = ".stage.json"
 PARTIAL_MARKER = ".fingerprint"
@@ -152,3 +154,56 @@ def output_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
 def run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Lock of a run folder (``<run>/.lock``)."""
     return folder_lock(run_dir / ".lock", str(run_dir))
+
+
+def prepare_work_dir(out_dir: Path, fp: str, stage: str, force: bool) -> bool:
+    """Reuse the partial folder of ``out_dir`` if it has the same fingerprint (resume);
+    start afresh otherwise. Only a partial folder of this stage (carrying its marker)
+    is ever removed. Returns True when the folder was created now.
+    """
+    work_dir = partial_dir(out_dir)
+    if work_dir.exists():
+        problem = ownership_problem(stage, out_dir)
+        if problem:
+            raise UserError(problem)
+        marker = read_partial_marker(work_dir)
+        if force or marker is None or marker[0] != fp:
+            shutil.rmtree(work_dir)
+    created = not work_dir.exists()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_partial_marker(work_dir, fp, stage)
+    return created
+
+
+def publish(stage: str, work_dir: Path, out_dir: Path, marker: dict[str, Any]) -> dict[str, Any]:
+    """Marker into the work folder, then swap it into place; returns what was published.
+
+    An existing output is replaced only when it carries this stage's marker (checked
+    again here: the folder may have changed while the stage ran).
+    """
+    problem = ownership_problem(stage, out_dir)
+    if problem:
+        raise UserError(f"{problem}; the finished output stays in {work_dir}")
+    (work_dir / PARTIAL_MARKER).unlink(missing_ok=True)
+    write_json_atomic(work_dir / MARKER, marker)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(work_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work_dir, out_dir)
+    return published_identity(read_marker(out_dir) or {})
+
+
+def published_identity(marker: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of a published output: its marker's identity."""
+    return {"fingerprint": marker.get("fingerprint"), "publish_id": marker.get("publish_id"),
+            "finished_at": marker.get("finished_at")}
+
+
+def drop_if_empty(work_dir: Path) -> None:
+    """Remove a partial folder that holds nothing but its marker (the stage wrote nothing)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in work_dir.iterdir()] == [PARTIAL_MARKER]:
+            shutil.rmtree(work_dir)
