@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench sae_equal_l0", description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1_048_576)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--l1", type=float, nargs="+", default=[2.0, 4.0], help="relu_l1 l1_coeff sweep")
+    p.add_argument("--l1", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="relu_l1 l1_coeff sweep")
     p.add_argument("--seed-l1", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
                    help="the seed loop's l1 sweep")
     p.add_argument("--quick", action="store_true", help="65,536 tokens, to check the script")

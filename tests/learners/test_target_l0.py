@@ -51,8 +51,7 @@ def test_the_controller_resumes_exactly(tmp_path: Path, store: Path) -> None:
 
 
 def test_a_short_target_l0_run_is_warned_about(tmp_path: Path, store: Path) -> None:
-    """The controller does not settle below about 1,000 steps (bench sae_equal_l0): the stage
-    says so."""
+    """The controller needs about 200 steps to settle (bench sae_equal_l0): the stage says so."""
     from tests.conftest import run_cli
 
     from .conftest import pipeline
@@ -64,7 +63,7 @@ def test_a_short_target_l0_run_is_warned_about(tmp_path: Path, store: Path) -> N
     """)
     result = run_cli("run", str(short))
     assert result.returncode == 0, result.stderr
-    assert "target_l0 over 20 steps: the L1 controller needs about 1,000 steps" in result.stderr
+    assert "target_l0 over 20 steps: the L1 controller needs about 200 steps" in result.stderr
 
 
 def test_the_goal_falls_geometrically_to_the_target() -> None:
@@ -88,3 +87,15 @@ def test_the_goal_falls_geometrically_to_the_target() -> None:
     assert learner.state_dict()["l1_log_start"] == pytest.approx(float(torch.tensor(1000.0).log()))
     with pytest.raises(ValueError, match="target_l0_reach"):
         ReluL1Config(target_l0=4.0, target_l0_reach=1.5)
+
+
+def test_the_controller_climbs_from_below_the_presets_coefficient() -> None:
+    """Without l1_coeff, target_l0 starts at TARGET_START times the preset's coefficient; an
+    explicit l1_coeff is the start as given, and without target_l0 nothing changes."""
+    from music_interpret.learners.sae import PRESETS, TARGET_START
+
+    assert ReluL1Config(target_l0=32.0).l1_coeff == pytest.approx(TARGET_START * 5.0)
+    assert ReluL1Config(target_l0=32.0, preset="seed").l1_coeff == pytest.approx(
+        TARGET_START * PRESETS["seed"]["l1_coeff"])
+    assert ReluL1Config(target_l0=32.0, l1_coeff=3.0).l1_coeff == 3.0
+    assert ReluL1Config().l1_coeff == PRESETS["default"]["l1_coeff"]
