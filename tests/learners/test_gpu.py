@@ -31,3 +31,23 @@ def test_bf16_compiled_training_on_cuda(tmp_path: Path, store: Path, learner: ob
     result = trainer.run()
     assert result.model.W_enc.is_cuda and torch.isfinite(result.model.W_dec).all()
     assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_target_l0_steers_on_cuda(tmp_path: Path, store: Path) -> None:
+    """The L1 controller runs on the device (no host sync) and still reaches its target;
+    its state leaves the checkpoint as plain floats."""
+    torch.manual_seed(0)
+    target = 12.0
+    learner = ReluL1Learner(ReluL1Config(d_sae=64, batch_size=64, lr=3e-3, l1_coeff=0.5,
+                                         target_l0=target))
+    loader = ActivationLoader(store, HOOKS[0], 64, drop_last=True, epochs=None, device="cuda")
+    sample = next(iter(ActivationLoader(store, HOOKS[0], 512, shuffle=False, prefetch=0)))
+    result = Trainer(learner, loader, TrainSettings(steps=1200, log_every=100, checkpoint_every=400,
+                                                    device="cuda"),
+                     checkpoint=tmp_path / "ckpt.pt", tb_dir=None, init_sample=lambda: sample).run()
+    x = next(iter(ActivationLoader(store, HOOKS[0], 4096, shuffle=False, prefetch=0))).cuda()
+    with torch.no_grad():
+        l0 = float((result.model.encode(x * result.input_scale) > 0).sum(-1).float().mean())
+    assert target * 0.7 <= l0 <= target * 1.3, l0
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["learner_state"]
+    assert isinstance(state["l1_log_scale"], float) and isinstance(state["l1_log_start"], float)
