@@ -132,8 +132,10 @@ def test_outputs_may_not_collide_or_swallow_the_run_folder(tmp_path: Path, site:
 
 def test_two_runs_sharing_an_output_are_kept_apart(tmp_path: Path, site: Path) -> None:
     shared = tmp_path / "shared"
-    first = toy_pipeline(tmp_path, "a", f"output: {shared}\nn: 200\nsleep: 0.02", "a.yaml")
-    second = toy_pipeline(tmp_path, "b", f"output: {shared}\nn: 200\nsleep: 0.02", "b.yaml")
+    # the first run writes for about 10 s: the second must start (imports included) and meet
+    # the lock within that window, which took over 4 s once on a loaded machine
+    first = toy_pipeline(tmp_path, "a", f"output: {shared}\nn: 200\nsleep: 0.05", "a.yaml")
+    second = toy_pipeline(tmp_path, "b", f"output: {shared}\nn: 200\nsleep: 0.05", "b.yaml")
     env = dict(os.environ, PYTHONPATH=str(site))
     proc = subprocess.Popen([sys.executable, "-m", "music_interpret", "run", str(first)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
