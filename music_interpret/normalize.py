@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .errors import UserError
+from .outputs import swap_into_place
 from .stats import NORMALIZATION_FILE, STATS_FILE, check_stats_for, load_stats
 
 if TYPE_CHECKING:
@@ -234,13 +235,7 @@ def materialize(
                                    shard.song_stop)
         writer.finish({**info.summary, "normalization": mode,
                        "normalized_from": info.store_id})
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.{os.getpid()}.old")
-            os.replace(out_path, old)
-            os.replace(tmp, out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
+        swap_into_place(tmp, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path

@@ -186,13 +186,7 @@ def publish(stage: str, work_dir: Path, out_dir: Path, marker: dict[str, Any]) -
         raise UserError(f"{problem}; the finished output stays in {work_dir}")
     (work_dir / PARTIAL_MARKER).unlink(missing_ok=True)
     write_json_atomic(work_dir / MARKER, marker)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(work_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work_dir, out_dir)
+    swap_into_place(work_dir, out_dir)
     return published_identity(read_marker(out_dir) or {})
 
 
@@ -207,3 +201,15 @@ def drop_if_empty(work_dir: Path) -> None:
     with contextlib.suppress(OSError):
         if [p.name for p in work_dir.iterdir()] == [PARTIAL_MARKER]:
             shutil.rmtree(work_dir)
+
+
+def swap_into_place(new: Path, dest: Path) -> None:
+    """Rename the finished folder ``new`` to ``dest``; an existing ``dest`` is first moved
+    aside, then removed, so ``dest`` is at every moment either the old or the new whole."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
