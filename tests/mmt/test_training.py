@@ -20,7 +20,7 @@ from music_interpret.adapters.mmt.adapter import MMTAdapter
 from music_interpret.adapters.mmt.loading import load_mmt, read_checkpoint, upcast_half
 from music_interpret.adapters.mmt.train_files import BEST, LAST, METRICS_FILE
 from music_interpret.adapters.mmt.train_recipe import lr_factor
-from music_interpret.adapters.mmt.training import TrainOptions, train
+from music_interpret.adapters.mmt.training import TrainOptions, evals_without_progress, train
 from music_interpret.engine import run_lock
 from music_interpret.errors import UserError
 
@@ -68,7 +68,7 @@ def test_bf16_steps_reduce_the_loss(tmp_path: Path) -> None:
 _KILLED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
-from music_interpret.adapters.mmt.training import TrainOptions, train
+from music_interpret.adapters.mmt.training import TrainOptions, evals_without_progress, train
 kw = json.loads(sys.argv[1])
 opts = TrainOptions(**{**kw, "data": Path(kw["data"]), "out": Path(kw["out"])})
 kill_at = int(sys.argv[2])
@@ -173,6 +173,35 @@ def test_early_stopping_on_a_planted_curve(tmp_path: Path) -> None:
     again = train(opts, evaluate_fn=fake_evaluate, log=_quiet)
     assert again["steps"] == 10 and len(seen) == 5
 
+
+
+def test_min_delta_counts_only_gains_above_it(tmp_path: Path) -> None:
+    history = [{"valid": {"total": t}} for t in (5.0, 4.0, 3.95, 3.92, 3.5, 3.49)]
+    assert evals_without_progress(history, 0.0) == 0  # 3.49 is a new best
+    assert evals_without_progress(history, 0.1) == 1  # 3.5 counted (4.0 - 3.5 > 0.1), 3.49 not
+    assert evals_without_progress(history, 0.6) == 4  # only 4.0 counted (5.0 - 4.0)
+
+    planted = [5.0, 4.0, 3.95, 3.92, 3.9, 3.0]
+
+    def fake_evaluate(model, valid, batch_size, precision):
+        total = planted[len(calls)]
+        calls.append(total)
+        fields = ("type", "beat", "position", "pitch", "duration", "instrument")
+        return {**dict.fromkeys(fields, total / 6), "total": total}
+
+    calls: list[float] = []
+    opts = _opts(tmp_path / "run", steps=100, valid_steps=2, patience=3, min_delta=0.2)
+    metrics = train(opts, evaluate_fn=fake_evaluate, log=_quiet)
+    # 3.95, 3.92 and 3.9 are new bests (saved), but none gains 0.2 on 4.0: stop after three
+    assert calls == planted[:5] and metrics["steps"] == 10 and metrics["best_step"] == 10
+    assert "by more than 0.2 nats" in metrics["stopped"]
+    # continuing with a smaller min_delta (a resumable option) trains on, by the new rule
+    calls.clear()
+    planted[:] = [3.0] * 4
+    again = train(dataclasses.replace(opts, min_delta=0.0), evaluate_fn=fake_evaluate, log=_quiet)
+    assert calls == [3.0] * 4 and again["steps"] == 18 and again["best_step"] == 12
+    with pytest.raises(UserError, match="--min-delta"):
+        dataclasses.replace(opts, min_delta=-1.0).check()
 
 def test_float16_checkpoint_loads_through_the_adapter(tmp_path: Path) -> None:
     opts = _opts(tmp_path / "run", steps=4, valid_steps=4, save_dtype="float16")

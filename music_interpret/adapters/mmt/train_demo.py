@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many evaluations in a row without a new best "
                         "validation loss (0: never; MMT's tolerance + 1)")
+    g.add_argument("--min-delta", dest="min_delta", type=float, default=d.min_delta,
+                   help="nats of validation loss an evaluation must gain over the last one "
+                        "that counted to reset --patience (default 0: any new best)")
     g.add_argument("--learning-rate", dest="learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--lr-warmup-steps", dest="lr_warmup_steps", type=int, default=d.lr_warmup_steps)
     g.add_argument("--lr-decay-steps", dest="lr_decay_steps", type=int, default=d.lr_decay_steps,

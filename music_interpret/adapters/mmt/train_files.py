@@ -33,8 +33,8 @@ BEST = Path("checkpoints") / "best_model.pt"
 LAST = Path("checkpoints") / "last.pt"
 # Options that may differ when a run is continued: they change neither the model nor
 # the data order (only speed, bitwise roundings, where to stop, or the stored dtype).
-RESUMABLE = ("steps", "patience", "device", "threads", "checkpoint_steps", "eval_batch_size",
-             "save_dtype")  # fmt: skip
+RESUMABLE = ("steps", "patience", "min_delta", "device", "threads", "checkpoint_steps",
+             "eval_batch_size", "save_dtype")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -178,6 +178,7 @@ def train_args(opts: TrainOptions, dataset: NoteDataset, precision: str) -> dict
         "lr_decay_steps": opts.lr_decay_steps, "lr_decay_multiplier": opts.lr_decay_multiplier,
         "grad_norm_clip": opts.grad_norm_clip, "gpu": None, "jobs": 0, "quiet": False,
         "attn_dropout": opts.dropout if opts.attn_dropout is None else opts.attn_dropout,
-        "patience": opts.patience, "precision": precision, "save_dtype": opts.save_dtype,
+        "patience": opts.patience, "min_delta": opts.min_delta, "precision": precision,
+        "save_dtype": opts.save_dtype,
         "length_pool": opts.length_pool,
     }  # fmt: skip

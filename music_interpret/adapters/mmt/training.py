@@ -115,6 +115,7 @@ class TrainOptions:
     steps: int = 1500
     valid_steps: int = 250
     patience: int = 10  # 0: no early stopping
+    min_delta: float = 0.0  # nats an evaluation must gain to reset the patience count
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 100
     lr_decay_steps: int = 1500
@@ -145,6 +146,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if not self.min_delta >= 0:
+            raise UserError(f"--min-delta must be >= 0, got {self.min_delta}")
         if self.learning_rate <= 0 or self.grad_norm_clip <= 0:
             raise UserError("--learning-rate and --grad-norm-clip must be positive")
         if self.precision not in PRECISIONS:
@@ -164,7 +167,7 @@ class Progress:
     epoch: int = 0
     pos: int = 0  # songs of ``epoch_order(epoch)`` already used
     best: dict[str, float] | None = None  # validation losses at the best step, and "step"
-    bad_evals: int = 0  # evaluations since the best one
+    bad_evals: int = 0  # evaluations since the best one (reported; patience uses the history)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     running_sum: float = 0.0  # training losses since the last evaluation
     running_n: int = 0
@@ -176,10 +179,29 @@ class Progress:
     sessions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
+def evals_without_progress(history: list[dict[str, Any]], min_delta: float) -> int:
+    """Evaluations since the last one that lowered the reference loss by more than ``min_delta``.
+
+    The reference is the validation loss of that last evaluation (the first one starts it).
+    With ``min_delta`` 0 this is the count since the best evaluation. It is computed from the
+    history, so a run continued with another ``--min-delta`` counts by the new rule.
+    """
+    ref, count = None, 0
+    for h in history:
+        total = h["valid"]["total"]
+        if ref is None or total < ref - min_delta:
+            ref, count = total, 0
+        else:
+            count += 1
+    return count
+
+
 def stop_reason(opts: TrainOptions, p: Progress) -> str | None:
     """Why training stops now (None: it goes on)."""
-    if opts.patience and p.best is not None and p.bad_evals >= opts.patience:
-        return f"early stopping: {p.bad_evals} evaluations without improvement"
+    stalled = evals_without_progress(p.history, opts.min_delta) if opts.patience else 0
+    if opts.patience and stalled >= opts.patience:
+        gain = f" by more than {opts.min_delta:g} nats" if opts.min_delta else ""
+        return f"early stopping: {stalled} evaluations without improvement{gain}"
     if p.step >= opts.steps:
         return f"reached --steps {opts.steps}"
     return None
