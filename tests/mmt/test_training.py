@@ -20,7 +20,13 @@ from music_interpret.adapters.mmt.adapter import MMTAdapter
 from music_interpret.adapters.mmt.loading import load_mmt, read_checkpoint, upcast_half
 from music_interpret.adapters.mmt.train_files import BEST, LAST, METRICS_FILE
 from music_interpret.adapters.mmt.train_recipe import lr_factor
-from music_interpret.adapters.mmt.training import TrainOptions, evals_without_progress, train
+from music_interpret.adapters.mmt.training import (
+    Progress,
+    TrainOptions,
+    evals_without_progress,
+    progress_from_json,
+    train,
+)
 from music_interpret.engine import run_lock
 from music_interpret.errors import UserError
 
@@ -68,7 +74,13 @@ def test_bf16_steps_reduce_the_loss(tmp_path: Path) -> None:
 _KILLED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
-from music_interpret.adapters.mmt.training import TrainOptions, evals_without_progress, train
+from music_interpret.adapters.mmt.training import (
+    Progress,
+    TrainOptions,
+    evals_without_progress,
+    progress_from_json,
+    train,
+)
 kw = json.loads(sys.argv[1])
 opts = TrainOptions(**{**kw, "data": Path(kw["data"]), "out": Path(kw["out"])})
 kill_at = int(sys.argv[2])
@@ -202,6 +214,12 @@ def test_min_delta_counts_only_gains_above_it(tmp_path: Path) -> None:
     assert calls == [3.0] * 4 and again["steps"] == 18 and again["best_step"] == 12
     with pytest.raises(UserError, match="--min-delta"):
         dataclasses.replace(opts, min_delta=-1.0).check()
+
+
+def test_progress_of_earlier_checkpoints_loads() -> None:
+    """last.pt of earlier versions also saved the patience count, now derived from the history."""
+    saved = json.dumps({**dataclasses.asdict(Progress(step=7)), "bad_evals": 3})
+    assert progress_from_json(saved) == Progress(step=7)
 
 def test_float16_checkpoint_loads_through_the_adapter(tmp_path: Path) -> None:
     opts = _opts(tmp_path / "run", steps=4, valid_steps=4, save_dtype="float16")

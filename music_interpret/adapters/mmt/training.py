@@ -167,7 +167,6 @@ class Progress:
     epoch: int = 0
     pos: int = 0  # songs of ``epoch_order(epoch)`` already used
     best: dict[str, float] | None = None  # validation losses at the best step, and "step"
-    bad_evals: int = 0  # evaluations since the best one (reported; patience uses the history)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     running_sum: float = 0.0  # training losses since the last evaluation
     running_n: int = 0
@@ -177,6 +176,14 @@ class Progress:
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
     sessions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def progress_from_json(text: str) -> Progress:
+    """The :class:`Progress` saved in ``last.pt``; the patience count ``bad_evals`` that
+    earlier versions saved is dropped (it is derived from the history now)."""
+    raw = json.loads(text)
+    raw.pop("bad_evals", None)
+    return Progress(**raw)
 
 
 def evals_without_progress(history: list[dict[str, Any]], min_delta: float) -> int:
@@ -295,7 +302,7 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         aug_rng.bit_generator.state = json.loads(ckpt["aug_rng"])
-        p = Progress(**json.loads(ckpt["progress"]))
+        p = progress_from_json(ckpt["progress"])
         best_state = ckpt["best_model"]
         if best_state is not None:  # the file may be newer than last.pt: rewrite it
             torch_save_atomic(mmt_state_dict(best_state, params, opts.save_dtype), out / BEST)
@@ -378,12 +385,9 @@ def _train(opts: TrainOptions, evaluate_fn: EvaluateFn, on_step: Callable[[int],
             improved = p.best is None or valid["total"] < p.best["total"]
             if improved:
                 p.best = {**{k: float(valid[k]) for k in (*FIELDS, "total")}, "step": p.step}
-                p.bad_evals = 0
                 best_state = {k: v.detach().to("cpu", copy=True)
                               for k, v in model.state_dict().items()}  # fmt: skip
                 torch_save_atomic(mmt_state_dict(best_state, params, opts.save_dtype), out / BEST)
-            else:
-                p.bad_evals += 1
             train_loss = p.running_sum / max(1, p.running_n)
             p.running_sum, p.running_n = 0.0, 0
             p.history.append({
