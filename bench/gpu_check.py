@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-limit", type=float, default=90)
     p.add_argument("--bench-limit", type=float, default=60)
     p.add_argument("--extract-limit", type=float, default=110)
+    p.add_argument("--sae-limit", type=float, default=120)
     p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers when available")
     p.add_argument("--skip", nargs="*", default=[], choices=("tests", "demo", "bench"))
     p.add_argument("--allow-cpu", action="store_true", help="run the steps without CUDA too")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             steps["demo"] = step_demo(out, args.demo_limit)
         if "bench" not in args.skip:
             steps["sae_train"] = step_bench(out, "sae_train", ["--gpu-only", "--tokens", "524288"],
-                                            args.bench_limit)
+                                            args.sae_limit)
             steps["extract_scale"] = step_bench(out, "extract_scale", ["--copies", "10"],
                                                 args.extract_limit)
             steps["feature_token"] = step_bench(  # 16k latents on CUDA; memory flat in the tokens

@@ -9,7 +9,7 @@
 # It installs the wheels and this repository (no network), then runs, each under its own
 # time limit: the test suite with CUDA visible, the demo pipeline on CUDA, and the GPU
 # benchmarks; bench/gpu_check.py writes gpu_check.json (device named) into $OUT, or
-# bench/results/ when OUT is unset. About 5-6 minutes in all (each step capped: 150 + 90 + 60
+# bench/results/ when OUT is unset. About 5-6 minutes in all (each step capped: 150 + 90 + 120
 # + 110 + 60 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import gpu_step as GS
 from . import sparse_step as SP
 from .ddp import all_reduce_
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
@@ -202,7 +203,11 @@ class ReluL1Learner(Learner):
         c: ReluL1Config = self.config
         weighted = c.decoder_norm == "weighted"
         l1 = fired = None
-        if SP.sparse_possible(c.sparse_backward, model, x):
+        if GS.applies(c.sparse_backward, model, x):  # GPU: sparse decoder on the active pairs
+            terms = GS.relu_l1_terms(model, x, weighted, None if c.sparse_backward == "always"
+                                     else GS.GPU_MAX_DENSITY)
+            f, recon, l1, fired = terms["codes"], terms["recon"], terms["l1"], terms.get("fired")
+        elif SP.sparse_possible(c.sparse_backward, model, x):
             f = torch.relu_(model.pre_acts(x))  # in place: one (n, d_sae) buffer less
             if c.sparse_backward == "always" or SP.sparse_enough(f):
                 recon, l1, fired = SP.relu_l1_terms(model, x, f, weighted)
@@ -211,10 +216,10 @@ class ReluL1Learner(Learner):
                 recon = model.decode(f)
         else:
             _, f, recon = model.run(x)
-        if l1 is None and weighted:
-            l1 = (f.float() * model.W_dec.norm(dim=1)).sum(-1).mean()
+        if l1 is None and weighted:  # f >= 0: a matvec, no float32 copy of the codes
+            l1 = (f @ model.W_dec.norm(dim=1).to(f.dtype)).float().mean()
         elif l1 is None:
-            l1 = f.float().abs().sum(-1).mean()
+            l1 = f.sum(-1, dtype=torch.float32).mean()
         err = (recon.float() - x.float()).pow(2)
         mse = err.mean()
         recon_loss = err.sum(-1).mean() if c.loss_mse == "sum" else mse

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gpu_step as GS
 from . import sparse_step as SP
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
 
@@ -78,12 +79,14 @@ class TopKLearner(Learner):
              dead: torch.Tensor) -> dict[str, torch.Tensor]:
         c: TopKConfig = self.config
         k_aux = self.k_aux(model.d_in, model.d_sae)
-        if SP.sparse_possible(c.sparse_backward, model, x) and (
-                c.sparse_backward == "always" or model.k <= SP.AUTO_MAX_DENSITY * model.d_sae):
+        sparse_ok = c.sparse_backward == "always" or model.k <= SP.AUTO_MAX_DENSITY * model.d_sae
+        if GS.applies(c.sparse_backward, model, x) and sparse_ok:
+            f, recon, l1, fired, aux_fn = GS.topk_terms(model, x, dead, k_aux)
+        elif SP.sparse_possible(c.sparse_backward, model, x) and sparse_ok:
             f, recon, l1, fired, aux_fn = SP.topk_terms(model, x, dead, k_aux)
         else:
             pre, f, recon = model.run(x)
-            l1, fired = f.float().abs().sum(-1).mean(), None
+            l1, fired = f.detach().sum(-1, dtype=torch.float32).mean(), None
 
             def aux_fn(residual: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor:
                 return auxk_loss(model, pre, residual, dead, k_aux, total_var)

@@ -164,7 +164,8 @@ class Trainer(TrainerReports):
         """A fresh model (seeded with the member's seed), its optimiser and firing tracker."""
         cfg = learner.config
         model = learner.build(self.loader.d_model, torch.Generator().manual_seed(s.seed)).to(self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                               fused=True if self.device.type == "cuda" else None)  # one kernel
         tb = self.tb_dir(label) if callable(self.tb_dir) else self.tb_dir
         return _Member(label, learner, s, tb, model, opt, M.FiringTracker(model.d_sae, self.device))
 

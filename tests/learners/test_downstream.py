@@ -227,7 +227,10 @@ def test_bootstrap_over_two_songs_spans_the_two_songs() -> None:
         alone = DownstreamEvaluator(ev.adapter, "h", sub, bootstrap=0).evaluate(_Scale(0.5))
         per_song.append(alone["delta_ce"]["total"])
     assert both["songs"] == 2 and both["ci"]["unit"] == "song"
-    assert both["ci"]["delta_ce"]["total"] == pytest.approx(sorted(per_song), rel=1e-9)
+    # equal up to float32 rounding of the forward, which depends on the batches' composition
+    # (the per-song runs batch one song's windows only); a percentile interpolated between
+    # resamples would be off by a sizeable share of the two songs' gap (2.2 nats here)
+    assert both["ci"]["delta_ce"]["total"] == pytest.approx(sorted(per_song), rel=1e-6)
     assert min(per_song) < both["delta_ce"]["total"] < max(per_song)
 
 
