@@ -70,8 +70,8 @@ class Dictionary(nn.Module):
             if torch.is_grad_enabled() and self.b_dec.requires_grad:
                 bias = bias + (b_dec - self.b_dec) @ self.W_enc
             x = x - b_dec
-        if x.dim() == 2 and x.device.type == "cpu":  # bias inside the matmul: a pass less
-            return torch.addmm(bias, x, self.W_enc)
+        if x.dim() == 2:  # bias inside the matmul: a pass less, and under autocast the
+            return torch.addmm(bias, x, self.W_enc)  # result stays bf16 (no float32 promotion)
         return x @ self.W_enc + bias
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class Dictionary(nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction (..., d_in) from codes (..., d_sae)."""
-        if f.dim() == 2 and f.device.type == "cpu":
+        if f.dim() == 2 and not f.is_sparse:
             return torch.addmm(self.b_dec, f, self.W_dec)
         return f @ self.W_dec + self.b_dec
 

@@ -85,7 +85,7 @@ def topk_terms(model: Dictionary, x: torch.Tensor, dead: torch.Tensor, k_aux: in
     codes = _coo(rows, flat, values.reshape(-1), n, d_sae)
 
     def aux_fn(residual: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor:
-        masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+        masked = torch.where(dead[None, :], pre, -torch.inf)  # a scalar: no second (n, d_sae)
         top_aux, index_aux = masked.topk(k_aux, dim=-1, sorted=False)
         e_hat = bag_decode(model.W_dec, index_aux, torch.relu(top_aux))
         scale = (dead.sum() / k_aux).clamp(max=1.0)

@@ -282,7 +282,7 @@ def topk_terms(model: Dictionary, x: torch.Tensor, dead: torch.Tensor, k_aux: in
         if not bool(dead.any()):
             return scale * residual.new_zeros(())
         with torch.no_grad():
-            masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+            masked = torch.where(dead[None, :], pre, -torch.inf)
             top_aux, index_aux = masked.topk(k_aux, dim=-1, sorted=False)
             index_aux, order = index_aux.sort(dim=-1)
             keep = top_aux.gather(-1, order) > 0  # ReLU: the others add nothing

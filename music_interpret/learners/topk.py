@@ -114,7 +114,7 @@ def auxk_loss(model: Dictionary, pre: torch.Tensor, residual: torch.Tensor, dead
     Written without host syncs: living latents are masked to -inf (ReLU makes them 0)
     and the scale min(1, n_dead / k_aux) stays a tensor.
     """
-    masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+    masked = torch.where(dead[None, :], pre, -torch.inf)
     values, index = masked.topk(k_aux, dim=-1, sorted=False)
     acts = torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
     e_hat = acts @ model.W_dec
