@@ -21,18 +21,23 @@ active latents per token); after the L1 warm-up the coefficient is multiplied by
 exp(s), and every step s moves by ``target_l0_gain`` * clip(log(L0_batch / goal), -1, 1),
 on the device (no host sync); under data-parallel training L0_batch is averaged over the
 ranks, so every rank steers alike. The goal falls geometrically from the batch L0 at the end
-of the warm-up to ``target_l0`` over the first ``target_l0_reach`` of the remaining
-steps, then stays there: a dictionary's L0 falls by itself while its latents specialise,
-and a controller aimed at the final L0 from the start mistakes that fall for a
-coefficient too small, drives the coefficient up and collapses the codes. ``l1_coeff`` is
-the starting point; left out, it is ``TARGET_START`` times the preset's (2 for
-``default``): lowering the sparsity later is slow (latents silenced by too strong a
-penalty get no gradient back), so the controller should climb to the coefficient it
-needs, not come down to it. On ``bench/sae_equal_l0.py`` (224 steps, target 32), held-out
-FVU / L0: goal reached at 0.85 of the run, start 5, gain 0.02: 0.32 / 24.6; start 2:
-0.14 / 22.3; start 2, gain 0.05: 0.13 / 25.1; and reach 0.95: 0.10 / 31.7. Longer runs
-prefer the earlier reach: over 1,500 steps on the corpus model (``pipelines/music21-controller.yaml``)
-reach 0.85 gives 0.126 and 0.95 gives 0.137, both at L0 32. The controller's state is saved with the checkpoints, so a resumed run goes on exactly.
+of the warm-up to ``target_l0``, then stays there: a dictionary's L0 falls by itself while
+its latents specialise, and a controller aimed at the final L0 from the start mistakes
+that fall for a coefficient too small, drives the coefficient up and collapses the codes.
+``target_l0_reach`` (a share of the steps after the warm-up) says when the goal reaches
+the target; left out, the goal falls by ``TARGET_DESCENT`` (0.018) log L0 per step, so it
+arrives as early as the controller can follow, but within 0.2-0.95 of those steps
+(``TARGET_REACH``). A faster fall makes the L0 undershoot: the controller lags, and
+latents silenced by an overshooting penalty do not come back. An earlier arrival leaves
+more steps at the final sparsity, which pays. ``l1_coeff`` is the starting point; left
+out, it is ``TARGET_START`` times the preset's (2 for ``default``), so the controller
+climbs to the coefficient it needs rather than coming down to it. Measured on
+``bench/sae_equal_l0.py``'s data (target 32, seed 0; held-out FVU / L0), the goal's fall
+took 3.98 log L0. Over 224 steps, reaching the target at 0.75 / 0.85 / 0.95 of them
+(0.025 / 0.022 / 0.020 per step) gave 0.19 / 23.1, 0.13 / 25.1 and 0.10 / 31.7. Over
+900 steps, reach 0.3 / 0.5 / 0.75 / 0.85 / 0.95 gave 0.043 / 0.051 / 0.053 / 0.055 /
+0.068, at L0 32.3 / 32.2 / 31.8 / 31.7 / 29.5. The rule was fitted to these two lengths
+of one data set. The controller's state is saved with the checkpoints, so a resumed run goes on exactly.
 
 ``sparse_backward`` (``"auto"``, ``"always"``, ``"never"``; default ``"auto"``): on CPU,
 when the batch's codes are sparse enough, everything after the encoder forward (decoder
@@ -54,6 +59,11 @@ from .ddp import all_reduce_
 from .dictionary import Dictionary, Learner, RecipeConfig, tied_init
 
 TARGET_START = 0.4  # target_l0 without l1_coeff: start at this share of the preset's coefficient
+# target_l0_reach left out: the goal falls by at most this much log L0 per step (faster, and
+# the controller's lag makes the L0 undershoot the target), and reaches the target within
+# these shares of the steps after the L1 warm-up.
+TARGET_DESCENT = 0.018
+TARGET_REACH = (0.2, 0.95)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
@@ -93,7 +103,7 @@ class ReluL1Config(RecipeConfig):
     loss_mse: Literal["sum", "mean"] | None = None
     target_l0: float | None = None
     target_l0_gain: float = 0.05
-    target_l0_reach: float = 0.95
+    target_l0_reach: float | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -114,7 +124,7 @@ class ReluL1Config(RecipeConfig):
             raise ValueError(f"target_l0 must be positive, got {self.target_l0}")
         if not self.target_l0_gain > 0:
             raise ValueError(f"target_l0_gain must be positive, got {self.target_l0_gain}")
-        if not 0 <= self.target_l0_reach <= 1:
+        if self.target_l0_reach is not None and not 0 <= self.target_l0_reach <= 1:
             raise ValueError(f"target_l0_reach must be in [0, 1], got {self.target_l0_reach}")
 
 
@@ -181,10 +191,20 @@ class ReluL1Learner(Learner):
         if self._log_start is None or self._log_start.device != l0.device:
             start = log_l0 if self._log_start is None else self._log_start.to(l0.device)
             self._log_start = start.clamp_min(target)
-        span = c.target_l0_reach * (total - warmup)
-        done = min(1.0, (step - warmup) / span) if span > 0 else 1.0
-        goal = (1.0 - done) * self._log_start + done * target
+        goal = self._goal(step - warmup, total - warmup, target)
         self._log_scale.add_(c.target_l0_gain * (log_l0 - goal).clamp_(-1.0, 1.0))
+
+    def _goal(self, step: int, rest: int, target: float) -> torch.Tensor:
+        """Log of the goal L0 ``step`` steps after the warm-up, of ``rest`` (a tensor: no sync)."""
+        reach = self.config.target_l0_reach
+        if reach is not None:
+            span = reach * rest
+            done = min(1.0, step / span) if span > 0 else 1.0
+            return (1.0 - done) * self._log_start + done * target
+        lo, hi = TARGET_REACH  # as fast as TARGET_DESCENT allows, within TARGET_REACH of the rest
+        span = ((self._log_start - target) / TARGET_DESCENT).clamp(lo * rest, hi * rest)
+        done = torch.where(span > 0, (step / span.clamp_min(1e-9)).clamp(max=1.0), 1.0)
+        return (1.0 - done) * self._log_start + done * target
 
     def state_dict(self) -> dict[str, Any]:
         state = {} if self._log_scale is None else {"l1_log_scale": float(self._log_scale)}

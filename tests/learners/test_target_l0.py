@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,23 @@ def test_the_goal_falls_geometrically_to_the_target() -> None:
     assert learner.state_dict()["l1_log_start"] == pytest.approx(float(torch.tensor(1000.0).log()))
     with pytest.raises(ValueError, match="target_l0_reach"):
         ReluL1Config(target_l0=4.0, target_l0_reach=1.5)
+
+
+@pytest.mark.parametrize(("rest", "span"), [(100, 95.0), (1000, math.log(100) / 0.018), (5000, 1000.0)])
+def test_the_default_reach_follows_the_descent_rate(rest: int, span: float) -> None:
+    """Without ``target_l0_reach`` the goal falls from 1000 to 10 (log 100) at TARGET_DESCENT
+    per step: in 256 steps, unless that is more than 0.95 of the steps after the warm-up
+    (then 0.95 of them) or less than 0.2 of them (then 0.2)."""
+    from music_interpret.learners.sae import TARGET_DESCENT, TARGET_REACH
+
+    assert (TARGET_DESCENT, TARGET_REACH) == (0.018, (0.2, 0.95))
+    learner = ReluL1Learner(ReluL1Config(d_sae=8, target_l0=10.0, l1_warmup_steps=0))
+    learner._log_start = torch.tensor(1000.0).log()
+    start, target = math.log(1000), math.log(10)
+    for step in (0, int(span / 2), int(span) - 1, int(span) + 1, rest):
+        done = min(1.0, step / span)
+        expected = (1 - done) * start + done * target
+        assert float(learner._goal(step, rest, target)) == pytest.approx(expected, rel=1e-5), step
 
 
 def test_the_controller_climbs_from_below_the_presets_coefficient() -> None:
