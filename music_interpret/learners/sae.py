@@ -17,11 +17,11 @@ Every recipe option left out (``None``) takes the preset's value; options given
 explicitly override the preset.
 
 ``target_l0``: instead of fixing the sparsity through ``l1_coeff``, ask for an L0 (mean
-active latents per token); after the L1 warm-up the coefficient is multiplied by
-exp(s), and every step s moves by ``target_l0_gain`` * clip(log(L0_batch / goal), -1, 1),
-on the device (no host sync); under data-parallel training L0_batch is averaged over the
-ranks, so every rank steers alike. The goal falls geometrically from the batch L0 at the end
-of the warm-up to ``target_l0``, then stays there: a dictionary's L0 falls by itself while
+active latents per token); after the L1 warm-up the coefficient is multiplied by exp(s),
+and every step s moves by ``target_l0_gain`` * clip(log(L0_batch / goal), -1, 1), on the
+device (no host sync); under data-parallel training L0_batch is averaged over the ranks,
+so every rank steers alike. The goal falls geometrically from the batch L0 at the end of
+the warm-up to ``target_l0``, then stays there: a dictionary's L0 falls by itself while
 its latents specialise, and a controller aimed at the final L0 from the start mistakes
 that fall for a coefficient too small, drives the coefficient up and collapses the codes.
 ``target_l0_reach`` (a share of the steps after the warm-up) says when the goal reaches
@@ -31,13 +31,14 @@ arrives as early as the controller can follow, but within 0.2-0.95 of those step
 latents silenced by an overshooting penalty do not come back. An earlier arrival leaves
 more steps at the final sparsity, which pays. ``l1_coeff`` is the starting point; left
 out, it is ``TARGET_START`` times the preset's (2 for ``default``), so the controller
-climbs to the coefficient it needs rather than coming down to it. Measured on
-``bench/sae_equal_l0.py``'s data (target 32, seed 0; held-out FVU / L0), the goal's fall
-took 3.98 log L0. Over 224 steps, reaching the target at 0.75 / 0.85 / 0.95 of them
-(0.025 / 0.022 / 0.020 per step) gave 0.19 / 23.1, 0.13 / 25.1 and 0.10 / 31.7. Over
-900 steps, reach 0.3 / 0.5 / 0.75 / 0.85 / 0.95 gave 0.043 / 0.051 / 0.053 / 0.055 /
-0.068, at L0 32.3 / 32.2 / 31.8 / 31.7 / 29.5. The rule was fitted to these two lengths
-of one data set. The controller's state is saved with the checkpoints, so a resumed run goes on exactly.
+climbs to the coefficient it needs rather than coming down to it.
+``bench/sae_target_reach.py`` on ``bench/sae_equal_l0.py``'s data (target 32; held-out FVU
+/ final L0): over 224 steps the goal starts at L0 2,070; arriving at 0.85 of the steps
+(0.023 per step) ends at 0.129 / 25.1, at 0.95 (0.021, what the rule picks) at 0.099 /
+31.7. Over 900 steps reach 0.3 gives 0.043 / 32.3, 0.5 0.051 / 32.2, 0.95 0.068 / 29.5,
+and the rule (reach 0.26, 0.018 per step) 0.047 / 32.4: a slower fall did better there.
+The rule was fitted on this one data set at these lengths. The controller's state is saved
+with the checkpoints, so a resumed run goes on exactly.
 
 ``sparse_backward`` (``"auto"``, ``"always"``, ``"never"``; default ``"auto"``): on CPU,
 when the batch's codes are sparse enough, everything after the encoder forward (decoder
