@@ -22,7 +22,7 @@ OUTPUTS = ("loss", "mse", "l1", "aux", "codes", "recon")
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     """Equal up to float32 summation order: relative to the largest entry."""
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-12))
 
 
