@@ -29,26 +29,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sae_target_reach.json"
 GRID = ["224:0.85,0.95,auto", "600:0.95,auto", "900:0.3,0.5,0.95,auto"]
 
 
-def parse_grid(items: list[str]) -> list[tuple[int, float | None]]:
-    """``STEPS:REACH,REACH`` items (``auto`` = the default rule) as (steps, reach) runs."""
-    runs = []
-    for item in items:
-        steps, _, reaches = item.partition(":")
-        runs += [(int(steps), None if r == "auto" else float(r)) for r in reaches.split(",")]
+def grid_item(item: str) -> list[tuple[int, float | None]]:
+    """``STEPS:REACH,REACH`` (``auto`` = the default rule) as (steps, reach) runs."""
+    steps, _, reaches = item.partition(":")
+    try:
+        runs = [(int(steps), None if r == "auto" else float(r)) for r in reaches.split(",")]
+    except ValueError:
+        runs = []
+    if not runs or any(n < 1 or (r is not None and not 0 <= r <= 1) for n, r in runs):
+        raise argparse.ArgumentTypeError(f"{item!r}: expected STEPS:REACH,... with REACH in "
+                                         "[0, 1] or auto, e.g. 224:0.95,auto")
     return runs
 
 
-def span_per_step(row: dict[str, Any]) -> float:
-    """The goal's fall in log L0 per step, from its start to the target."""
-    from music_interpret.learners.sae import TARGET_DESCENT, TARGET_REACH, ReluL1Learner
-
-    descent = row["log_start"] - math.log(E.TARGET)
-    rest = row["steps"] - ReluL1Learner(row["config"]).l1_warmup(row["steps"])
-    if row["reach"] is not None:
-        span = row["reach"] * rest
-    else:
-        span = min(max(descent / TARGET_DESCENT, TARGET_REACH[0] * rest), TARGET_REACH[1] * rest)
-    return descent / span
+def fall_per_step(learner: Any, steps: int) -> float:
+    """The goal's fall in log L0 per step after the warm-up, read off the learner's own goal."""
+    rest = steps - learner.l1_warmup(steps)
+    return float(learner._log_start - learner._goal(1, rest, math.log(E.TARGET)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     from music_interpret.learners.sae import ReluL1Config, ReluL1Learner
 
     p = argparse.ArgumentParser(prog="python -m bench sae_target_reach", description=__doc__.splitlines()[0])
-    p.add_argument("--grid", nargs="+", default=GRID, help="STEPS:REACH,... (auto: the default rule)")
+    p.add_argument("--grid", nargs="+", type=grid_item, default=[grid_item(g) for g in GRID],
+                   help="STEPS:REACH,... (auto: the default rule)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="65,536 tokens, 12 steps: checks the script")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     n_tokens = 65_536 * 2 if args.quick else 1_048_576
-    runs = [(12, 0.95), (12, None)] if args.quick else parse_grid(args.grid)
+    runs = [(12, 0.95), (12, None)] if args.quick else [r for item in args.grid for r in item]
     results: dict[str, Any] = {"benchmark": "sae_target_reach", "machine": machine(),
                                "threads": args.threads, "target_l0": E.TARGET, "rows": []}
     print(f"{'steps':>5} {'reach':>6} {'fall/step':>9} {'FVU':>7} {'L0':>6} {'dead':>6}")
@@ -77,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                                   target_l0_reach=reach)
             learner = ReluL1Learner(config)
             row = {"steps": steps, "reach": reach, **E.ours(store, held, steps, learner),
-                   "log_start": float(learner._log_start), "config": config}
-            row["fall_per_step"] = span_per_step(row)
-            del row["config"]
+                   "log_start": float(learner._log_start),
+                   "fall_per_step": fall_per_step(learner, steps)}
             results["rows"].append(row)
             print(f"{steps:>5} {'auto' if reach is None else reach:>6} {row['fall_per_step']:>9.4f} "
                   f"{row['fvu']:>7.4f} {row['l0']:>6.1f} {row['dead']:>6.1%}", flush=True)

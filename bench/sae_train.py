@@ -30,7 +30,7 @@ sparse within the run) and ``topk`` (k 32), each as one complete bf16 run of 600
 with the accelerator's sparse step (:mod:`music_interpret.learners.gpu_step`) and as a
 float32 dense reference run on the same batches; the bf16 run's tokens/s as a share of
 the dense limit (the card's bf16 peak / 10 d_in d_sae FLOP per token) and its FVU, L0 and
-dead share on held-out tokens against the reference's (goal: within 2%, dead share at
+dead share on 32,768 tokens of the store against the reference's (goal: within 2%, dead share at
 most 0.5 points higher); ``topk`` at d_sae 131072 (peak memory); and SAELens 6.54.12's
 training steps on the same shapes, rebuilt in :mod:`bench.saelens_step` (the library's
 dependencies do not fit the offline GPU machine; the rebuild is checked against the
@@ -128,7 +128,8 @@ def make_learner(kind: str, d_sae: int, batch: int, bf16: bool, compile_: bool, 
 @torch.no_grad()
 def quality(store: Path, model: Any, scale: float, device: str) -> dict[str, float]:
     """FVU, L0 and dead share (latents silent on all of it) of a trained dictionary on 32,768
-    held-out tokens (another seed's draw), in float32 without autocast."""
+    tokens of the store (another seed's draw; the synthetic tokens are independent draws of
+    one distribution, so this compares fits, it is not a held-out test), in float32."""
     from music_interpret.learners.metrics import fvu
     from music_interpret.loader import ActivationLoader
 

@@ -98,15 +98,13 @@ def relu_l1_terms(model: Dictionary, x: torch.Tensor, weighted: bool, max_densit
                   ) -> dict[str, torch.Tensor]:
     """Sparse step of a ReLU dictionary: ``recon``, ``l1`` (mean over tokens), ``fired`` and
     ``codes`` (COO); or, when more than ``max_density`` of the codes are non-zero, the dense
-    step's ``recon``/``l1``/``codes`` from the same encoder forward (no ``fired``)."""
+    step's ``recon`` and ``codes`` from the same encoder forward (the caller adds the L1)."""
     n, d_sae = x.shape[0], model.d_sae
     pre = model.pre_acts(x)
     rows, cols = (pre.detach() > 0).nonzero(as_tuple=True)  # token-major; the one host sync
     if max_density is not None and rows.numel() > max_density * n * d_sae:
         f = torch.relu(pre)
-        norms = model.W_dec.norm(dim=1) if weighted else None
-        l1 = (f @ norms.to(f.dtype)).float().mean() if weighted else f.sum(-1, dtype=torch.float32).mean()
-        return {"recon": model.decode(f), "l1": l1, "codes": f}
+        return {"recon": model.decode(f), "codes": f}
     values = pre.reshape(-1).index_select(0, rows * d_sae + cols)  # == relu(pre) there
     offsets = torch.searchsorted(rows, torch.arange(n, device=x.device))
     recon = bag_decode(model.W_dec, cols, values, offsets) + model.b_dec

@@ -227,7 +227,7 @@ class ReluL1Learner(Learner):
         if GS.applies(c.sparse_backward, model, x):  # GPU: sparse decoder on the active pairs
             terms = GS.relu_l1_terms(model, x, weighted, None if c.sparse_backward == "always"
                                      else GS.GPU_MAX_DENSITY)
-            f, recon, l1, fired = terms["codes"], terms["recon"], terms["l1"], terms.get("fired")
+            f, recon, l1, fired = terms["codes"], terms["recon"], terms.get("l1"), terms.get("fired")
         elif SP.sparse_possible(c.sparse_backward, model, x):
             f = torch.relu_(model.pre_acts(x))  # in place: one (n, d_sae) buffer less
             if c.sparse_backward == "always" or SP.sparse_enough(f):
